@@ -1,0 +1,203 @@
+"""Qwen3 (dense and MoE) in plain PyTorch; Llama runs through the same code.
+
+Data flow of one forward:
+    token ids [T] -> embed -> N x (RMSNorm -> attention -> RMSNorm -> MLP or MoE) -> RMSNorm
+    -> hidden [T, hidden] -> lm_head (only for the rows the caller wants) -> logits.
+
+Tokens are laid out flat: the T tokens of every sequence in the batch are
+concatenated, each with its own position. The model never sees a KV cache.
+Each attention layer hands its fresh q, k, v to an ``attention`` object the
+caller passes in; that object stores k/v in whatever cache the stage owns and
+returns the attention output. That is how stage01's contiguous cache and
+stage02's paged pool plug into this same file.
+"""
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import ModelConfig
+from common.rope import apply_rotary, rope_frequencies
+
+
+class AttentionBackend(Protocol):
+    """What a stage provides to run attention with its own KV cache."""
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store ``k, v [T, kv_heads, head_dim]`` for this layer and return
+        the attention output ``[T, heads, head_dim]`` for ``q [T, heads, head_dim]``."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 as the reference does."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: ``heads`` query heads share ``kv_heads`` key/value heads."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        # Qwen3's addition over Llama: an RMSNorm on every query and key head before RoPE.
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, -1, self.head_dim)  # [T, heads, head_dim]
+        k = self.k_proj(x).view(tokens, -1, self.head_dim)  # [T, kv_heads, head_dim]
+        v = self.v_proj(x).view(tokens, -1, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(self.layer_index, q, k, v)  # [T, heads, head_dim]
+        return self.o_proj(out.reshape(tokens, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Qwen3-MoE block: a router picks ``top_k`` of ``num_experts`` SwiGLU experts per token.
+
+    Each token's output is the router-weighted sum of its chosen experts'
+    outputs. Only experts that received tokens run.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(weights [T, top_k], expert ids [T, top_k])`` for tokens ``x [T, hidden]``."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), expert_ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = self.route(x)
+        out = torch.zeros_like(x)
+        for expert in expert_ids.unique().tolist():
+            token_index, slot = torch.where(expert_ids == expert)
+            expert_out = self.experts[expert](x[token_index]) * weights[token_index, slot, None]
+            out.index_add_(0, token_index, expert_out)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_index)
+        if config.is_moe_layer(layer_index):
+            self.mlp = SparseMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    """Embedding, the decoder stack and the final norm (no output head)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        inv_freq, self.attention_factor = rope_frequencies(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
+        )
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rotary_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[T, head_dim]`` for each token's position, computed in fp32."""
+        angles = positions[:, None].float() * self.inv_freq[None, :].float()  # [T, head_dim / 2]
+        angles = torch.cat((angles, angles), dim=-1)
+        return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.rotary_cos_sin(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attention)
+        return self.norm(x)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """The language model: ``forward`` gives hidden states, ``compute_logits`` the next-token scores.
+
+    Parameter names match the Hugging Face checkpoints, so loading is a
+    name-for-name copy (see ``common/loader.py``).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def materialize_buffers(self, device: str | torch.device) -> None:
+        """After weights were assigned onto a ``meta``-built model: re-tie the
+        output head and compute the RoPE frequencies on ``device``."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq, _ = rope_frequencies(
+            self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, self.config.max_position_embeddings
+        )
+        self.model.inv_freq = inv_freq.to(device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        """``input_ids, positions [T]`` -> hidden states ``[T, hidden]``."""
+        return self.model(input_ids, positions, attention)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden rows ``[N, hidden]`` -> logits ``[N, vocab]`` in fp32 for sampling."""
+        return self.lm_head(hidden).float()

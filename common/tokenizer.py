@@ -1,0 +1,74 @@
+"""Text <-> token ids, the chat template, and streaming detokenization.
+
+The Hugging Face tokenizer saved with the checkpoint does the real work. The
+piece written here is ``IncrementalDetokenizer``: when tokens arrive one at a
+time, decoding each alone breaks characters that span several tokens (many
+CJK characters and emoji are 2-4 byte-level tokens). It re-decodes a short
+window and emits only text that is complete.
+"""
+
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer, with the few calls an engine needs."""
+
+    def __init__(self, folder: str | Path):
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as error:
+            raise ValueError(f"no usable tokenizer in {folder} ({type(error).__name__}: {error})") from None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids known to the tokenizer (the model config may add more)."""
+        return [] if self.hf.eos_token_id is None else [self.hf.eos_token_id]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, prompt: str | list[dict]) -> str:
+        """Wrap a user message (or a list of chat messages) in the model's chat format."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not self.hf.chat_template:
+            raise ValueError("this checkpoint's tokenizer has no chat template; drop --chat")
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class IncrementalDetokenizer:
+    """Turn a growing list of token ids into text pieces that never split a character.
+
+    ``prefix_offset..read_offset`` is the window of tokens whose text was
+    already emitted; decoding from ``prefix_offset`` (rather than from the
+    newest token alone) lets the tokenizer merge bytes across token edges.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the newly completed text (maybe empty)."""
+        self.token_ids.append(token_id)
+        emitted = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        if full.endswith(REPLACEMENT_CHAR) or len(full) <= len(emitted):
+            return ""  # the last character is still incomplete: wait for more bytes
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        return full[len(emitted) :]
+
+    def flush(self) -> str:
+        """At the end of a request: whatever is pending, even an incomplete character."""
+        emitted = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+        return full[len(emitted) :]
