@@ -1,0 +1,52 @@
+"""Small random checkpoints written by transformers' own ``save_pretrained``.
+
+Tests load these through the real loading path (config.json + safetensors +
+tokenizer files), and compare against transformers' models on the same files.
+They borrow the built-in model's tokenizer (SmolLM2's 49k BPE vocab).
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+# A bigger init than the default 0.02 keeps logits well separated, so greedy
+# choices are not decided by rounding noise.
+COMMON = dict(
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+KINDS = {
+    "dense": (Qwen3Config, Qwen3ForCausalLM, dict(tie_word_embeddings=False)),
+    "moe": (
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[0],
+             num_hidden_layers=3, tie_word_embeddings=False),
+    ),
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True, rope_theta=100000.0)),
+}
+
+
+def write_checkpoint(kind: str, folder: Path, tokenizer_folder: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random ``kind`` model ("dense", "moe", "llama") plus a tokenizer into ``folder``."""
+    config_class, model_class, extra = KINDS[kind]
+    torch.manual_seed(seed)
+    config = config_class(**{**COMMON, **extra, **overrides})
+    model = model_class(config).eval()
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_folder / name).exists():
+            shutil.copy(tokenizer_folder / name, folder / name)
+    return folder

@@ -1,0 +1,41 @@
+"""Streaming detokenization never splits a character and adds up to the full decode."""
+
+import pytest
+
+from common.tokenizer import IncrementalDetokenizer, Tokenizer
+
+TEXTS = ["Hello, world!", "日本語のテキストと中文混合", "emoji 🚀🎉 and 👩‍👩‍👧 family", "mixed: café ñ ü – “quotes”"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(builtin_folder):
+    return Tokenizer(builtin_folder)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_pieces_join_to_the_full_decode_and_are_whole_characters(tokenizer, text):
+    ids = tokenizer.encode(text)
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.add(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_a_character_split_across_tokens_is_held_back(tokenizer):
+    ids = tokenizer.encode("🚀")
+    assert len(ids) > 1, "the emoji should span several byte-level tokens"
+    detok = IncrementalDetokenizer(tokenizer)
+    assert [detok.add(t) for t in ids[:-1]] == [""] * (len(ids) - 1)
+    assert detok.add(ids[-1]) == "🚀"
+
+
+def test_flush_returns_an_unfinished_character(tokenizer):
+    ids = tokenizer.encode("🚀")
+    detok = IncrementalDetokenizer(tokenizer)
+    detok.add(ids[0])
+    assert detok.flush() == tokenizer.decode(ids[:1])
+
+
+def test_chat_template_wraps_the_user_message(tokenizer):
+    text = tokenizer.apply_chat_template("What is 2+2?")
+    assert "What is 2+2?" in text and text != "What is 2+2?"

@@ -1,0 +1,50 @@
+"""Session-wide fixtures: the built-in model folder and the random test checkpoints."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from checkpoints import KINDS, write_checkpoint  # noqa: E402
+from common.loader import resolve_model_path  # noqa: E402
+
+# Every stage folder present; shared end-to-end tests run once per stage.
+STAGES = sorted(p.name for p in ROOT.glob("stage0*_*") if (p / "__init__.py").exists())
+
+
+def stage_engine_class(stage: str):
+    return importlib.import_module(stage).Engine
+
+
+@pytest.fixture(scope="session")
+def builtin_folder() -> Path:
+    """The built-in SmolLM2 model, converted once to safetensors."""
+    return resolve_model_path(None)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, builtin_folder) -> dict[str, Path]:
+    """kind -> folder of a small random checkpoint ("dense", "moe", "llama")."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {kind: write_checkpoint(kind, root / kind, builtin_folder) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def engine_for(checkpoints):
+    """engine_for(stage, kind, **engine_kwargs) -> an Engine, built once per arguments."""
+    engines = {}
+
+    def get(stage: str, kind: str, **kwargs):
+        key = (stage, kind, tuple(sorted(kwargs.items())))
+        if key not in engines:
+            engines[key] = stage_engine_class(stage)(model_path=str(checkpoints[kind]), device="cpu", **kwargs)
+        return engines[key]
+
+    yield get
+    for engine in engines.values():
+        engine.shutdown()

@@ -1,0 +1,44 @@
+"""Every stage serves the real built-in model, from Python and from the shell."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, STAGES, stage_engine_class
+
+
+@pytest.fixture(scope="module", params=STAGES)
+def builtin_engine(request, builtin_folder):
+    with stage_engine_class(request.param)(device="cpu") as engine:
+        yield engine
+
+
+def test_capital_of_france_is_paris(builtin_engine):
+    out = builtin_engine.generate("The capital of France is", max_tokens=3, temperature=0)
+    assert out.text.strip().startswith("Paris")
+
+
+def test_chat_template_gives_an_answer(builtin_engine):
+    prompt = builtin_engine.tokenizer.apply_chat_template("What is the capital of France?")
+    out = builtin_engine.generate(prompt, max_tokens=20, temperature=0)
+    assert "Paris" in out.text
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_command_line_prints_the_continuation(stage, builtin_folder):
+    result = subprocess.run(
+        [sys.executable, "-m", stage, "The capital of France is", "--max-tokens", "3", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_command_line_reports_bad_input_without_a_traceback(stage, builtin_folder):
+    result = subprocess.run(
+        [sys.executable, "-m", stage, "x", "--temperature", "-1", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "temperature" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,65 @@
+"""The course site builds cleanly, every stage has a page, and every walkthrough runs."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, STAGES
+
+sys.path.insert(0, str(ROOT / "docs"))
+import hooks  # noqa: E402
+
+WALKTHROUGHS = sorted((ROOT / "docs" / "walkthroughs").glob("*.py"))
+
+
+def stage_page(stage: str):
+    number = stage[len("stage") : len("stage") + 2]
+    pages = sorted((ROOT / "docs" / "stages").glob(f"{number}-*.md"))
+    assert pages, f"{stage} has no page docs/stages/{number}-*.md"
+    return pages[0]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_has_a_page_in_the_navigation(stage):
+    page = stage_page(stage)
+    assert f"stages/{page.name}" in (ROOT / "mkdocs.yml").read_text()
+
+
+@pytest.mark.parametrize("stage", STAGES[1:])
+def test_every_later_stage_page_renders_a_non_empty_diff_from_the_stage_before(stage):
+    before = STAGES[STAGES.index(stage) - 1]
+    text = stage_page(stage).read_text()
+    assert re.search(rf"<!--\s*stage-diff:\s*{before}\s+{stage}\s*-->", text), f"{stage}'s page lacks its diff marker"
+    assert "```diff" in hooks.render_stage_diff(before, stage) or "(new file)" in hooks.render_stage_diff(before, stage)
+
+
+def test_identical_stages_are_refused_by_the_diff_renderer():
+    with pytest.raises(ValueError, match="do not differ"):
+        hooks.render_stage_diff(STAGES[0], STAGES[0])
+
+
+def test_site_builds_strict(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "site" / "stages" / "01-core" / "index.html").exists()
+
+
+@pytest.mark.parametrize("script", WALKTHROUGHS, ids=lambda p: p.name)
+def test_walkthrough_runs_with_plain_python(script, builtin_folder):
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", WALKTHROUGHS, ids=lambda p: p.name)
+def test_walkthrough_has_a_page(script):
+    pages = [p.read_text() for p in (ROOT / "docs" / "walkthroughs").glob("*.md")]
+    assert any(f"walkthrough: {script.name}" in page for page in pages)
