@@ -7,7 +7,8 @@ or the model's context length.
 """
 
 import itertools
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +28,9 @@ class GenerateOutput:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose KV came from a cache instead of being computed
     completion_tokens: int
+    # perf_counter() stamps for latency metrics: when the request arrived, and each token.
+    arrival_time: float = field(default=0.0, repr=False)
+    token_times: list[float] = field(default_factory=list, repr=False)
 
 
 class Request:
@@ -55,6 +59,8 @@ class Request:
         self.text = ""
         self.streamed = 0  # characters of self.text already handed to a stream
         self.finish_reason: str | None = None
+        self.arrival_time = time.perf_counter()
+        self.token_times: list[float] = []
         if params.max_tokens == 0:
             self.finish_reason = "length"
 
@@ -78,6 +84,7 @@ class Request:
     def append_token(self, token_id: int) -> None:
         """Record a sampled token, extend the text, and check every stop rule."""
         self.output_ids.append(token_id)
+        self.token_times.append(time.perf_counter())
         if token_id in self.stop_token_ids:
             self.finish_reason = "stop"  # the stop token itself adds no text
         else:
@@ -110,4 +117,6 @@ class Request:
             prompt_tokens=len(self.prompt_ids),
             cached_tokens=self.cached_tokens,
             completion_tokens=len(self.output_ids),
+            arrival_time=self.arrival_time,
+            token_times=list(self.token_times),
         )

@@ -1,0 +1,67 @@
+"""Random-weight checkpoints of real model shapes, written offline from a config.
+
+The GPU box has no network, so Qwen3-0.6B / Qwen3-8B / a cut-down Qwen3-30B-A3B
+are rebuilt there: config.json + random safetensors + the built-in tokenizer.
+Speed depends on shapes, not on trained values.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from common.config import ModelConfig
+from common.loader import cache_dir, resolve_model_path
+from common.qwen3 import Qwen3ForCausalLM
+
+QWEN3_BASE = dict(
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, max_position_embeddings=40960,
+    rms_norm_eps=1e-6, rope_theta=1_000_000.0, attention_bias=False, head_dim=128, eos_token_id=2,
+)
+SHAPES = {
+    "qwen3-0.6b": dict(QWEN3_BASE, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-8b": dict(QWEN3_BASE, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    # Qwen3-30B-A3B with 8 of its 48 layers: the real expert shapes, a size that fits one GPU.
+    "qwen3-30b-a3b-8l": dict(QWEN3_BASE, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                             hidden_size=2048, intermediate_size=6144, num_hidden_layers=8, num_attention_heads=32,
+                             num_key_value_heads=4, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+}
+
+
+def random_checkpoint(shape: str, device: str = "cpu", root: Path | None = None) -> Path:
+    """Write (once) a random-weight checkpoint of ``shape`` and return its folder."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+    folder = (root or cache_dir() / "random") / shape
+    if (folder / "config.json").exists():
+        return folder
+    raw = SHAPES[shape]
+    with torch.device("meta"):
+        names = {n: p.shape for n, p in Qwen3ForCausalLM(ModelConfig.from_dict(raw)).state_dict().items()}
+    if raw["tie_word_embeddings"]:
+        names.pop("lm_head.weight")
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    shard, shard_bytes, index = {}, 0, 0
+    for name, size in names.items():
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(size, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(size, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
+        shard[name], shard_bytes = tensor, shard_bytes + tensor.nbytes
+        if shard_bytes > 2 << 30:  # 2 GiB shards, as hub checkpoints do
+            save_file(shard, folder / f"model-{index:05d}.safetensors")
+            shard, shard_bytes, index = {}, 0, index + 1
+    if shard:
+        save_file(shard, folder / f"model-{index:05d}.safetensors")
+    tokenizer_folder = resolve_model_path(None)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_folder / name).exists():
+            shutil.copy(tokenizer_folder / name, folder / name)
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+    return folder

@@ -1,0 +1,142 @@
+"""Run one workload on one system and measure it.
+
+Systems: any stage folder (``stage01_core`` ...), ``hf-generate`` (transformers'
+``generate`` with a static cache, the whole workload as one left-padded batch)
+and ``hf-generate-batch`` (transformers' continuous-batching ``generate_batch``).
+Every run starts with a small warm-up so one-time costs (allocator, kernels) are not timed.
+"""
+
+import gc
+import importlib
+import statistics
+import time
+
+import torch
+
+from benchmarks.workloads import Workload
+from common.sampling import SamplingParams
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str) -> int | None:
+    return torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
+
+
+def summarize(system: str, workload: Workload, seconds: float, device: str, ttft=(), itl=(), **extra) -> dict:
+    """The metrics every system reports (latencies in milliseconds)."""
+    ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
+    return dict(
+        system=system,
+        workload=workload.name,
+        requests=len(workload.prompts),
+        input_tokens=workload.input_tokens,
+        output_tokens=workload.output_tokens,
+        seconds=round(seconds, 3),
+        output_tokens_per_s=round(workload.output_tokens / seconds, 2),
+        total_tokens_per_s=round((workload.input_tokens + workload.output_tokens) / seconds, 2),
+        ttft_median_ms=ms(statistics.median(ttft) if ttft else None),
+        ttft_p99_ms=ms(percentile(list(ttft), 99)),
+        itl_median_ms=ms(statistics.median(itl) if itl else None),
+        itl_p99_ms=ms(percentile(list(itl), 99)),
+        peak_memory_bytes=peak_memory(device),
+        **extra,
+    )
+
+
+def run_stage(stage: str, model_path, workload: Workload, device: str, engine_kwargs: dict | None = None) -> dict:
+    """Serve the workload with a stage's Engine.generate_batch (greedy, ignore_eos)."""
+    engine_class = importlib.import_module(stage).Engine
+    engine = engine_class(model_path=model_path, device=device, **(engine_kwargs or {}))
+    engine.generate(workload.prompts[0][:16], max_tokens=4, temperature=0, ignore_eos=True)  # warm-up
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in workload.max_tokens]
+    reset_peak_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    outputs = engine.generate_batch(workload.prompts, params)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    assert [o.completion_tokens for o in outputs] == workload.max_tokens
+    ttft = [o.token_times[0] - o.arrival_time for o in outputs]
+    itl = [b - a for o in outputs for a, b in zip(o.token_times, o.token_times[1:])]
+    cached = sum(o.cached_tokens for o in outputs)
+    result = summarize(stage, workload, seconds, device, ttft, itl, prefix_cache_hit_rate=round(cached / workload.input_tokens, 4))
+    engine.shutdown()
+    return result
+
+
+def _load_hf(model_folder, device: str, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    return AutoModelForCausalLM.from_pretrained(model_folder, dtype=dtype, **kwargs).to(device).eval()
+
+
+@torch.inference_mode()
+def run_hf_generate(model_folder, workload: Workload, device: str) -> dict:
+    """transformers ``generate``: one left-padded batch with a static cache, run to the longest output.
+
+    generate has one max_new_tokens per call, so shorter requests ride along
+    until the longest finishes; only the tokens each request asked for count.
+    """
+    model = _load_hf(model_folder, device)
+    width = max(len(p) for p in workload.prompts)
+    ids = torch.zeros(len(workload.prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(workload.prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static")
+    model.generate(ids[:1, -8:].to(device), max_new_tokens=4, **kwargs)  # warm-up
+    reset_peak_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(workload.max_tokens), **kwargs)
+    synchronize(device)
+    return summarize("hf-generate", workload, time.perf_counter() - start, device)
+
+
+@torch.no_grad()  # its manager writes to buffers made outside inference mode
+def run_hf_generate_batch(model_folder, workload: Workload, device: str) -> dict:
+    """transformers' continuous batching ``generate_batch`` (one max_new_tokens for all, as its API has)."""
+    from transformers import GenerationConfig
+
+    model = _load_hf(model_folder, device, attn_implementation="paged|sdpa")
+    config = GenerationConfig(max_new_tokens=max(workload.max_tokens), do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch([workload.prompts[0][:8]], generation_config=config, max_new_tokens=4)  # warm-up
+    reset_peak_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    outputs = model.generate_batch(workload.prompts, generation_config=config)
+    synchronize(device)
+    produced = sorted(len(o.generated_tokens) for o in outputs.values())
+    if len(outputs) != len(workload.prompts) or produced[0] < max(workload.max_tokens):
+        raise RuntimeError(f"hf generate_batch finished {len(outputs)} of {len(workload.prompts)} requests")
+    return summarize("hf-generate-batch", workload, time.perf_counter() - start, device)
+
+
+def run_system(system: str, model_path, model_folder, workload: Workload, device: str, engine_kwargs=None) -> dict:
+    if system == "hf-generate":
+        return run_hf_generate(model_folder, workload, device)
+    if system == "hf-generate-batch":
+        return run_hf_generate_batch(model_folder, workload, device)
+    if system.startswith("stage0"):
+        return run_stage(system, model_path, workload, device, engine_kwargs)
+    raise ValueError(f"unknown system {system!r}: a stage folder name, hf-generate or hf-generate-batch")

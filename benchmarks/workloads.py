@@ -1,0 +1,59 @@
+"""The benchmark workloads, seeded and described in one place.
+
+Prompts are random token ids (the weights are random too for the real shapes),
+so a workload is fully defined by its lengths. Each has a GPU size and a
+scaled-down CPU size.
+"""
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass
+class Workload:
+    """Requests to serve: prompt token ids and how many tokens each must generate (ignore_eos)."""
+
+    name: str
+    description: str
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+def _random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
+    return [rng.randrange(3, vocab_size) for _ in range(length)]
+
+
+def random_workload(size: str, vocab_size: int, seed: int) -> Workload:
+    """nano-vllm's bench: 256 requests, input and output lengths uniform in 100..1024."""
+    count, low, high = (256, 100, 1024) if size == "gpu" else (16, 10, 64)
+    rng = random.Random(seed)
+    prompts = [_random_prompt(rng, rng.randint(low, high), vocab_size) for _ in range(count)]
+    return Workload(
+        "random", f"{count} requests, input and output lengths uniform in {low}..{high}, ignore_eos",
+        prompts, [rng.randint(low, high) for _ in range(count)],
+    )
+
+
+def single_workload(size: str, vocab_size: int, seed: int) -> Workload:
+    """Batch-1 decode latency: one prompt, a fixed number of new tokens."""
+    prompt_len, new = (128, 256) if size == "gpu" else (32, 64)
+    rng = random.Random(seed)
+    return Workload("single", f"1 request, {prompt_len} prompt tokens, {new} new tokens",
+                    [_random_prompt(rng, prompt_len, vocab_size)], [new])
+
+
+WORKLOADS = {"random": random_workload, "single": single_workload}
+
+
+def make_workload(name: str, size: str, vocab_size: int, seed: int = 0) -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+    return WORKLOADS[name](size, vocab_size, seed)
