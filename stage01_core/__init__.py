@@ -4,7 +4,7 @@ keys and values in a contiguous buffer sized for its longest possible life.
 Every later stage is this engine plus one serving technique."""
 
 from common.sampling import SamplingParams
-from stage01_core.engine import Engine
-from stage01_core.request import GenerateOutput
+from .engine import Engine
+from .request import GenerateOutput
 
 __all__ = ["Engine", "GenerateOutput", "SamplingParams"]

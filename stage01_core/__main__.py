@@ -1,4 +1,4 @@
-"""Command line: ``python -m stage01_core "prompt" --max-tokens 50``.
+"""Command line: ``python -m stageNN_name "prompt" --max-tokens 50``.
 
 Every flag is also an Engine or SamplingParams keyword (dashes become underscores).
 """
@@ -6,7 +6,7 @@ Every flag is also an Engine or SamplingParams keyword (dashes become underscore
 import argparse
 import sys
 
-from stage01_core.engine import Engine
+from .engine import Engine
 
 
 def build_parser() -> argparse.ArgumentParser:

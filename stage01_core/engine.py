@@ -13,8 +13,8 @@ import torch
 
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
-from stage01_core.model_runner import ModelRunner
-from stage01_core.request import GenerateOutput, Request
+from .model_runner import ModelRunner
+from .request import GenerateOutput, Request
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

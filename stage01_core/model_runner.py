@@ -12,8 +12,8 @@ import torch
 
 from common.loader import load_model
 from common.sampling import Sampler
-from stage01_core.kv_cache import ContiguousAttention, ContiguousKVCache
-from stage01_core.request import Request
+from .kv_cache import ContiguousAttention, ContiguousKVCache
+from .request import Request
 
 
 class ModelRunner:

@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "ladder"))
 
 from checkpoints import KINDS, write_checkpoint  # noqa: E402
 from common.loader import resolve_model_path  # noqa: E402
