@@ -50,13 +50,14 @@ def main(argv=None) -> int:
     run.add_argument("--model", default="builtin", help=f"builtin, {', '.join(SHAPES)}, or a checkpoint path")
     run.add_argument("--device", default="cpu")
     run.add_argument("--size", choices=["cpu", "gpu"], help="workload size (default: from the device)")
+    run.add_argument("--requests", type=int, default=None, help="keep only the first N requests")
     run.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     args = parser.parse_args(argv)
 
     systems = (args.compare or args.stage or "stage01_core").split(",")
     model_path, folder = resolve_model(args.model, args.device)
     size = args.size or ("gpu" if args.device.startswith("cuda") else "cpu")
-    workload = make_workload(args.workload, size, ModelConfig.from_file(folder).vocab_size)
+    workload = make_workload(args.workload, size, ModelConfig.from_file(folder).vocab_size, requests=args.requests)
     print(f"{workload.name}: {workload.description}; model {args.model}; device {args.device}", file=sys.stderr)
     results = []
     for system in systems:

@@ -6,6 +6,7 @@ Speed depends on shapes, not on trained values.
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -47,21 +48,33 @@ def random_checkpoint(shape: str, device: str = "cpu", root: Path | None = None)
         names.pop("lm_head.weight")
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(0)
-    shard, shard_bytes, index = {}, 0, 0
+    shards, shard_bytes = [{}], 0
     for name, size in names.items():
         if name.endswith("norm.weight"):
             tensor = torch.ones(size, dtype=torch.bfloat16)
         else:
             tensor = (torch.randn(size, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
-        shard[name], shard_bytes = tensor, shard_bytes + tensor.nbytes
         if shard_bytes > 2 << 30:  # 2 GiB shards, as hub checkpoints do
-            save_file(shard, folder / f"model-{index:05d}.safetensors")
-            shard, shard_bytes, index = {}, 0, index + 1
-    if shard:
-        save_file(shard, folder / f"model-{index:05d}.safetensors")
-    tokenizer_folder = resolve_model_path(None)
+            shards, shard_bytes = shards + [{}], 0
+        shards[-1][name], shard_bytes = tensor, shard_bytes + tensor.nbytes
+    _save_shards(shards, folder)
+    # $QWEN3_LADDER_TOKENIZER names a folder with tokenizer files (the GPU box has no built-in model).
+    tokenizer_folder = Path(os.environ.get("QWEN3_LADDER_TOKENIZER") or resolve_model_path(None))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_folder / name).exists():
             shutil.copy(tokenizer_folder / name, folder / name)
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
     return folder
+
+
+def _save_shards(shards: list[dict], folder: Path) -> None:
+    """One model.safetensors, or numbered shards plus the index transformers looks for."""
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file)
+        weight_map.update(dict.fromkeys(shard, file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))

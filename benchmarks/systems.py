@@ -103,7 +103,8 @@ def run_hf_generate(model_folder, workload: Workload, device: str) -> dict:
     for row, prompt in enumerate(workload.prompts):
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
-    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static")
+    # disable_compile: measure eager, as our engines run; compiling would recompile per shape.
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static", disable_compile=True)
     model.generate(ids[:1, -8:].to(device), max_new_tokens=4, **kwargs)  # warm-up
     reset_peak_memory(device)
     synchronize(device)

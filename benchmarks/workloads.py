@@ -53,7 +53,12 @@ def single_workload(size: str, vocab_size: int, seed: int) -> Workload:
 WORKLOADS = {"random": random_workload, "single": single_workload}
 
 
-def make_workload(name: str, size: str, vocab_size: int, seed: int = 0) -> Workload:
+def make_workload(name: str, size: str, vocab_size: int, seed: int = 0, requests: int | None = None) -> Workload:
+    """Build a workload; ``requests`` keeps only its first N requests (a scaled-down run)."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
-    return WORKLOADS[name](size, vocab_size, seed)
+    workload = WORKLOADS[name](size, vocab_size, seed)
+    if requests is not None:
+        workload.prompts, workload.max_tokens = workload.prompts[:requests], workload.max_tokens[:requests]
+        workload.description += f" (first {len(workload.prompts)} requests)"
+    return workload
