@@ -160,7 +160,7 @@ class Engine:
         waiting, active = deque(r for r in requests if not r.finished), []
         try:
             while waiting or active:
-                while waiting and self.runner.can_admit(waiting[0], active):  # in order: no one is overtaken
+                while waiting and self.runner.admit(waiting[0], active):  # in order: no one is overtaken
                     active.append(waiting.popleft())
                 next_tokens = self.runner.step(active)
                 for request, token in zip(active, next_tokens):

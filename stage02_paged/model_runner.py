@@ -52,11 +52,12 @@ class ModelRunner:
     def pages_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.page_size)
 
-    def can_admit(self, request: Request, running: list[Request]) -> bool:
+    def admit(self, request: Request, running: list[Request]) -> bool:
         """Admit only if the pages it may ever need are free after those promised to running requests.
 
         Pages are allocated as tokens arrive, but promising the worst case up
         front means a running request never finds the pool empty mid-decode.
+        Returns False, changing nothing, when the request must wait.
         """
         promised = sum(self.pages_for(r.max_seq_len) - len(r.page_table) for r in running)
         return self.pages_for(request.max_seq_len) <= self.allocator.num_free - promised

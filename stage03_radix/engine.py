@@ -1,0 +1,189 @@
+"""The public Engine: prompts in, text out.
+
+Data flow:  prompt -> Engine (validate, tokenize) -> Request -> ModelRunner.step
+(forward + sample, repeated) -> Request (stop rules, text) -> GenerateOutput.
+
+Stage 02 keeps keys and values in a shared pool of pages. The requests of
+a call are admitted while the pool can promise them pages; the rest wait
+and join as soon as finished requests give pages back. Stage 03 reuses the
+pages of prompt prefixes seen before (the radix cache), so prefill computes
+only the part of a prompt that is new.
+"""
+
+from collections import deque
+from collections.abc import Iterator
+
+import torch
+
+from common.sampling import SamplingParams
+from common.tokenizer import Tokenizer
+from .model_runner import ModelRunner
+from .request import GenerateOutput, Request
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or "auto" picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Engine:
+    """A Qwen3 inference engine: ``generate``, ``generate_batch``, ``generate_stream``.
+
+    ``Engine()`` loads the built-in offline model; ``model_path`` may be a
+    checkpoint folder, a .gguf file or a hub id such as "Qwen/Qwen3-0.6B".
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        context_length: int | None = None,
+        seed: int | None = None,
+        page_size: int = 16,
+        kv_cache_bytes: int | None = None,
+        disable_radix_cache: bool = False,
+    ):
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size={page_size!r} must be a positive integer")
+        self.device = resolve_device(device)
+        self.runner = ModelRunner(model_path, self.device, resolve_dtype(dtype), seed, page_size, kv_cache_bytes, disable_radix_cache)
+        self.config = self.runner.config
+        self.tokenizer = Tokenizer(self.runner.model_folder)
+        self.context_length = self.config.max_position_embeddings
+        if context_length is not None:
+            if context_length < 1:
+                raise ValueError(f"context_length={context_length} must be positive")
+            self.context_length = min(context_length, self.context_length)
+        self.eos_token_ids = sorted(set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+
+    # ----- public API -------------------------------------------------------------------
+
+    def generate(self, prompt, sampling_params: SamplingParams | None = None, **kwargs):
+        """Generate for one prompt (text or token ids); a list of texts gives a list of outputs."""
+        if _is_batch(prompt):
+            return self.generate_batch(prompt, sampling_params, **kwargs)
+        return self.generate_batch([prompt], sampling_params, **kwargs)[0]
+
+    def generate_batch(self, prompts: list, sampling_params=None, **kwargs) -> list[GenerateOutput]:
+        """Generate for several prompts at once; ``sampling_params`` may be one or one per prompt."""
+        requests = self._make_requests(prompts, sampling_params, kwargs)
+        for _ in self._run(requests):
+            pass
+        return [r.output() for r in requests]
+
+    def generate_stream(self, prompt, sampling_params: SamplingParams | None = None, **kwargs) -> Iterator[str]:
+        """Yield the text of one prompt piece by piece as tokens are generated."""
+        (request,) = self._make_requests([prompt], sampling_params, kwargs)
+        return (piece for _, piece in self._run([request]))
+
+    def flush_cache(self) -> None:
+        """Forget every cached prefix (their pages go back to the pool)."""
+        self.runner.flush_cache()
+
+    def shutdown(self) -> None:
+        """Release the model and cached memory."""
+        self.runner = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ----- requests ---------------------------------------------------------------------
+
+    def _make_requests(self, prompts: list, sampling_params, kwargs: dict) -> list[Request]:
+        """Check every input before any work starts, so a bad one leaves no trace."""
+        if self.runner is None:
+            raise ValueError("this engine was shut down; create a new Engine")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of texts or token-id lists")
+        if isinstance(sampling_params, (list, tuple)):
+            if kwargs or len(sampling_params) != len(prompts):
+                raise ValueError("give one SamplingParams per prompt, and no extra keywords")
+            params = [SamplingParams.from_kwargs(p) for p in sampling_params]
+        else:
+            params = [SamplingParams.from_kwargs(sampling_params, **kwargs)] * len(prompts)
+        prompt_ids = [self._tokenize(p) for p in prompts]
+        requests = [
+            Request(ids, p, self.tokenizer, self.eos_token_ids, self.context_length, self.runner.sampler.new_generator(p.seed))
+            for ids, p in zip(prompt_ids, params)
+        ]
+        for request in requests:
+            self._check_fits_pool(request)
+        return requests
+
+    def _check_fits_pool(self, request: Request) -> None:
+        """A request that needs more pages than the whole pool could never run: refuse it now."""
+        needed, total = self.runner.pages_for(request.max_seq_len), self.runner.allocator.num_pages
+        if needed > total:
+            raise ValueError(
+                f"request needs {needed} KV pages of {self.runner.page_size} tokens "
+                f"({len(request.prompt_ids)} prompt + {request.params.max_tokens} max_tokens) "
+                f"but the pool has {total}; lower max_tokens or raise --kv-cache-bytes"
+            )
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        else:
+            raise ValueError(f"a prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(ids) >= self.context_length:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the model's context is {self.context_length}; "
+                "shorten it so at least one token can be generated"
+            )
+        return ids
+
+    # ----- the serving loop -------------------------------------------------------------
+
+    def _run(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
+        """Admit what the pool can hold, step until each is finished; yield streamed text."""
+        waiting, active = deque(r for r in requests if not r.finished), []
+        try:
+            while waiting or active:
+                while waiting and self.runner.admit(waiting[0], active):  # in order: no one is overtaken
+                    active.append(waiting.popleft())
+                next_tokens = self.runner.step(active)
+                for request, token in zip(active, next_tokens):
+                    request.append_token(token)
+                    piece = request.take_stream_piece()
+                    if piece:
+                        yield request, piece
+                for request in active:
+                    if request.finished:
+                        self.runner.free_cache(request)
+                active = [r for r in active if not r.finished]
+        finally:  # also when a stream is abandoned midway
+            for request in requests:
+                self.runner.free_cache(request)
+
+
+def _is_batch(prompt) -> bool:
+    """A list of texts or of token-id lists is a batch; a flat list of ints is one prompt."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], int)
