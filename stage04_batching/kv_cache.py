@@ -1,0 +1,94 @@
+"""Stage 02's KV cache: one preallocated pool of pages shared by all requests.
+
+Per layer, keys and values live in ``[num_pages, page_size, kv_heads, head_dim]``
+tensors allocated once from a memory budget. A request's tokens are scattered
+over pages listed in its page table (see ``page_allocator.py``); attention
+gathers them back in order. The pool, not any request's maximum length,
+bounds how many tokens can be cached.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from common.attention import causal_attention
+from common.config import ModelConfig
+
+
+class PagedKVPool:
+    """Keys and values of every cached token: ``[layers, num_pages * page_size, kv_heads, head_dim]``.
+
+    Stored flat over slots (slot = page * page_size + offset) so writes are
+    one ``index_copy_`` per layer; ``pages(layer)`` shows the paged view.
+    """
+
+    def __init__(self, config: ModelConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype):
+        self.num_pages, self.page_size = num_pages, page_size
+        shape = (config.num_hidden_layers, num_pages * page_size, config.num_key_value_heads, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
+        """K and V of ``page_size`` tokens in every layer."""
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+        return per_token * page_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def token_slots(page_table: list[int], start: int, end: int, page_size: int, device: torch.device) -> torch.Tensor:
+    """Pool slots of token positions ``start .. end-1`` of a sequence: page * page_size + offset."""
+    positions = torch.arange(start, end, device=device)
+    pages = torch.tensor(page_table, device=device, dtype=torch.long)
+    return pages[positions // page_size] * page_size + positions % page_size
+
+
+class PagedAttention:
+    """The attention backend for one forward over a batch, reading K/V through page tables.
+
+    ``slots [T]`` says where each new token's K/V goes in the pool. Sequence
+    ``i`` then attends over its first ``seq_lens[i]`` tokens, gathered from
+    its pages. A decode batch (one new token per sequence) is attended in a
+    single call: keys padded to the longest sequence, the padding masked out.
+    A prefill batch packs prompts of different lengths (varlen) and attends
+    them one by one, since each already has many queries.
+    """
+
+    def __init__(self, pool: PagedKVPool, slots: torch.Tensor, page_tables: list[list[int]], new_lengths: list[int], seq_lens: list[int]):
+        self.pool = pool
+        self.slots = slots
+        self.new_lengths = new_lengths
+        self.seq_lens = seq_lens
+        self.gather_slots = [
+            token_slots(table, 0, length, pool.page_size, slots.device)
+            for table, length in zip(page_tables, seq_lens)
+        ]
+        self.is_decode = all(n == 1 for n in new_lengths)
+        if self.is_decode:
+            # [batch, longest] slots, padding pointed at slot 0 and masked out.
+            self.padded_slots = torch.nn.utils.rnn.pad_sequence(self.gather_slots, batch_first=True)
+            lengths = torch.tensor(seq_lens, device=slots.device)
+            self.key_mask = torch.arange(self.padded_slots.shape[1], device=slots.device)[None, :] < lengths[:, None]
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
+        k_pool.index_copy_(0, self.slots, k)
+        v_pool.index_copy_(0, self.slots, v)
+        if self.is_decode:
+            return self.decode_attention(q, k_pool, v_pool)
+        out = torch.empty_like(q)
+        offset = 0
+        for n, slots in zip(self.new_lengths, self.gather_slots):
+            out[offset : offset + n] = causal_attention(q[offset : offset + n], k_pool[slots], v_pool[slots])
+            offset += n
+        return out
+
+    def decode_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """One query per sequence against its padded keys: ``q [B, heads, head_dim]`` -> same shape."""
+        keys = k_pool[self.padded_slots].transpose(1, 2)  # [B, kv_heads, longest, head_dim]
+        values = v_pool[self.padded_slots].transpose(1, 2)
+        mask = self.key_mask[:, None, None, :]  # [B, 1, 1, longest]
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, enable_gqa=True)
+        return out[:, :, 0, :]
