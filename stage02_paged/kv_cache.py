@@ -37,10 +37,14 @@ class PagedKVPool:
         return self.k.nbytes + self.v.nbytes
 
 
-def token_slots(page_table: list[int], start: int, end: int, page_size: int, device: torch.device) -> torch.Tensor:
-    """Pool slots of token positions ``start .. end-1`` of a sequence: page * page_size + offset."""
-    positions = torch.arange(start, end, device=device)
-    pages = torch.tensor(page_table, device=device, dtype=torch.long)
+def token_slots(page_table: list[int], start: int, end: int, page_size: int) -> torch.Tensor:
+    """Pool slots of token positions ``start .. end-1`` of a sequence: page * page_size + offset.
+
+    Computed on the CPU: callers concatenate a whole batch and copy it to the
+    device once, since every small host-to-device copy stalls the GPU queue.
+    """
+    positions = torch.arange(start, end)
+    pages = torch.tensor(page_table, dtype=torch.long)
     return pages[positions // page_size] * page_size + positions % page_size
 
 
@@ -57,10 +61,8 @@ class PagedAttention:
         self.slots = slots
         self.new_lengths = new_lengths
         self.seq_lens = seq_lens
-        self.gather_slots = [
-            token_slots(table, 0, length, pool.page_size, slots.device)
-            for table, length in zip(page_tables, seq_lens)
-        ]
+        cpu_slots = [token_slots(table, 0, length, pool.page_size) for table, length in zip(page_tables, seq_lens)]
+        self.gather_slots = torch.cat(cpu_slots).to(slots.device).split(seq_lens)
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]

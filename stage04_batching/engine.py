@@ -139,7 +139,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Release the model and cached memory."""
-        self.runner = None
+        self.runner = self.scheduler = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -38,10 +38,14 @@ class PagedKVPool:
         return self.k.nbytes + self.v.nbytes
 
 
-def token_slots(page_table: list[int], start: int, end: int, page_size: int, device: torch.device) -> torch.Tensor:
-    """Pool slots of token positions ``start .. end-1`` of a sequence: page * page_size + offset."""
-    positions = torch.arange(start, end, device=device)
-    pages = torch.tensor(page_table, device=device, dtype=torch.long)
+def token_slots(page_table: list[int], start: int, end: int, page_size: int) -> torch.Tensor:
+    """Pool slots of token positions ``start .. end-1`` of a sequence: page * page_size + offset.
+
+    Computed on the CPU: callers concatenate a whole batch and copy it to the
+    device once, since every small host-to-device copy stalls the GPU queue.
+    """
+    positions = torch.arange(start, end)
+    pages = torch.tensor(page_table, dtype=torch.long)
     return pages[positions // page_size] * page_size + positions % page_size
 
 
@@ -61,16 +65,14 @@ class PagedAttention:
         self.slots = slots
         self.new_lengths = new_lengths
         self.seq_lens = seq_lens
-        self.gather_slots = [
-            token_slots(table, 0, length, pool.page_size, slots.device)
-            for table, length in zip(page_tables, seq_lens)
-        ]
+        cpu_slots = [token_slots(table, 0, length, pool.page_size) for table, length in zip(page_tables, seq_lens)]
+        self.gather_slots = torch.cat(cpu_slots).to(slots.device).split(seq_lens)
         self.is_decode = all(n == 1 for n in new_lengths)
         if self.is_decode:
             # [batch, longest] slots, padding pointed at slot 0 and masked out.
-            self.padded_slots = torch.nn.utils.rnn.pad_sequence(self.gather_slots, batch_first=True)
-            lengths = torch.tensor(seq_lens, device=slots.device)
-            self.key_mask = torch.arange(self.padded_slots.shape[1], device=slots.device)[None, :] < lengths[:, None]
+            padded = torch.nn.utils.rnn.pad_sequence(cpu_slots, batch_first=True)
+            key_mask = torch.arange(padded.shape[1])[None, :] < torch.tensor(seq_lens)[:, None]
+            self.padded_slots, self.key_mask = padded.to(slots.device), key_mask.to(slots.device)
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]

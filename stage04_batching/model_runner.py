@@ -134,13 +134,13 @@ class ModelRunner:
         input_ids, positions, new_lengths, slots = [], [], [], []
         for request in requests:
             self.allocate_cache(request)
-            slots.append(token_slots(request.page_table, request.num_cached, request.seq_len, self.page_size, self.device))
+            slots.append(token_slots(request.page_table, request.num_cached, request.seq_len, self.page_size))
             new_tokens = request.all_ids[request.num_cached :]
             input_ids += new_tokens
             positions += range(request.num_cached, request.seq_len)
             new_lengths.append(len(new_tokens))
         attention = PagedAttention(
-            self.pool, torch.cat(slots), [r.page_table for r in requests], new_lengths, [r.seq_len for r in requests]
+            self.pool, torch.cat(slots).to(self.device), [r.page_table for r in requests], new_lengths, [r.seq_len for r in requests]
         )
         hidden = self.model(
             torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device), attention
