@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+from collections.abc import Callable
+
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -108,8 +110,12 @@ def convert_gguf(gguf_path: Path) -> Path:
     return target
 
 
-def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of all ``*.safetensors`` files in ``folder``, by name, on CPU."""
+def read_checkpoint_tensors(folder: Path, read_slice: Callable | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of all ``*.safetensors`` files in ``folder``, by name, on CPU.
+
+    ``read_slice(name, lazy_slice)``, when given, returns only the part of a
+    tensor this process needs (tensor parallelism); the rest is never read.
+    """
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {folder}")
@@ -117,7 +123,9 @@ def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as handle:
             for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
+                tensor = read_slice(name, handle.get_slice(name)) if read_slice else handle.get_tensor(name)
+                if tensor is not None:  # None: this rank holds no part of it
+                    tensors[name] = tensor
     return _split_fused_experts(tensors)
 
 
@@ -147,14 +155,22 @@ def load_model(
     model_path: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    shard=None,
 ) -> tuple[Qwen3ForCausalLM, ModelConfig, Path]:
-    """Load a checkpoint; return ``(model in eval mode, its config, the local folder)``."""
+    """Load a checkpoint; return ``(model in eval mode, its config, the local folder)``.
+
+    ``shard`` (tensor/expert parallel stages) has ``apply(model)``, which swaps
+    in per-rank layers while the model is still on ``meta``, and
+    ``read_slice(name, lazy_slice)``, which reads only this rank's part.
+    """
     folder = resolve_model_path(model_path)
     config = ModelConfig.from_file(folder)
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
-    tensors = read_checkpoint_tensors(folder)
+        if shard is not None:
+            shard.apply(model)
+    tensors = read_checkpoint_tensors(folder, shard.read_slice if shard is not None else None)
     tensors = {name: t for name, t in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
     expected = set(model.state_dict())
     if config.tie_word_embeddings:
