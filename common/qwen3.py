@@ -105,6 +105,10 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList(
             MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
         )
+        # Expert parallelism keeps only some experts on each rank and skips the
+        # rest here; their share of the output arrives through an all-reduce.
+        self.local_experts = range(config.num_experts)
+        self.expert_token_counts: torch.Tensor | None = None  # set to a [num_experts] tensor to count routing
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(weights [T, top_k], expert ids [T, top_k])`` for tokens ``x [T, hidden]``."""
@@ -116,8 +120,12 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.route(x)
+        if self.expert_token_counts is not None:
+            self.expert_token_counts += torch.bincount(expert_ids.flatten(), minlength=len(self.experts))
         out = torch.zeros_like(x)
         for expert in expert_ids.unique().tolist():
+            if expert not in self.local_experts:
+                continue
             token_index, slot = torch.where(expert_ids == expert)
             expert_out = self.experts[expert](x[token_index]) * weights[token_index, slot, None]
             out.index_add_(0, token_index, expert_out)
