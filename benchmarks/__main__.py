@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     run.add_argument("--device", default="cpu")
     run.add_argument("--size", choices=["cpu", "gpu"], help="workload size (default: from the device)")
     run.add_argument("--requests", type=int, default=None, help="keep only the first N requests")
+    run.add_argument("--engine-kwargs", type=json.loads, default={},
+                     help='JSON engine options, given to the stages that accept them, e.g. \'{"chunked_prefill_size": 256}\'')
     run.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     args = parser.parse_args(argv)
 
@@ -61,12 +63,13 @@ def main(argv=None) -> int:
     print(f"{workload.name}: {workload.description}; model {args.model}; device {args.device}", file=sys.stderr)
     results = []
     for system in systems:
-        results.append(run_system(system, model_path, folder, workload, args.device))
+        results.append(run_system(system, model_path, folder, workload, args.device, args.engine_kwargs))
         print(json.dumps(results[-1]), file=sys.stderr)
     base = results[0]["output_tokens_per_s"]
     for r in results:
         r["speed_vs_first"] = round(r["output_tokens_per_s"] / base, 3)
-    report = dict(environment=environment(), workload=workload.description, model=args.model, results=results)
+    report = dict(environment=environment(), workload=workload.description, model=args.model,
+                  engine_kwargs=args.engine_kwargs, results=results)
     header = f"{'system':<20}{'out tok/s':>12}{'total tok/s':>13}{'ttft p50 ms':>13}{'itl p50 ms':>12}{'x first':>9}"
     print(header)
     for r in results:

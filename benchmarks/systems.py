@@ -8,6 +8,7 @@ Every run starts with a small warm-up so one-time costs (allocator, kernels) are
 
 import gc
 import importlib
+import inspect
 import statistics
 import time
 
@@ -65,7 +66,9 @@ def run_stage(stage: str, model_path, workload: Workload, device: str, engine_kw
     """Serve the workload with a stage's Engine.generate_batch (greedy, ignore_eos)."""
     engine_class = importlib.import_module(stage).Engine
     engine = engine_class(model_path=model_path, device=device, **(engine_kwargs or {}))
-    engine.generate(workload.prompts[0][:16], max_tokens=4, temperature=0, ignore_eos=True)  # warm-up
+    # Warm-up with the first prompt: one-time costs leave the timing, and a prefix cache
+    # starts as a server's would, having seen a request like these before.
+    engine.generate(workload.prompts[0], max_tokens=1, temperature=0, ignore_eos=True)
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in workload.max_tokens]
     reset_peak_memory(device)
     synchronize(device)
@@ -78,6 +81,38 @@ def run_stage(stage: str, model_path, workload: Workload, device: str, engine_kw
     itl = [b - a for o in outputs for a, b in zip(o.token_times, o.token_times[1:])]
     cached = sum(o.cached_tokens for o in outputs)
     result = summarize(stage, workload, seconds, device, ttft, itl, prefix_cache_hit_rate=round(cached / workload.input_tokens, 4))
+    engine.shutdown()
+    return result
+
+
+def run_long_prompt(stage: str, model_path, workload: Workload, device: str, engine_kwargs: dict | None = None) -> dict:
+    """Decoders start; after a few steps the long prompt arrives. Report the longest gap
+    between two tokens of a running decoder (the stall the long prefill causes) and peak memory.
+    Needs the add_request / step loop (stage04 and later)."""
+    engine = importlib.import_module(stage).Engine(model_path=model_path, device=device, **(engine_kwargs or {}))
+    if not hasattr(engine, "add_request"):
+        raise ValueError(f"{stage} has no add_request loop; long-prompt needs stage04_batching or later")
+    engine.generate(workload.prompts[0][:16], max_tokens=4, temperature=0, ignore_eos=True)  # warm-up
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in workload.max_tokens]
+    reset_peak_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    decoders = [engine.add_request(p, s) for p, s in zip(workload.prompts[:-1], params[:-1])]
+    for _ in range(8):  # let them reach steady decode
+        engine.step()
+    long_id = engine.add_request(workload.prompts[-1], params[-1])
+    outputs = {}
+    while len(outputs) < len(decoders) + 1:
+        engine.step()
+        for rid in decoders + [long_id]:
+            if rid not in outputs and (out := engine.get_output(rid)) is not None:
+                outputs[rid] = out
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    gaps = [b - a for rid in decoders for a, b in zip(outputs[rid].token_times, outputs[rid].token_times[1:])]
+    itl = gaps
+    result = summarize(stage, workload, seconds, device, [outputs[long_id].token_times[0] - outputs[long_id].arrival_time], itl,
+                       longest_decode_gap_ms=round(max(gaps) * 1000, 3))
     engine.shutdown()
     return result
 
@@ -133,11 +168,18 @@ def run_hf_generate_batch(model_folder, workload: Workload, device: str) -> dict
     return summarize("hf-generate-batch", workload, time.perf_counter() - start, device)
 
 
+def accepted_kwargs(stage: str, engine_kwargs: dict | None) -> dict:
+    """The engine options this stage understands (e.g. chunked_prefill_size only from stage05 on)."""
+    parameters = inspect.signature(importlib.import_module(stage).Engine.__init__).parameters
+    return {k: v for k, v in (engine_kwargs or {}).items() if k in parameters}
+
+
 def run_system(system: str, model_path, model_folder, workload: Workload, device: str, engine_kwargs=None) -> dict:
     if system == "hf-generate":
         return run_hf_generate(model_folder, workload, device)
     if system == "hf-generate-batch":
         return run_hf_generate_batch(model_folder, workload, device)
     if system.startswith("stage0"):
-        return run_stage(system, model_path, workload, device, engine_kwargs)
+        run = run_long_prompt if workload.name == "long-prompt" else run_stage
+        return run(system, model_path, workload, device, accepted_kwargs(system, engine_kwargs))
     raise ValueError(f"unknown system {system!r}: a stage folder name, hf-generate or hf-generate-batch")

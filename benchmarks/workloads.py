@@ -50,7 +50,43 @@ def single_workload(size: str, vocab_size: int, seed: int) -> Workload:
                     [_random_prompt(rng, prompt_len, vocab_size)], [new])
 
 
-WORKLOADS = {"random": random_workload, "single": single_workload}
+def shared_prefix_workload(size: str, vocab_size: int, seed: int) -> Workload:
+    """Every prompt is 90% one shared system prompt / few-shot prefix, 10% its own question."""
+    count, length, new = (64, 2000, 64) if size == "gpu" else (12, 200, 8)
+    rng = random.Random(seed)
+    shared = _random_prompt(rng, length * 9 // 10, vocab_size)
+    prompts = [shared + _random_prompt(rng, length // 10, vocab_size) for _ in range(count)]
+    return Workload("shared-prefix", f"{count} requests of {length} tokens, 90% shared prefix, {new} new tokens",
+                    prompts, [new] * count)
+
+
+def prefix_mix_workload(size: str, vocab_size: int, seed: int) -> Workload:
+    """Groups of requests sharing long prefixes, shuffled together."""
+    groups, per_group, prefix, suffix, new = (8, 16, 1500, 100, 64) if size == "gpu" else (4, 4, 150, 10, 8)
+    rng = random.Random(seed)
+    prefixes = [_random_prompt(rng, prefix, vocab_size) for _ in range(groups)]
+    prompts = [p + _random_prompt(rng, suffix, vocab_size) for p in prefixes for _ in range(per_group)]
+    rng.shuffle(prompts)
+    return Workload("prefix-mix", f"{groups} groups x {per_group} requests sharing {prefix}-token prefixes, shuffled",
+                    prompts, [new] * len(prompts))
+
+
+def long_prompt_workload(size: str, vocab_size: int, seed: int) -> Workload:
+    """Decoders running when one long prompt arrives (the last request); see run_long_prompt."""
+    decoders, prompt_len, decode_new, long_len = (16, 128, 512, 8192) if size == "gpu" else (4, 16, 64, 1024)
+    rng = random.Random(seed)
+    prompts = [_random_prompt(rng, prompt_len, vocab_size) for _ in range(decoders)] + [_random_prompt(rng, long_len, vocab_size)]
+    return Workload("long-prompt", f"{decoders} decoders, then a {long_len}-token prompt arrives",
+                    prompts, [decode_new] * decoders + [4])
+
+
+WORKLOADS = {
+    "random": random_workload,
+    "single": single_workload,
+    "shared-prefix": shared_prefix_workload,
+    "prefix-mix": prefix_mix_workload,
+    "long-prompt": long_prompt_workload,
+}
 
 
 def make_workload(name: str, size: str, vocab_size: int, seed: int = 0, requests: int | None = None) -> Workload:

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU figures, one workload per line, results as JSON in $OUT (or ./results-gpu).
+# The GPU box has no network and no built-in model: carry the tokenizer files in .gpu/tokenizer
+# (copied from ~/.cache/qwen3-ladder/SmolLM2-*/) and run from the repository root:
+#     bash benchmarks/gpu_suite.sh
+set -uo pipefail
+export PYTHONPATH=. QWEN3_LADDER_TOKENIZER=${QWEN3_LADDER_TOKENIZER:-.gpu/tokenizer} PYTHONUNBUFFERED=1
+export QWEN3_LADDER_CACHE=${QWEN3_LADDER_CACHE:-/tmp/qwen3-ladder}
+out=${OUT:-results-gpu}; mkdir -p "$out"
+run() { name=$1; shift; timeout 540 python -m benchmarks run --model qwen3-0.6b --device cuda --out "$out/$name.json" "$@" 2>&1 | grep -v -i warn | tail -4; }
+run long-prompt   --workload long-prompt   --compare stage04_batching,stage05_chunked
+run shared-prefix --workload shared-prefix --compare stage02_paged,stage03_radix
+run random64      --workload random --requests 64 --compare stage04_batching,hf-generate
