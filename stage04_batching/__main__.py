@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     engine.add_argument("--max-prefill-tokens", type=int, default=16384, help="token budget of one prefill batch")
     engine.add_argument("--disable-radix-cache", action="store_true", help="do not reuse cached prompt prefixes")
-    engine.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: 512 MiB on CPU, 90%% of free GPU memory)")
+    engine.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: 512 MiB on CPU, 80%% of free GPU memory)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=128)
     sampling.add_argument("--temperature", type=float, default=0.0)

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--chunked-prefill-size", type=int, default=2048, help="prompt tokens per step (-1: no chunking)")
     engine.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm", "dfs-weight", "lof", "random"])
     engine.add_argument("--disable-radix-cache", action="store_true", help="do not reuse cached prompt prefixes")
-    engine.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: 512 MiB on CPU, 90%% of free GPU memory)")
+    engine.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: 512 MiB on CPU, 80%% of free GPU memory)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=128)
     sampling.add_argument("--temperature", type=float, default=0.0)
