@@ -66,9 +66,11 @@ def run_stage(stage: str, model_path, workload: Workload, device: str, engine_kw
     """Serve the workload with a stage's Engine.generate_batch (greedy, ignore_eos)."""
     engine_class = importlib.import_module(stage).Engine
     engine = engine_class(model_path=model_path, device=device, **(engine_kwargs or {}))
-    # Warm-up with the first prompt: one-time costs leave the timing, and a prefix cache
-    # starts as a server's would, having seen a request like these before.
+    # Warm-up with the first prompt so one-time costs leave the timing. Only where the workload
+    # says so does the prefix cache keep it (a server that has seen this system prompt before).
     engine.generate(workload.prompts[0], max_tokens=1, temperature=0, ignore_eos=True)
+    if not workload.warm_cache and hasattr(engine, "flush_cache"):
+        engine.flush_cache()
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in workload.max_tokens]
     reset_peak_memory(device)
     synchronize(device)

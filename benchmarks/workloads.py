@@ -17,6 +17,7 @@ class Workload:
     description: str
     prompts: list[list[int]]
     max_tokens: list[int]
+    warm_cache: bool = False  # keep the warm-up prompt in the prefix cache (a system prompt seen before)
 
     @property
     def input_tokens(self) -> int:
@@ -57,7 +58,7 @@ def shared_prefix_workload(size: str, vocab_size: int, seed: int) -> Workload:
     shared = _random_prompt(rng, length * 9 // 10, vocab_size)
     prompts = [shared + _random_prompt(rng, length // 10, vocab_size) for _ in range(count)]
     return Workload("shared-prefix", f"{count} requests of {length} tokens, 90% shared prefix, {new} new tokens",
-                    prompts, [new] * count)
+                    prompts, [new] * count, warm_cache=True)
 
 
 def prefix_mix_workload(size: str, vocab_size: int, seed: int) -> Workload:

@@ -1,11 +1,13 @@
 """mkdocs build hooks: pages that are generated from the code at build time, so they never go stale.
 
-Two markers may appear in a page's markdown:
+Three markers may appear in a page's markdown:
     <!-- stage-diff: stage01_core stage02_paged -->   -> a unified diff per changed file, new files whole
     <!-- walkthrough: 01_forward_pass.py -->          -> the jupytext script rendered as markdown
+    <!-- benchmark-results -->                        -> a table and a chart per benchmarks/results/*.json
 """
 
 import difflib
+import json
 import re
 from pathlib import Path
 
@@ -55,6 +57,31 @@ def render_walkthrough(script: str) -> str:
     return note + "\n" + jupytext.writes(notebook, fmt="md").split("---\n", 2)[-1]
 
 
+def render_benchmark_results() -> str:
+    """One section per results file: where it ran, a table of the systems, a bar chart of output tok/s."""
+    sections = []
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        report = json.loads(path.read_text())
+        env = report.get("environment", {})
+        where = ", ".join(f"{k} {env[k]}" for k in ("gpu", "torch", "git_commit") if env.get(k))
+        rows = ["| system | out tok/s | total tok/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms | peak GiB | notes |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in report["results"]:
+            peak = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else ""
+            notes = "; ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("longest_decode_gap_ms", "prefix_cache_hit_rate") if r.get(k))
+            rows.append(f"| {r['system']} | {r['output_tokens_per_s']} | {r['total_tokens_per_s']} | {r['ttft_median_ms'] or ''} "
+                        f"| {r['itl_median_ms'] or ''} | {r['itl_p99_ms'] or ''} | {peak} | {notes} |")
+        names = ", ".join(f'"{r["system"]}"' for r in report["results"])
+        values = ", ".join(str(r["output_tokens_per_s"]) for r in report["results"])
+        chart = f"```mermaid\nxychart-beta\n    x-axis [{names}]\n    y-axis \"output tokens/s\"\n    bar [{values}]\n```"
+        note = f"\n_{env['note']}_\n" if env.get("note") else ""
+        kwargs = f"; engine options `{json.dumps(report['engine_kwargs'])}`" if report.get("engine_kwargs") else ""
+        sections.append(f"### {path.stem}\n\n{report.get('workload', '')}; model `{report.get('model', '')}`{kwargs}. "
+                        f"{where}.\n{note}\n" + "\n".join(rows) + "\n\n" + chart + "\n")
+    return "\n".join(sections)
+
+
 def on_page_markdown(markdown, page, config, files):
+    markdown = markdown.replace("<!-- benchmark-results -->", render_benchmark_results()) if "<!-- benchmark-results -->" in markdown else markdown
     markdown = DIFF_MARKER.sub(lambda m: render_stage_diff(m.group(1), m.group(2)), markdown)
     return WALKTHROUGH_MARKER.sub(lambda m: render_walkthrough(m.group(1)), markdown)

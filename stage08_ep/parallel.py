@@ -281,7 +281,7 @@ class WorkerGroup:
                 self.kill()
                 raise RuntimeError(f"tensor-parallel rank {rank} failed to start:\n{error}")
             pending.discard(rank)
-        init_process_group(device, 0, size, self.port)
+        init_process_group(rank_device(device, 0), 0, size, self.port)
 
     def kill(self) -> None:
         for process in self.processes:

@@ -63,3 +63,9 @@ def test_walkthrough_runs_with_plain_python(script, builtin_folder):
 def test_walkthrough_has_a_page(script):
     pages = [p.read_text() for p in (ROOT / "docs" / "walkthroughs").glob("*.md")]
     assert any(f"walkthrough: {script.name}" in page for page in pages)
+
+
+def test_every_benchmark_result_renders_on_the_results_page():
+    files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    page = hooks.render_benchmark_results()
+    assert files and all(f"### {f.stem}" in page for f in files)
