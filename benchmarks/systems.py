@@ -9,6 +9,7 @@ Every run starts with a small warm-up so one-time costs (allocator, kernels) are
 import gc
 import importlib
 import inspect
+import json
 import statistics
 import time
 
@@ -170,6 +171,13 @@ def run_hf_generate_batch(model_folder, workload: Workload, device: str) -> dict
     return summarize("hf-generate-batch", workload, time.perf_counter() - start, device)
 
 
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare word such as lpm
+
+
 def accepted_kwargs(stage: str, engine_kwargs: dict | None) -> dict:
     """The engine options this stage understands (e.g. chunked_prefill_size only from stage05 on)."""
     parameters = inspect.signature(importlib.import_module(stage).Engine.__init__).parameters
@@ -177,6 +185,14 @@ def accepted_kwargs(stage: str, engine_kwargs: dict | None) -> dict:
 
 
 def run_system(system: str, model_path, model_folder, workload: Workload, device: str, engine_kwargs=None) -> dict:
+    """Run one system. ``stage06_scheduling@schedule_policy=lpm`` adds engine options to one stage,
+    so one run can compare settings of the same stage side by side."""
+    if "@" in system:
+        base, options = system.split("@", 1)
+        extra = {k: _parse_value(v) for k, v in (item.split("=", 1) for item in options.split("+"))}
+        result = run_system(base, model_path, model_folder, workload, device, {**(engine_kwargs or {}), **extra})
+        result["system"] = system
+        return result
     if system == "hf-generate":
         return run_hf_generate(model_folder, workload, device)
     if system == "hf-generate-batch":

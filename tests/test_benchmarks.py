@@ -20,3 +20,17 @@ def test_workloads_are_seeded():
     a, b = make_workload("random", "cpu", 1000, seed=1), make_workload("random", "cpu", 1000, seed=1)
     assert a.prompts == b.prompts and a.max_tokens == b.max_tokens
     assert len(make_workload("random", "gpu", 1000).prompts) == 256
+
+
+def test_kv_memory_report_runs(checkpoints, capsys):
+    from benchmarks import kv_memory
+
+    kv_memory.main(["--model", str(checkpoints["dense"])])
+    report = capsys.readouterr().out
+    assert "stage02_peak_bytes_in_use" in report and "stage04_batching" in report
+
+
+def test_one_stage_with_different_options_side_by_side(checkpoints):
+    folder = checkpoints["dense"]
+    result = run_system("stage06_scheduling@schedule_policy=lpm", str(folder), folder, tiny_workload(), "cpu")
+    assert result["system"] == "stage06_scheduling@schedule_policy=lpm" and result["output_tokens"] == 12
