@@ -40,9 +40,6 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def next_batch(self) -> list[Request]:
         """The requests of the next forward step: a prefill batch if any can start, else a decode batch."""
         prefill = self._admit_prefill()

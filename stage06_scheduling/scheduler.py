@@ -62,9 +62,6 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def next_batch(self) -> tuple[list[Request], list[int]]:
         """The requests of the next forward step and how many new tokens each feeds."""
         self._order_waiting()
