@@ -1,11 +1,32 @@
-"""Causal attention of one sequence's new queries over its cached keys and values.
+"""Causal attention over sequences whose keys/values come from a cache.
 
-Every stage's attention backend ends in this call once it has gathered a
-sequence's keys/values from its own cache layout (contiguous, paged, ...).
+Every stage's attention backend ends in one of these calls once it has
+gathered keys/values from its own cache layout (contiguous, paged, ...):
+
+* ``causal_attention``: one sequence, through ``scaled_dot_product_attention``
+  (any device);
+* ``varlen_attention``: a whole batch of sequences of different lengths packed
+  end to end, in a single call. On CUDA that is PyTorch's flash kernel
+  ``torch.nn.attention.varlen.varlen_attn``; elsewhere a loop over the
+  sequences that computes the same thing (the reference it is tested against).
 """
+
+import inspect
 
 import torch
 import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.10: CUDA runs the per-sequence loop too
+    varlen_attn = None
+
+# torch 2.10 spelled "causal" as is_causal=True; later versions as a (left, right) window.
+_CAUSAL = {}
+if varlen_attn is not None:
+    _parameters = inspect.signature(varlen_attn).parameters
+    _CAUSAL = {"window_size": (-1, 0)} if "window_size" in _parameters else {"is_causal": True}
+    _NATIVE_GQA = "enable_gqa" in _parameters
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -31,3 +52,31 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         mask, is_causal = torch.arange(total, device=q.device)[None, :] <= query_pos, False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     return out.transpose(0, 1)
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_q: int, max_k: int,
+) -> torch.Tensor:
+    """Causal attention for a packed batch: sequence ``i`` owns queries
+    ``cu_seqlens_q[i] : cu_seqlens_q[i+1]`` of ``q [Tq, heads, head_dim]`` and keys
+    ``cu_seqlens_k[i] : cu_seqlens_k[i+1]`` of ``k, v [Tk, kv_heads, head_dim]``.
+
+    As in ``causal_attention``, the queries are a sequence's *newest* tokens:
+    the causal triangle is aligned to the end of its keys, so a decode row (one
+    query) sees all of its keys and a prompt chunk sees its cached prefix.
+    ``max_q`` / ``max_k`` are the longest query / key runs (host ints, so the
+    call needs no sync). Returns ``[Tq, heads, head_dim]``.
+    """
+    if q.is_cuda and varlen_attn is not None:
+        if not _NATIVE_GQA and k.shape[1] != q.shape[1]:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        gqa = {"enable_gqa": True} if _NATIVE_GQA else {}
+        return varlen_attn(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_q, max_k, **_CAUSAL, **gqa)
+    out = torch.empty_like(q)
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        (q0, q1), (k0, k1) = bounds_q[i : i + 2], bounds_k[i : i + 2]
+        out[q0:q1] = causal_attention(q[q0:q1], k[k0:k1], v[k0:k1])
+    return out

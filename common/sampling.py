@@ -2,15 +2,22 @@
 
 After the model produces next-token logits ``[batch, vocab]``, each request's
 own ``SamplingParams`` shape its row: penalties for tokens already seen, then
-temperature, then the top-k / top-p / min-p filters, then a draw from the
-request's own random generator (so a seed reproduces a request whatever else
-is in the batch). ``temperature == 0`` means greedy: plain argmax.
+temperature, then the top-k / top-p / min-p filters, then one random draw.
+``temperature == 0`` means greedy: plain argmax.
+
+The whole batch goes through these steps together, as a few tensor calls,
+whatever mix of settings its rows have: a step's sampling costs the same
+handful of GPU launches for 1 request or 256. Work that only some rows need
+(penalties, filters, a seeded draw) touches only those rows.
 """
 
 import math
+import weakref
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from common.device_copy import copy_to_device
 
 
 @dataclass
@@ -87,81 +94,187 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-
-def apply_penalties(
-    logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]]
-) -> torch.Tensor:
-    """Lower the logits of tokens already seen, per row; rows with no penalty are untouched."""
-    for row, p in enumerate(params):
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(prompt_ids[row]) | set(output_ids[row])), device=logits.device, dtype=torch.long)
-            scores = logits[row, seen]
-            # Divide positive scores, multiply negative ones: both move towards "less likely".
-            logits[row, seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and output_ids[row]:
-            ids = torch.tensor(output_ids[row], device=logits.device, dtype=torch.long)
-            counts = torch.zeros(logits.shape[1], device=logits.device).index_add_(0, ids, torch.ones_like(ids, dtype=torch.float))
-            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-    return logits
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
-def filter_probabilities(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+@dataclass
+class SamplingState:
+    """What the sampler keeps for one request from step to step.
+
+    ``generator`` is the request's own random stream when it has a seed (so
+    its tokens do not depend on its batch neighbours), else None (it draws
+    from the shared stream). ``penalty_row`` is its row of token counts on
+    the device, taken at its first penalized step.
+    """
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    generator: torch.Generator | None = None
+    penalty_row: int | None = None
+
+
+class PenaltyCounts:
+    """Token counts of every request that uses penalties, kept on the device.
+
+    Row ``r`` holds how often each token was generated (``counts``) and
+    whether it occurs in the prompt (``in_prompt``). A step reads the rows of
+    its penalized requests with one gather and adds its sampled tokens with one
+    scatter: nothing is rebuilt from token lists. A row goes back to the free
+    list when its request's state is garbage collected.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.device = device
+        self.counts = torch.zeros(0, vocab_size, device=device)
+        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
+        self.free_rows: list[int] = []
+
+    def row_for(self, state: SamplingState) -> int:
+        """The state's row, taken (and filled from its prompt) on first use."""
+        if state.penalty_row is None:
+            if not self.free_rows:  # grow: double the table (rare, and only with penalties in use)
+                old, vocab = self.counts.shape
+                more = max(old, 8)
+                self.counts = torch.cat([self.counts, self.counts.new_zeros(more, vocab)])
+                self.in_prompt = torch.cat([self.in_prompt, self.in_prompt.new_zeros(more, vocab)])
+                self.free_rows += range(old + more - 1, old - 1, -1)
+            row = state.penalty_row = self.free_rows.pop()
+            self.counts[row] = 0
+            self.in_prompt[row] = False
+            self.in_prompt[row, torch.tensor(state.prompt_ids, dtype=torch.long, device=self.device)] = True
+            weakref.finalize(state, self.free_rows.append, row)
+        return state.penalty_row
+
+    def apply(self, logits: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Penalized copies of ``logits [P, vocab]``, the rows of requests with penalties.
+
+        ``values [3, P]``: repetition, frequency and presence penalty per row.
+        """
+        counts = self.counts[rows]  # [P, vocab]
+        repetition, frequency, presence = values[0, :, None], values[1, :, None], values[2, :, None]
+        seen = self.in_prompt[rows] | (counts > 0)
+        # Repetition: divide positive scores, multiply negative ones; both move towards "less likely".
+        scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(seen, scaled, logits)
+        return logits - frequency * counts - presence * (counts > 0).float()
+
+    def count(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Add one occurrence of each row's sampled token."""
+        self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)
+
+
+def filter_probabilities(probs: torch.Tensor, filters: "RowFilters") -> torch.Tensor:
     """Zero the probabilities that top-k, top-p or min-p rule out (per row) and renormalise.
 
-    ``probs [B, V]``; ``top_k [B]`` (vocab size where off), ``top_p [B]``, ``min_p [B]``.
-    Work on the sorted order: each filter keeps a prefix of it.
+    ``probs [S, vocab]``. Each filter keeps a prefix of a row's tokens sorted
+    by probability, so the three can run one after the other, each only if
+    some row asks for it; only top-p needs the sorted order, and only the rows
+    that ask for it are sorted.
     """
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[1], device=probs.device)[None, :]
-    drop = rank >= top_k[:, None]
-    # Drop a token when the mass strictly before it already reaches top_p (the first always stays).
-    drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
-    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    filtered = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
-    return filtered / filtered.sum(dim=-1, keepdim=True)
+    if filters.widest_top_k:
+        # Keep tokens at least as likely as the row's k-th best (rows without top-k keep all).
+        kth_best = probs.topk(filters.widest_top_k, dim=-1).values  # [S, widest], descending
+        threshold = kth_best.gather(1, (filters.top_k.clamp(1, filters.widest_top_k) - 1)[:, None])
+        probs = probs.masked_fill((probs < threshold) & (filters.top_k > 0)[:, None], 0.0)
+    if filters.any_min_p:
+        probs = probs.masked_fill(probs < filters.min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+    if filters.top_p_rows is not None:
+        rows = probs[filters.top_p_rows]
+        sorted_probs, order = rows.sort(dim=-1, descending=True)
+        # Drop a token when the mass strictly before it already reaches top_p (the first always stays).
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= filters.top_p[filters.top_p_rows, None]
+        probs = probs.index_put((filters.top_p_rows,), torch.zeros_like(rows).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0)))
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+@dataclass
+class RowFilters:
+    """The filter settings of the sampled rows, on the device, and which filters are on at all."""
+
+    top_k: torch.Tensor  # [S] int, 0 where off
+    top_p: torch.Tensor  # [S]
+    min_p: torch.Tensor  # [S]
+    widest_top_k: int  # the largest top-k any row asks for (0: no row does)
+    any_min_p: bool
+    top_p_rows: torch.Tensor | None  # rows with top_p < 1 (None: no row)
 
 
 class Sampler:
-    """Picks one next token per row of a logits batch, each row under its own params."""
+    """Picks one next token per row of a logits batch, each row under its own params.
+
+    ``__call__`` returns the tokens as a device tensor: reading them on the
+    host is the caller's one sync per step.
+    """
 
     def __init__(self, device: str | torch.device, seed: int | None = None):
         self.device = torch.device(device)
-        # Requests without a seed draw from this shared generator.
+        # Requests without a seed draw from this shared generator, all in one call.
         self.shared_generator = torch.Generator(device=self.device)
         if seed is not None:
             self.shared_generator.manual_seed(seed)
         else:
             self.shared_generator.seed()
+        self.penalties: PenaltyCounts | None = None  # made at the first penalized request
 
-    def new_generator(self, seed: int | None) -> torch.Generator:
-        """A request's own generator when it has a seed, else the shared one."""
-        if seed is None:
-            return self.shared_generator
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def new_state(self, params: SamplingParams, prompt_ids: list[int]) -> SamplingState:
+        """A request's sampling state: its own generator when it has a seed."""
+        generator = None if params.seed is None else torch.Generator(device=self.device).manual_seed(params.seed)
+        return SamplingState(params, prompt_ids, generator)
 
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        params: list[SamplingParams],
-        prompt_ids: list[list[int]],
-        output_ids: list[list[int]],
-        generators: list[torch.Generator],
-    ) -> list[int]:
-        """``logits [B, vocab]`` (fp32) -> one token id per row."""
-        logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
-        next_tokens = logits.argmax(dim=-1)
-        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled_rows:
-            rows = torch.tensor(sampled_rows, device=logits.device)
-            chosen = [params[i] for i in sampled_rows]
-            vocab = logits.shape[1]
-            temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in chosen], device=logits.device)
-            top_p = torch.tensor([p.top_p for p in chosen], device=logits.device)
-            min_p = torch.tensor([p.min_p for p in chosen], device=logits.device)
-            probs = torch.softmax(logits[rows] / temperature[:, None], dim=-1)
-            probs = filter_probabilities(probs, top_k, top_p, min_p)
-            for j, row in enumerate(sampled_rows):
-                next_tokens[row] = torch.multinomial(probs[j], 1, generator=generators[row])[0]
-        return next_tokens.tolist()
+    def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """``logits [B, vocab]`` (fp32) -> one token id per row, ``[B]`` on the device."""
+        params = [s.params for s in states]
+        vocab = logits.shape[1]
+        penalized = [i for i, p in enumerate(params) if p.uses_penalties]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if not penalized and not sampled:
+            return logits.argmax(dim=-1)  # an all-greedy batch: nothing else to do
+        if penalized and self.penalties is None:
+            self.penalties = PenaltyCounts(vocab, self.device)
+        chosen = [params[i] for i in sampled]
+        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in chosen]
+        top_p_rows = [j for j, p in enumerate(chosen) if p.top_p < 1.0]
+        # Every per-row number this step needs, in one host-to-device copy (as float32:
+        # row indices and top-k values are small integers, exact in a float).
+        (penalized_rows, penalty_rows, penalty_values, sampled_rows, top_p_rows_t, row_values) = copy_to_device(
+            [penalized, [self.penalties.row_for(states[i]) for i in penalized],
+             [v for i in penalized for v in (params[i].repetition_penalty, params[i].frequency_penalty, params[i].presence_penalty)],
+             sampled, top_p_rows,
+             [p.temperature for p in chosen] + top_k + [p.top_p for p in chosen] + [p.min_p for p in chosen]],
+            self.device, dtype=torch.float32,
+        )
+        penalized_rows, penalty_rows, sampled_rows = penalized_rows.long(), penalty_rows.long(), sampled_rows.long()
+        if penalized:
+            values = penalty_values.view(len(penalized), 3).T  # repetition, frequency, presence
+            logits = logits.index_put((penalized_rows,), self.penalties.apply(logits[penalized_rows], penalty_rows, values))
+        tokens = logits.argmax(dim=-1)  # exact greedy rows; sampled rows are overwritten below
+        if sampled:
+            temperature, top_k_t, top_p, min_p = row_values.view(4, len(sampled))
+            filters = RowFilters(top_k_t.long(), top_p, min_p, max(top_k), any(p.min_p > 0 for p in chosen),
+                                 top_p_rows_t.long() if top_p_rows else None)
+            every_row = len(sampled) == len(params)
+            picked = self.draw(logits if every_row else logits[sampled_rows], [states[i] for i in sampled], temperature, filters)
+            tokens = picked if every_row else tokens.index_put((sampled_rows,), picked)
+        if penalized:
+            self.penalties.count(penalty_rows, tokens[penalized_rows])
+        return tokens
+
+    def draw(self, logits: torch.Tensor, states: list[SamplingState], temperature: torch.Tensor, filters: RowFilters) -> torch.Tensor:
+        """temperature -> filters -> one draw, for the sampled rows ``logits [S, vocab]``.
+
+        The draw is the exponential race (Gumbel-max in another form): with
+        ``E ~ Exp(1)`` per token, ``argmax(p / E)`` picks token i with
+        probability ``p_i``, exactly as ``multinomial`` would, but for every row
+        at once. Unseeded rows share one noise call; a seeded row refills its
+        own row from its own generator, so its tokens never depend on its batch.
+        """
+        probs = torch.softmax(logits / temperature[:, None], dim=-1)
+        probs = filter_probabilities(probs, filters)
+        noise = torch.empty_like(probs).exponential_(generator=self.shared_generator)
+        for row, state in enumerate(states):
+            if state.generator is not None:
+                noise[row].exponential_(generator=state.generator)
+        # E == 0 is possible in float32; it would turn a filtered 0 into 0/0 = NaN, which argmax picks.
+        return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)

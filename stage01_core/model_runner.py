@@ -51,10 +51,4 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[last_rows])
         for request in requests:
             request.num_cached = request.seq_len
-        return self.sampler(
-            logits,
-            [r.params for r in requests],
-            [r.prompt_ids for r in requests],
-            [r.output_ids for r in requests],
-            [r.generator for r in requests],
-        )
+        return self.sampler(logits, [r.sampling for r in requests]).tolist()  # the step's one wait for the GPU

@@ -117,7 +117,7 @@ class Engine:
             params = [SamplingParams.from_kwargs(sampling_params, **kwargs)] * len(prompts)
         prompt_ids = [self._tokenize(p) for p in prompts]
         requests = [
-            Request(ids, p, self.tokenizer, self.eos_token_ids, self.context_length, self.runner.sampler.new_generator(p.seed))
+            Request(ids, p, self.tokenizer, self.eos_token_ids, self.context_length, self.runner.sampler.new_state(p, ids))
             for ids, p in zip(prompt_ids, params)
         ]
         for request in requests:

@@ -8,19 +8,22 @@ The same call serves prefill (a whole prompt is uncached) and decode (only
 the newest token is), which is what lets later stages mix the two.
 """
 
+import itertools
 import math
 
 import torch
 
 from common.loader import load_model
 from common.sampling import Sampler
-from .kv_cache import PagedAttention, PagedKVPool, token_slots
+from .forward_batch import ForwardBatch
+from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
 from .page_allocator import PageAllocator
 from .radix_cache import RadixCache
 from .request import Request
 
 CPU_KV_CACHE_BYTES = 512 << 20  # default pool on CPU; on CUDA a fraction of free memory
 CUDA_FREE_MEMORY_FRACTION = 0.8  # the rest is headroom for activations (long prefills)
+MAX_RUNNING_REQUESTS = 1024  # rows of the device page tables: requests that can hold pages at once
 
 
 class ModelRunner:
@@ -40,6 +43,8 @@ class ModelRunner:
             raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one page of {page_size} tokens")
         self.pool = PagedKVPool(self.config, num_pages, page_size, device, self.dtype)
         self.allocator = PageAllocator(num_pages)
+        max_pages_per_request = self.pages_for(self.config.max_position_embeddings)
+        self.page_tables = DevicePageTables(min(num_pages, MAX_RUNNING_REQUESTS), max_pages_per_request, device)
         self.radix_cache = None if disable_radix_cache else RadixCache(self.allocator, page_size)
 
     def kv_budget(self, kv_cache_bytes: int | None) -> int:
@@ -60,7 +65,8 @@ class ModelRunner:
         The longest cached prefix of the prompt is reused first (its pages are
         locked, so they cannot be evicted while the request runs); pages held
         only by the prefix cache count as free, since they can be evicted.
-        Returns False, changing nothing, when the request must wait.
+        An admitted request also takes its row of the device
+        page tables. Returns False, changing nothing, when the request must wait.
         """
         pages, node = [], None
         if self.radix_cache is not None:
@@ -69,12 +75,13 @@ class ModelRunner:
             self.radix_cache.lock(node)
         promised = sum(self.pages_for(r.max_seq_len) - len(r.page_table) for r in running)
         available = self.allocator.num_free + self.evictable_pages() - promised
-        if self.pages_for(request.max_seq_len) - len(pages) > available:
+        if self.pages_for(request.max_seq_len) - len(pages) > available or not self.page_tables.free_rows:
             if node is not None:
                 self.radix_cache.unlock(node)
             return False
         request.page_table, request.prefix_node = list(pages), node
         request.num_cached = request.cached_tokens = len(pages) * self.page_size
+        self.page_tables.take_row(request)
         return True
 
     def evictable_pages(self) -> int:
@@ -93,6 +100,7 @@ class ModelRunner:
         if self.radix_cache is None or request.prefix_node is None:
             self.allocator.free_pages(request.page_table)
             request.page_table = []
+            self.page_tables.release_row(request)
             return
         page, table = self.page_size, request.page_table
         cached_pages = request.num_cached // page  # whole pages whose K/V are all computed
@@ -102,6 +110,7 @@ class ModelRunner:
         self.allocator.free_pages(table[request.cached_tokens // page : already] + table[cached_pages:])
         self.radix_cache.unlock(request.prefix_node)
         request.page_table, request.prefix_node = [], None
+        self.page_tables.release_row(request)
 
     def flush_cache(self) -> None:
         if self.radix_cache is not None:
@@ -109,29 +118,33 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, requests: list[Request]) -> list[int]:
-        """One forward over every request's uncached tokens; returns the sampled next tokens."""
-        input_ids, positions, new_lengths, slots = [], [], [], []
+        """One forward over every request's uncached tokens; returns the sampled next tokens.
+
+        One pass over the requests builds plain lists; ``ForwardBatch.build``
+        sends them to the device in one copy; reading the sampled tokens is the
+        step's one wait for the GPU.
+        """
+        input_ids, positions, seq_rows, new_lengths, seq_lens = [], [], [], [], []
+        updates = ([], [], [])  # page-table entries the device has not seen yet
         for request in requests:
             self.allocate_cache(request)
-            slots.append(token_slots(request.page_table, request.num_cached, request.seq_len, self.page_size))
-            new_tokens = request.all_ids[request.num_cached :]
-            input_ids += new_tokens
-            positions += range(request.num_cached, request.seq_len)
-            new_lengths.append(len(new_tokens))
-        attention = PagedAttention(
-            self.pool, torch.cat(slots).to(self.device), [r.page_table for r in requests], new_lengths, [r.seq_len for r in requests]
-        )
-        hidden = self.model(
-            torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device), attention
-        )
-        last_rows = torch.tensor(new_lengths, device=self.device).cumsum(0) - 1  # each request's last token
-        logits = self.model.compute_logits(hidden[last_rows])
-        for request in requests:
-            request.num_cached = request.seq_len
-        return self.sampler(
-            logits,
-            [r.params for r in requests],
-            [r.prompt_ids for r in requests],
-            [r.output_ids for r in requests],
-            [r.generator for r in requests],
-        )
+            start, end = request.num_cached, request.seq_len
+            input_ids += request.all_ids[start:end]
+            positions += range(start, end)
+            seq_rows.append(request.table_row)
+            new_lengths.append(end - start)
+            seq_lens.append(end)
+            self.page_tables.pending_updates(request, *updates)
+            request.num_cached = end
+        last_rows = [n - 1 for n in itertools.accumulate(new_lengths)]  # each request's last token
+        batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, last_rows, updates)
+        logits = self.forward(batch)
+        return self.sampler(logits, [r.sampling for r in requests]).tolist()
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the model on a built batch; logits ``[len(logits_rows), vocab]``."""
+        self.page_tables.apply(batch.update_rows, batch.update_columns, batch.update_pages)
+        attention = PagedAttention(self.pool, self.page_tables, batch)
+        hidden = self.model(batch.input_ids, batch.positions, attention)
+        return self.model.compute_logits(hidden[batch.logits_rows])

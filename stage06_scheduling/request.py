@@ -10,9 +10,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, SamplingState
 from common.tokenizer import IncrementalDetokenizer, Tokenizer
 
 _request_ids = itertools.count()
@@ -43,18 +41,21 @@ class Request:
         tokenizer: Tokenizer,
         eos_token_ids: list[int],
         context_length: int,
-        generator: torch.Generator,
+        sampling: SamplingState,
     ):
         self.id = next(_request_ids)
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
+        self.all_ids = list(prompt_ids)  # prompt then output, kept as one list (read every step)
         self.params = params
-        self.generator = generator
+        self.sampling = sampling  # the sampler's per-request state (seeded generator, penalty counts)
         self.context_length = context_length
         self.stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.num_cached = 0  # tokens whose K/V are in the cache
         self.cached_tokens = 0  # tokens reused from the prefix cache at the latest admission
         self.page_table: list[int] = []  # pool pages holding this request's tokens, in order
+        self.table_row: int | None = None  # its row in the device page tables while it holds one
+        self.pages_on_device = 0  # leading entries of page_table already written to that row
         self.prefix_node = None  # the radix-tree node where its reused (and locked) prefix ends
         self.shared_pages = 0  # leading pages of page_table that belong to the prefix cache
         self.waiting_steps = 0  # scheduler steps spent waiting since it last ran (starvation guard)
@@ -66,10 +67,6 @@ class Request:
         self.token_times: list[float] = []
         if params.max_tokens == 0:
             self.finish_reason = "length"
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
 
     @property
     def seq_len(self) -> int:
@@ -87,7 +84,9 @@ class Request:
     def append_token(self, token_id: int) -> None:
         """Record a sampled token, extend the text, and check every stop rule."""
         self.output_ids.append(token_id)
+        self.all_ids.append(token_id)
         self.token_times.append(time.perf_counter())
+        checked = len(self.text)  # text before this token was already searched for stop strings
         if token_id in self.stop_token_ids:
             self.finish_reason = "stop"  # the stop token itself adds no text
         else:
@@ -96,11 +95,19 @@ class Request:
                 self.finish_reason = "length"
         if self.finished:
             self.text += self.detokenizer.flush()
-        self._check_stop_strings()
+        self._check_stop_strings(checked)
 
-    def _check_stop_strings(self) -> None:
-        """Cut the text before the first stop string, if one has appeared."""
-        hits = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
+    def _check_stop_strings(self, checked: int) -> None:
+        """Cut the text before the first stop string, if one has appeared.
+
+        Text up to ``checked`` held none, so only a match that ends in the new
+        text can be there: the search starts a stop string's length before it,
+        and costs the new text, not the whole text so far.
+        """
+        if not self.params.stop:
+            return
+        start = max(0, checked - max(len(s) for s in self.params.stop) + 1)
+        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
             self.finish_reason = "stop"

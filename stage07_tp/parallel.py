@@ -38,7 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
+from common.device_copy import copy_to_device
 from common.qwen3 import MLP, SparseMoE
+from .forward_batch import HEADER_SIZE, ForwardBatch
+
+STOP = -1  # a header of these tells the workers to exit
 
 
 def tp_group_active() -> bool:
@@ -201,24 +205,41 @@ def worker_main(rank: int, size: int, port: int, ready, make_runner) -> None:
     ready.put((rank, None))
     init_process_group(runner.device, rank, size, port)
     try:
-        while (batch := broadcast_batch(None)) is not None:
+        while (batch := broadcast_batch(None, runner.device)) is not None:
             runner.forward(batch)
     finally:
         dist.destroy_process_group()
 
 
-def broadcast_batch(batch):
-    """Rank 0 sends the step's ForwardBatch (or None to stop); the others receive it."""
-    box = [batch]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def broadcast_batch(batch: ForwardBatch | None, device: torch.device) -> ForwardBatch | None:
+    """Rank 0 sends the step's ForwardBatch (None: stop); the other ranks receive it.
+
+    Two tensor broadcasts, no pickling: first the header (the batch's sizes),
+    so a receiver knows how long the packed tensor is, then the packed tensor
+    itself, which is already on rank 0's device.
+    """
+    if dist.get_rank() == 0:
+        header = batch.header if batch is not None else [STOP] * HEADER_SIZE
+        (header_tensor,) = copy_to_device([header], device)
+        dist.broadcast(header_tensor, src=0)
+        if batch is not None:
+            dist.broadcast(batch.packed, src=0)
+        return batch
+    header_tensor = torch.empty(HEADER_SIZE, dtype=torch.int64, device=device)
+    dist.broadcast(header_tensor, src=0)
+    header = header_tensor.tolist()
+    if header[0] == STOP:
+        return None
+    packed = torch.empty(ForwardBatch.packed_size(header), dtype=torch.int64, device=device)
+    dist.broadcast(packed, src=0)
+    return ForwardBatch.from_packed(packed, header)
 
 
 class WorkerGroup:
     """Ranks 1..N-1 as spawned processes; rank 0 is the engine's own process."""
 
     def __init__(self, size: int, device: torch.device, make_runner, start_timeout: float = 600.0):
-        self.size, self.port = size, free_port()
+        self.size, self.port, self.device = size, free_port(), rank_device(device, 0)
         context = mp.get_context("spawn")
         ready = context.Queue()
         self.processes = [
@@ -240,7 +261,7 @@ class WorkerGroup:
                 self.kill()
                 raise RuntimeError(f"tensor-parallel rank {rank} failed to start:\n{error}")
             pending.discard(rank)
-        init_process_group(rank_device(device, 0), 0, size, self.port)
+        init_process_group(self.device, 0, size, self.port)
 
     def kill(self) -> None:
         for process in self.processes:
@@ -250,7 +271,7 @@ class WorkerGroup:
     def shutdown(self) -> None:
         """Tell the workers to stop, wait for them, leave the process group."""
         try:
-            broadcast_batch(None)
+            broadcast_batch(None, self.device)
         finally:
             for process in self.processes:
                 process.join(timeout=30)

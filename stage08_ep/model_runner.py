@@ -8,15 +8,16 @@ The same call serves prefill (a whole prompt is uncached) and decode (only
 the newest token is), which is what lets later stages mix the two.
 """
 
+import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 
 from common.config import ModelConfig
 from common.loader import load_model, resolve_model_path
 from common.sampling import Sampler
-from .kv_cache import PagedAttention, PagedKVPool, token_slots
+from .forward_batch import ForwardBatch
+from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
 from .page_allocator import PageAllocator
 from .parallel import TensorParallelShard, broadcast_batch, rank_device, tp_group_active
 from .radix_cache import RadixCache
@@ -24,19 +25,7 @@ from .request import Request
 
 CPU_KV_CACHE_BYTES = 512 << 20  # default pool on CPU; on CUDA a fraction of free memory
 CUDA_FREE_MEMORY_FRACTION = 0.8  # the rest is headroom for activations (long prefills)
-
-
-@dataclass
-class ForwardBatch:
-    """Everything a forward step needs, as plain data: rank 0 builds it, every rank runs it."""
-
-    input_ids: list[int]
-    positions: list[int]
-    slots: torch.Tensor  # [T] pool slot of each new token (CPU)
-    page_tables: list[list[int]]
-    new_lengths: list[int]
-    seq_lens: list[int]
-    logits_rows: list[int]  # flat rows whose logits are needed (requests whose prompt is done)
+MAX_RUNNING_REQUESTS = 1024  # rows of the device page tables: requests that can hold pages at once
 
 
 class ModelRunner:
@@ -70,6 +59,8 @@ class ModelRunner:
             raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one page of {page_size} tokens")
         self.pool = PagedKVPool(local_config, num_pages, page_size, device, self.dtype)
         self.allocator = PageAllocator(num_pages)
+        max_pages_per_request = self.pages_for(self.config.max_position_embeddings)
+        self.page_tables = DevicePageTables(min(num_pages, MAX_RUNNING_REQUESTS), max_pages_per_request, device)
         self.radix_cache = None if disable_radix_cache else RadixCache(self.allocator, page_size)
 
     def kv_budget(self, kv_cache_bytes: int | None) -> int:
@@ -91,7 +82,8 @@ class ModelRunner:
         ``new_token_ratio`` of its remaining max_tokens (the scheduler retracts
         requests when that guess turns out short). The longest cached prefix
         is reused first and locked; pages held only by the prefix cache count
-        as free, since they can be evicted. Returns False, changing nothing,
+        as free, since they can be evicted. An admitted request also takes its row of the device
+        page tables. Returns False, changing nothing,
         when the request must wait.
         """
         pages, node = [], None
@@ -100,12 +92,13 @@ class ModelRunner:
             pages, node = self.radix_cache.match_prefix(request.all_ids[:-1])
             self.radix_cache.lock(node)
         promised = sum(self.expected_pages(r, len(r.page_table), new_token_ratio) for r in running)
-        if self.expected_pages(request, len(pages), new_token_ratio) > self.available_pages() - promised:
+        if self.expected_pages(request, len(pages), new_token_ratio) > self.available_pages() - promised or not self.page_tables.free_rows:
             if node is not None:
                 self.radix_cache.unlock(node)
             return False
         request.page_table, request.prefix_node, request.shared_pages = list(pages), node, len(pages)
         request.num_cached = request.cached_tokens = len(pages) * self.page_size
+        self.page_tables.take_row(request)
         return True
 
     def expected_pages(self, request: Request, pages_held: int, new_token_ratio: float) -> int:
@@ -144,6 +137,7 @@ class ModelRunner:
         if self.radix_cache is None or request.prefix_node is None:
             self.allocator.free_pages(request.page_table)
             request.page_table = []
+            self.page_tables.release_row(request)
             return
         page, table = self.page_size, request.page_table
         cached_pages = request.num_cached // page  # whole pages whose K/V are all computed
@@ -153,6 +147,7 @@ class ModelRunner:
         self.allocator.free_pages(table[request.shared_pages : already] + table[cached_pages:])
         self.radix_cache.unlock(request.prefix_node)
         request.page_table, request.prefix_node, request.shared_pages = [], None, 0
+        self.page_tables.release_row(request)
 
     def cache_unfinished(self, request: Request) -> None:
         """Hand a running request's newly completed pages to the prefix cache, keeping them locked.
@@ -171,6 +166,8 @@ class ModelRunner:
         self.radix_cache.lock(node)
         self.radix_cache.unlock(request.prefix_node)
         request.page_table[:cached_pages] = pages
+        # Entries from the first page that may have changed must reach the device again.
+        request.pages_on_device = min(request.pages_on_device, request.shared_pages)
         request.prefix_node, request.shared_pages = node, cached_pages
 
     def flush_cache(self) -> None:
@@ -183,47 +180,42 @@ class ModelRunner:
 
         A request whose tokens are now all cached gets a sampled next token; one
         that fed only a chunk of its prompt gets None (nothing to sample yet).
+        One pass over the requests builds plain lists; ``ForwardBatch.build``
+        sends them to the device in one copy; reading the sampled tokens is the
+        step's one wait for the GPU.
         """
-        input_ids, positions, slots, seq_lens = [], [], [], []
-        for request, n in zip(requests, new_lengths):
+        input_ids, positions, seq_rows, seq_lens, complete = [], [], [], [], []
+        updates = ([], [], [])  # page-table entries the device has not seen yet
+        for i, (request, n) in enumerate(zip(requests, new_lengths)):
             start, end = request.num_cached, request.num_cached + n
             self.allocate_cache(request, end)
-            slots.append(token_slots(request.page_table, start, end, self.page_size))
             input_ids += request.all_ids[start:end]
             positions += range(start, end)
+            seq_rows.append(request.table_row)
             seq_lens.append(end)
-        for request, end in zip(requests, seq_lens):
+            self.page_tables.pending_updates(request, *updates)
             request.num_cached = end
-        complete = [i for i, r in enumerate(requests) if r.num_cached == r.seq_len]
-        last_rows = [sum(new_lengths[: i + 1]) - 1 for i in complete]  # each complete request's last token
-        batch = ForwardBatch(input_ids, positions, torch.cat(slots), [list(r.page_table) for r in requests],
-                             list(new_lengths), seq_lens, last_rows)
+            if end == request.seq_len:
+                complete.append(i)
+        ends = list(itertools.accumulate(new_lengths))
+        last_rows = [ends[i] - 1 for i in complete]  # each complete request's last token
+        batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, last_rows, updates)
         if tp_group_active():
-            broadcast_batch(batch)  # the other ranks run the same forward on their shards
+            broadcast_batch(batch, self.device)  # the other ranks run the same forward on their shards
         logits = self.forward(batch)
         next_tokens: list[int | None] = [None] * len(requests)
         if complete:
-            chosen = [requests[i] for i in complete]
-            sampled = self.sampler(
-                logits,
-                [r.params for r in chosen],
-                [r.prompt_ids for r in chosen],
-                [r.output_ids for r in chosen],
-                [r.generator for r in chosen],
-            )
+            sampled = self.sampler(logits, [requests[i].sampling for i in complete]).tolist()
             for i, token in zip(complete, sampled):
                 next_tokens[i] = token
         return next_tokens
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
-        """Run the model on a planned batch; logits ``[len(logits_rows), vocab]`` (None if none are needed)."""
-        attention = PagedAttention(
-            self.pool, batch.slots.to(self.device), batch.page_tables, batch.new_lengths, batch.seq_lens
-        )
-        hidden = self.model(
-            torch.tensor(batch.input_ids, device=self.device), torch.tensor(batch.positions, device=self.device), attention
-        )
-        if not batch.logits_rows:
+        """Run the model on a built batch; logits ``[len(logits_rows), vocab]`` (None if none are wanted)."""
+        self.page_tables.apply(batch.update_rows, batch.update_columns, batch.update_pages)
+        attention = PagedAttention(self.pool, self.page_tables, batch)
+        hidden = self.model(batch.input_ids, batch.positions, attention)
+        if batch.logits_rows.numel() == 0:  # only prompt chunks ran: nothing to sample
             return None
-        return self.model.compute_logits(hidden[torch.tensor(batch.logits_rows, device=self.device)])
+        return self.model.compute_logits(hidden[batch.logits_rows])
