@@ -30,6 +30,12 @@ def environment() -> dict:
                 torch=torch.__version__, python=platform.python_version(), git_commit=commit or None)
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput, with every run's throughput listed beside it."""
+    ordered = sorted(runs, key=lambda r: r["output_tokens_per_s"])
+    return dict(ordered[(len(ordered) - 1) // 2], output_tokens_per_s_runs=[r["output_tokens_per_s"] for r in runs])
+
+
 def resolve_model(name: str, device: str):
     """``builtin``, a random real shape (qwen3-0.6b, ...) or a checkpoint path -> (model_path, folder)."""
     if name == "builtin":
@@ -53,6 +59,8 @@ def main(argv=None) -> int:
     run.add_argument("--requests", type=int, default=None, help="keep only the first N requests")
     run.add_argument("--engine-kwargs", type=json.loads, default={},
                      help='JSON engine options, given to the stages that accept them, e.g. \'{"chunked_prefill_size": 256}\'')
+    run.add_argument("--repeat", type=int, default=1,
+                     help="run the systems N times, interleaved (A B A B ...), and report each one's median run")
     run.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     args = parser.parse_args(argv)
 
@@ -61,10 +69,12 @@ def main(argv=None) -> int:
     size = args.size or ("gpu" if args.device.startswith("cuda") else "cpu")
     workload = make_workload(args.workload, size, ModelConfig.from_file(folder).vocab_size, requests=args.requests)
     print(f"{workload.name}: {workload.description}; model {args.model}; device {args.device}", file=sys.stderr)
-    results = []
-    for system in systems:
-        results.append(run_system(system, model_path, folder, workload, args.device, args.engine_kwargs))
-        print(json.dumps(results[-1]), file=sys.stderr)
+    runs = {system: [] for system in systems}
+    for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits every system alike
+        for system in systems:
+            runs[system].append(run_system(system, model_path, folder, workload, args.device, args.engine_kwargs))
+            print(json.dumps(runs[system][-1]), file=sys.stderr)
+    results = [median_run(runs[system]) for system in systems]
     base = results[0]["output_tokens_per_s"]
     for r in results:
         r["speed_vs_first"] = round(r["output_tokens_per_s"] / base, 3)

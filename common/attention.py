@@ -7,8 +7,9 @@ gathered keys/values from its own cache layout (contiguous, paged, ...):
   (any device);
 * ``varlen_attention``: a whole batch of sequences of different lengths packed
   end to end, in a single call. On CUDA that is PyTorch's flash kernel
-  ``torch.nn.attention.varlen.varlen_attn``; elsewhere a loop over the
-  sequences that computes the same thing (the reference it is tested against).
+  ``torch.nn.attention.varlen.varlen_attn`` (in fp16 / bf16); elsewhere a loop
+  over the sequences that computes the same thing (the reference it is tested
+  against, and what fp32 on CUDA runs).
 """
 
 import inspect
@@ -22,11 +23,18 @@ except ImportError:  # torch < 2.10: CUDA runs the per-sequence loop too
     varlen_attn = None
 
 # torch 2.10 spelled "causal" as is_causal=True; later versions as a (left, right) window.
-_CAUSAL = {}
+# Grouped KV heads need no copies: the flash kernel reads each KV head for its whole query group
+# (newer torch asks for enable_gqa=True to say so).
+_CAUSAL, _FULL = {}, {}
 if varlen_attn is not None:
     _parameters = inspect.signature(varlen_attn).parameters
-    _CAUSAL = {"window_size": (-1, 0)} if "window_size" in _parameters else {"is_causal": True}
-    _NATIVE_GQA = "enable_gqa" in _parameters
+    if "window_size" in _parameters:
+        _CAUSAL, _FULL = {"window_size": (-1, 0)}, {"window_size": (-1, -1)}
+    else:
+        _CAUSAL, _FULL = {"is_causal": True}, {"is_causal": False}
+    if "enable_gqa" in _parameters:
+        _CAUSAL["enable_gqa"] = _FULL["enable_gqa"] = True
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what the flash kernel computes in
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -68,15 +76,31 @@ def varlen_attention(
     ``max_q`` / ``max_k`` are the longest query / key runs (host ints, so the
     call needs no sync). Returns ``[Tq, heads, head_dim]``.
     """
-    if q.is_cuda and varlen_attn is not None:
-        if not _NATIVE_GQA and k.shape[1] != q.shape[1]:
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        gqa = {"enable_gqa": True} if _NATIVE_GQA else {}
-        return varlen_attn(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_q, max_k, **_CAUSAL, **gqa)
+    if q.is_cuda and varlen_attn is not None and q.dtype in FLASH_DTYPES:
+        if max_q == 1 and q.shape[1] > k.shape[1]:
+            return _decode_with_grouped_queries(q, k, v, cu_seqlens_k, max_k)
+        return varlen_attn(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_q, max_k, **_CAUSAL)
     out = torch.empty_like(q)
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(bounds_q) - 1):
         (q0, q1), (k0, k1) = bounds_q[i : i + 2], bounds_k[i : i + 2]
         out[q0:q1] = causal_attention(q[q0:q1], k[k0:k1], v[k0:k1])
     return out
+
+
+def _decode_with_grouped_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor, max_k: int) -> torch.Tensor:
+    """A decode batch (one query per sequence) with ``groups`` query heads per KV head.
+
+    The kernel reads a KV head once per *query head* it serves, so grouped heads
+    would read every key ``groups`` times. Instead, the query heads that share a
+    KV head become ``groups`` query rows of one head: ``[B, kv_heads * groups, d]``
+    -> ``[B * groups, kv_heads, d]``. A decode query sees every key of its
+    sequence, so no causal mask is needed, and each key is read once.
+    """
+    batch, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    rows = q.view(batch, kv_heads, groups, dim).transpose(1, 2).reshape(batch * groups, kv_heads, dim)
+    cu_seqlens_q = torch.arange(0, (batch + 1) * groups, groups, device=q.device, dtype=torch.int32)
+    out = varlen_attn(rows, k, v, cu_seqlens_q, cu_seqlens_k.int(), groups, max_k, **_FULL)
+    return out.view(batch, groups, kv_heads, dim).transpose(1, 2).reshape(batch, heads, dim)

@@ -22,6 +22,10 @@ class Tokenizer:
             self.hf = AutoTokenizer.from_pretrained(str(folder))
         except Exception as error:
             raise ValueError(f"no usable tokenizer in {folder} ({type(error).__name__}: {error})") from None
+        # transformers' decode wraps the Rust tokenizer in Python work that costs more than the
+        # decode itself; it only changes the text when it cleans up tokenization spaces.
+        cleans_up = getattr(self.hf, "clean_up_tokenization_spaces", False)
+        self._backend = None if cleans_up else getattr(self.hf, "backend_tokenizer", None)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -33,6 +37,13 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=True)
+
+    def decode_piece(self, token_ids: list[int]) -> str:
+        """``decode`` for the few tokens of a streaming window, called for every request every step:
+        straight to the Rust tokenizer when transformers would add no clean-up of its own."""
+        if self._backend is not None:
+            return self._backend.decode(token_ids, skip_special_tokens=True)
+        return self.decode(token_ids)
 
     def apply_chat_template(self, prompt: str | list[dict]) -> str:
         """Wrap a user message (or a list of chat messages) in the model's chat format."""
@@ -59,8 +70,8 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; return the newly completed text (maybe empty)."""
         self.token_ids.append(token_id)
-        emitted = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        emitted = self.tokenizer.decode_piece(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode_piece(self.token_ids[self.prefix_offset :])
         if full.endswith(REPLACEMENT_CHAR) or len(full) <= len(emitted):
             return ""  # the last character is still incomplete: wait for more bytes
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
@@ -68,7 +79,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of a request: whatever is pending, even an incomplete character."""
-        emitted = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :])
+        emitted = self.tokenizer.decode_piece(self.token_ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode_piece(self.token_ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.token_ids)
         return full[len(emitted) :]
