@@ -30,6 +30,14 @@ def environment() -> dict:
                 torch=torch.__version__, python=platform.python_version(), git_commit=commit or None)
 
 
+def make_report(args, workload, results: list[dict]) -> dict:
+    base = results[0]["output_tokens_per_s"]
+    for r in results:
+        r["speed_vs_first"] = round(r["output_tokens_per_s"] / base, 3)
+    return dict(environment=environment(), workload=workload.description, model=args.model,
+                engine_kwargs=args.engine_kwargs, results=results)
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median throughput, with every run's throughput listed beside it."""
     ordered = sorted(runs, key=lambda r: r["output_tokens_per_s"])
@@ -74,20 +82,16 @@ def main(argv=None) -> int:
         for system in systems:
             runs[system].append(run_system(system, model_path, folder, workload, args.device, args.engine_kwargs))
             print(json.dumps(runs[system][-1]), file=sys.stderr)
-    results = [median_run(runs[system]) for system in systems]
-    base = results[0]["output_tokens_per_s"]
-    for r in results:
-        r["speed_vs_first"] = round(r["output_tokens_per_s"] / base, 3)
-    report = dict(environment=environment(), workload=workload.description, model=args.model,
-                  engine_kwargs=args.engine_kwargs, results=results)
+            report = make_report(args, workload, [median_run(r) for r in runs.values() if r])
+            if args.out:  # after every run, so a run cut short by a time limit keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2))
+    results = report["results"]
     header = f"{'system':<20}{'out tok/s':>12}{'total tok/s':>13}{'ttft p50 ms':>13}{'itl p50 ms':>12}{'x first':>9}"
     print(header)
     for r in results:
         print(f"{r['system']:<20}{r['output_tokens_per_s']:>12}{r['total_tokens_per_s']:>13}"
               f"{str(r['ttft_median_ms']):>13}{str(r['itl_median_ms']):>12}{r['speed_vs_first']:>9}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -11,3 +11,7 @@ run() { name=$1; shift; timeout 540 python -m benchmarks run --model qwen3-0.6b 
 run long-prompt   --workload long-prompt   --compare stage04_batching,stage05_chunked
 run shared-prefix --workload shared-prefix --compare stage02_paged,stage03_radix
 run random64      --workload random --requests 64 --compare stage04_batching,hf-generate
+# The GPU fast path: correctness first, then where a step goes, then stage06 against transformers.
+python -m benchmarks.gpu_smoke "$QWEN3_LADDER_TOKENIZER" 2>&1 | grep -v -i warn | tail -30
+for t in 0.6 0; do python -m benchmarks.step_profile stage06_scheduling --temperature $t 2>&1 | grep '^{'; done
+run random256     --workload random --compare stage06_scheduling,hf-generate
