@@ -65,8 +65,8 @@ class ModelRunner:
         The longest cached prefix of the prompt is reused first (its pages are
         locked, so they cannot be evicted while the request runs); pages held
         only by the prefix cache count as free, since they can be evicted.
-        An admitted request also takes its row of the device
-        page tables. Returns False, changing nothing, when the request must wait.
+        An admitted request also takes its row of the device page tables.
+        Returns False, changing nothing, when the request must wait.
         """
         pages, node = [], None
         if self.radix_cache is not None:

@@ -66,9 +66,9 @@ class ModelRunner:
         ``new_token_ratio`` of its remaining max_tokens (the scheduler retracts
         requests when that guess turns out short). The longest cached prefix
         is reused first and locked; pages held only by the prefix cache count
-        as free, since they can be evicted. An admitted request also takes its row of the device
-        page tables. Returns False, changing nothing,
-        when the request must wait.
+        as free, since they can be evicted. An admitted request also takes its
+        row of the device page tables. Returns False, changing nothing, when
+        the request must wait.
         """
         pages, node = [], None
         if self.radix_cache is not None:
