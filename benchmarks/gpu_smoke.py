@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from checkpoints import write_checkpoint  # noqa: E402
 from reference import load_hf  # noqa: E402
 
-STAGES = sorted(p.name for p in Path(__file__).resolve().parent.parent.glob("stage0*_*") if (p / "__init__.py").exists())
+STAGES = sorted(p.name for p in Path(__file__).resolve().parent.parent.glob("stage[0-9][0-9]_*") if (p / "__init__.py").exists())
 
 
 @torch.no_grad()

@@ -15,3 +15,7 @@ run random64      --workload random --requests 64 --compare stage04_batching,hf-
 python -m benchmarks.gpu_smoke "$QWEN3_LADDER_TOKENIZER" 2>&1 | grep -v -i warn | tail -30
 for t in 0.6 0; do python -m benchmarks.step_profile stage06_scheduling --temperature $t 2>&1 | grep '^{'; done
 run random256     --workload random --compare stage06_scheduling,hf-generate
+# Stage 09: graphs against eager on the same decode batches, then the speed they buy.
+python -m benchmarks.gpu_graph_check "$QWEN3_LADDER_TOKENIZER" 2>&1 | grep -E "^(ok|FAIL|info|failures)"
+run single-graphs --workload single --compare stage08_ep,stage09_cuda_graph,hf-generate --repeat 3
+run random64-graphs --workload random --requests 64 --compare stage08_ep,stage09_cuda_graph --repeat 2

@@ -84,6 +84,10 @@ def run_stage(stage: str, model_path, workload: Workload, device: str, engine_kw
     itl = [b - a for o in outputs for a, b in zip(o.token_times, o.token_times[1:])]
     cached = sum(o.cached_tokens for o in outputs)
     result = summarize(stage, workload, seconds, device, ttft, itl, prefix_cache_hit_rate=round(cached / workload.input_tokens, 4))
+    graphs = getattr(engine.runner, "graphs", None)  # stage 09 on: what the CUDA graphs cost and served
+    if graphs is not None:
+        result.update(cuda_graphs=len(graphs.graphs), cuda_graph_capture_s=round(graphs.capture_seconds, 2),
+                      cuda_graph_memory_bytes=graphs.memory_bytes, decode_steps_replayed=graphs.replays)
     engine.shutdown()
     return result
 
@@ -197,7 +201,7 @@ def run_system(system: str, model_path, model_folder, workload: Workload, device
         return run_hf_generate(model_folder, workload, device)
     if system == "hf-generate-batch":
         return run_hf_generate_batch(model_folder, workload, device)
-    if system.startswith("stage0"):
+    if system.startswith("stage") and system[5:7].isdigit():
         run = run_long_prompt if workload.name == "long-prompt" else run_stage
         return run(system, model_path, workload, device, accepted_kwargs(system, engine_kwargs))
     raise ValueError(f"unknown system {system!r}: a stage folder name, hf-generate or hf-generate-batch")

@@ -40,8 +40,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm is that formula as one fused call (four small launches fewer per norm).
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # F.rms_norm is that formula as one fused call: it accumulates in fp32 whatever the input
+        # dtype, and a separate cast and weight multiply would be three more launches per norm.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -118,6 +119,9 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = self.route(x)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Not counted: a graph's padding rows would be counted with the real ones.
+            return self.forward_every_expert(x, weights, expert_ids)
         if self.expert_token_counts is not None:
             self.expert_token_counts += torch.bincount(expert_ids.flatten(), minlength=len(self.experts))
         out = torch.zeros_like(x)
@@ -127,6 +131,20 @@ class SparseMoE(nn.Module):
             token_index, slot = torch.where(expert_ids == expert)
             expert_out = self.experts[expert](x[token_index]) * weights[token_index, slot, None]
             out.index_add_(0, token_index, expert_out)
+        return out
+
+    def forward_every_expert(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The same sum with no host sync, for CUDA-graph capture (stage 09).
+
+        A captured graph cannot ask which experts were picked (``.tolist()``
+        waits for the GPU), so every local expert runs on every token and a
+        token's weight for an expert it did not pick is 0. More arithmetic,
+        fixed shapes: fine for the small batches of a decode step.
+        """
+        out = torch.zeros_like(x)
+        for expert in self.local_experts:
+            weight = (weights * (expert_ids == expert)).sum(dim=-1, keepdim=True)  # [T, 1], 0 if not picked
+            out += self.experts[expert](x) * weight
         return out
 
 

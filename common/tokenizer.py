@@ -9,7 +9,7 @@ window and emits only text that is complete.
 
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
 
@@ -21,7 +21,14 @@ class Tokenizer:
         try:
             self.hf = AutoTokenizer.from_pretrained(str(folder))
         except Exception as error:
-            raise ValueError(f"no usable tokenizer in {folder} ({type(error).__name__}: {error})") from None
+            # Some transformers versions insist on the model family's own tokenizer class (e.g.
+            # Llama's, which may need sentencepiece); a tokenizer.json alone is enough to run.
+            try:
+                if not (Path(folder) / "tokenizer.json").exists():
+                    raise error
+                self.hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
+            except Exception:
+                raise ValueError(f"no usable tokenizer in {folder} ({type(error).__name__}: {error})") from None
         # transformers' decode wraps the Rust tokenizer in Python work that costs more than the
         # decode itself; it only changes the text when it cleans up tokenization spaces.
         cleans_up = getattr(self.hf, "clean_up_tokenization_spaces", False)

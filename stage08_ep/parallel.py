@@ -310,11 +310,15 @@ class WorkerGroup:
             process.join(timeout=5)
 
     def shutdown(self) -> None:
-        """Tell the workers to stop, wait for them, leave the process group."""
+        """Tell the workers to stop, leave the process group, wait for them.
+
+        The group is left before waiting: on NCCL a worker's own exit from the
+        group waits for rank 0's, so waiting first would stall until the timeout.
+        """
         try:
             broadcast_batch(None, self.device)
         finally:
+            dist.destroy_process_group()
             for process in self.processes:
                 process.join(timeout=30)
             self.kill()
-            dist.destroy_process_group()

@@ -15,7 +15,7 @@ from checkpoints import KINDS, write_checkpoint  # noqa: E402
 from common.loader import resolve_model_path  # noqa: E402
 
 # Every stage folder present; shared end-to-end tests run once per stage.
-STAGES = sorted(p.name for p in ROOT.glob("stage0*_*") if (p / "__init__.py").exists())
+STAGES = sorted(p.name for p in ROOT.glob("stage[0-9][0-9]_*") if (p / "__init__.py").exists())
 
 
 def stage_engine_class(stage: str):

@@ -1,0 +1,128 @@
+"""Stage 09: everything around a CUDA graph, on the CPU.
+
+A CPU has no graphs to record, but all the rest runs here: choosing a bucket,
+padding a batch up to it, filling the fixed input buffers, and the forward
+those buffers feed. ``CudaGraphRunner(capture=False)`` runs that forward
+directly instead of replaying it, so these tests check that a padded, buffered
+decode step gives exactly the tokens of stage 08. The recording itself is
+checked on the GPU (``python -m benchmarks.gpu_graph_check``).
+"""
+
+import pytest
+import torch
+
+from benchmarks.gpu_graph_check import decode_batch
+from common.sampling import SamplingParams
+from stage09_cuda_graph import Engine
+from stage09_cuda_graph.cuda_graph_runner import MIN_KEY_BUCKET, CudaGraphRunner, batch_buckets, key_bucket
+from stage09_cuda_graph.forward_batch import ForwardBatch
+
+GREEDY = dict(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def prompts(count: int, seed: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 49152, (int(n),), generator=gen).tolist() for n in torch.randint(3, 60, (count,), generator=gen)]
+
+
+def attach_graphs(engine, max_bs: int) -> list[tuple[int, int]]:
+    """Give the engine uncaptured decode graphs; returns (bucket batch size, real batch size) per graph step."""
+    runner = engine.runner
+    runner.graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages,
+                                    max_bs, runner.config.max_position_embeddings, capture=False)
+    used, run = [], runner.graphs.run
+
+    def counting_run(batch, bucket):
+        used.append((bucket[0], batch.header[1]))
+        return run(batch, bucket)
+
+    runner.graphs.run = counting_run
+    return used
+
+
+def test_batch_buckets_follow_sglang():
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]  # the largest size always gets a graph
+    assert batch_buckets(3) == [1, 2, 3]
+
+
+def test_key_buckets_are_powers_of_two_that_hold_every_key():
+    assert key_bucket(1) == MIN_KEY_BUCKET
+    assert key_bucket(MIN_KEY_BUCKET) == MIN_KEY_BUCKET
+    assert key_bucket(MIN_KEY_BUCKET + 1) == 2 * MIN_KEY_BUCKET
+    for n in (5000, 70_000, 123_457):
+        assert n <= key_bucket(n) < 2 * n
+
+
+def batch_of(new_lengths: list[int], seq_lens: list[int]) -> ForwardBatch:
+    tokens = sum(new_lengths)
+    return ForwardBatch.build(torch.device("cpu"), [0] * tokens, list(range(tokens)), list(range(len(seq_lens))),
+                              new_lengths, seq_lens, list(range(tokens)) if tokens == len(seq_lens) else [0], ([], [], []))
+
+
+def test_only_decode_batches_that_fit_get_a_graph(engine_for):
+    runner = engine_for("stage09_cuda_graph", "dense").runner
+    graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 16, 512, capture=False)
+    assert graphs.bucket(batch_of([1] * 5, [30] * 5)) == (8, MIN_KEY_BUCKET)
+    assert graphs.bucket(batch_of([1] * 16, [400] * 16)) == (16, 8192)  # 6400 keys
+    assert graphs.bucket(batch_of([1] * 3, [400] * 3)) == (4, 2048)  # 1201 keys (and one padding row)
+    assert graphs.bucket(batch_of([1] * 17, [3] * 17)) is None  # above the largest bucket
+    assert graphs.bucket(batch_of([1, 7], [20, 7])) is None  # a prompt rides along: eager
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "llama"])
+def test_padded_buffered_decode_gives_stage08_tokens(kind, checkpoints, engine_for):
+    """11 requests with graphs up to 8: steps of 11 run eagerly, then 8, 5 ... in padded graphs."""
+    reference = [o.token_ids for o in engine_for("stage08_ep", kind).generate_batch(prompts(11), **GREEDY)]
+    with Engine(model_path=str(checkpoints[kind]), device="cpu") as engine:
+        used = attach_graphs(engine, max_bs=8)
+        params = [dict(GREEDY, max_tokens=m) for m in (3, 5, 8, 12, 10, 2, 11, 7, 9, 6, 4)]
+        outputs = engine.generate_batch(prompts(11), [SamplingParams(**p) for p in params])
+        reference = [r[: p["max_tokens"]] for r, p in zip(reference, params)]
+        assert [o.token_ids for o in outputs] == reference
+        assert {bs for bs, _ in used} >= {8, 4, 2, 1}  # shrinking batches rode every small bucket
+        assert any(bs > n for bs, n in used)  # and some of those steps were padded
+        engine.flush_cache()
+        assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages  # nothing leaked
+
+
+def test_padding_rows_never_touch_a_real_row(engine_for, checkpoints):
+    """Teacher-forced: one decode batch through the buffered forward with junk in the padding rows
+    gives the logits of the eager forward for the real rows, and leaves the real KV untouched."""
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu") as engine:
+        runner = engine.runner
+        for request_prompt in prompts(3, seed=9):
+            engine.add_request(request_prompt, max_tokens=4, temperature=0, ignore_eos=True)
+        engine.step()  # prefill: every request now decodes
+        running = engine.scheduler.running
+        assert len(running) == 3
+        batch = decode_batch(runner, running)  # the same step ModelRunner.step would build
+        kv_before = runner.pool.k.clone()
+        eager_logits = runner.forward(batch)
+        kv_eager = runner.pool.k.clone()
+        runner.pool.k.copy_(kv_before)
+        graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 8, 512, capture=False)
+        graphs.input_ids.fill_(777)  # junk where the padding rows will read their inputs
+        graphs.positions.fill_(300)
+        graph_logits = runner.model.compute_logits(graphs.run(batch, graphs.bucket(batch)))
+        torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-5, atol=1e-5)
+        padding = slice(graphs.padding_slot, graphs.padding_slot + runner.page_size)
+        real = torch.ones(runner.pool.k.shape[1], dtype=torch.bool)
+        real[padding] = False
+        torch.testing.assert_close(runner.pool.k[:, real], kv_eager[:, real], rtol=1e-5, atol=1e-5)  # padding page only
+        assert graphs.padding_slot // runner.page_size == runner.allocator.num_pages  # a page no request can own
+
+
+def test_flags_are_validated_and_reach_the_runner(checkpoints):
+    with pytest.raises(ValueError, match="cuda_graph_max_bs"):
+        Engine(model_path=str(checkpoints["dense"]), device="cpu", cuda_graph_max_bs=0)
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", cuda_graph_max_bs=32) as engine:
+        assert engine.runner.cuda_graph_max_bs == 32
+        assert engine.runner.graphs is None  # the CPU runs every step eagerly, as stage 08
+
+
+def test_cli_has_the_sglang_flags():
+    from stage09_cuda_graph.__main__ import build_parser
+
+    args = build_parser().parse_args(["hi", "--disable-cuda-graph", "--cuda-graph-max-bs", "64"])
+    assert args.disable_cuda_graph and args.cuda_graph_max_bs == 64
