@@ -26,7 +26,7 @@ class Tokenizer:
             try:
                 if not (Path(folder) / "tokenizer.json").exists():
                     raise error
-                self.hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
+                self.hf = PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"))
             except Exception:
                 raise ValueError(f"no usable tokenizer in {folder} ({type(error).__name__}: {error})") from None
         # transformers' decode wraps the Rust tokenizer in Python work that costs more than the

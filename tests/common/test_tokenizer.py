@@ -39,3 +39,28 @@ def test_flush_returns_an_unfinished_character(tokenizer):
 def test_chat_template_wraps_the_user_message(tokenizer):
     text = tokenizer.apply_chat_template("What is 2+2?")
     assert "What is 2+2?" in text and text != "What is 2+2?"
+
+
+def test_a_tokenizer_json_is_enough_when_auto_tokenizer_fails(tmp_path, builtin_folder, monkeypatch):
+    """Some transformers versions insist on a model family's own tokenizer class and fail to build
+    it (the Llama checkpoints on the GPU box: transformers 5.17); the engine then reads
+    tokenizer.json directly."""
+    import shutil
+
+    import common.tokenizer
+
+    reference = Tokenizer(builtin_folder)
+    shutil.copy(builtin_folder / "tokenizer.json", tmp_path / "tokenizer.json")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Couldn't instantiate the backend tokenizer")
+
+    monkeypatch.setattr(common.tokenizer.AutoTokenizer, "from_pretrained", refuse)
+    assert Tokenizer(tmp_path).encode("paged attention") == reference.encode("paged attention")
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        Tokenizer(builtin_folder.parent / "nowhere")
+
+
+def test_a_folder_without_any_tokenizer_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        Tokenizer(tmp_path)
