@@ -24,7 +24,7 @@ fixed in advance:
   padding page that no request owns and attends only to that one key.
 
 The per-step work left on the host is a handful of tensor copies into the
-buffers (``fill``) and one ``replay``. Prefill and mixed steps, batches above
+buffers and one replay (``CudaGraphRunner.run``). Prefill and mixed steps, batches above
 the largest bucket, and dtypes the flash kernel does not run (fp32) run
 eagerly, as in stage 08. (SGLang's ``CudaGraphRunner``; vLLM and nano-vllm
 capture the same way.)
@@ -61,7 +61,7 @@ class PackedPlan(PagedAttention):
 
 class StaticAttention(PagedAttention):
     """The attention backend inside a graph: the same calls as ``PagedAttention``,
-    reading its plan from the fixed buffers that ``fill`` writes before each replay."""
+    reading its plan from the fixed buffers that ``CudaGraphRunner.run`` writes before each replay."""
 
     def __init__(self, pool: PagedKVPool, slots, cu_seqlens_q, cu_seqlens_k, key_slots, max_k: int):
         self.pool, self.slots, self.key_slots = pool, slots, key_slots
