@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.config import ModelConfig
-from common.loader import cache_dir, resolve_model_path
+from common.loader import cache_dir, checkpoint_names, resolve_model_path
 from common.qwen3 import Qwen3ForCausalLM
 
 QWEN3_BASE = dict(
@@ -42,8 +42,7 @@ def random_checkpoint(shape: str, device: str = "cpu", root: Path | None = None)
     if (folder / "config.json").exists():
         return folder
     raw = SHAPES[shape]
-    with torch.device("meta"):
-        names = {n: p.shape for n, p in Qwen3ForCausalLM(ModelConfig.from_dict(raw)).state_dict().items()}
+    names = checkpoint_shapes(ModelConfig.from_dict(raw))
     if raw["tie_word_embeddings"]:
         names.pop("lm_head.weight")
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,6 +64,21 @@ def random_checkpoint(shape: str, device: str = "cpu", root: Path | None = None)
             shutil.copy(tokenizer_folder / name, folder / name)
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
     return folder
+
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Every tensor a hub checkpoint of ``config`` holds, by name: the model's parameters,
+    with each fused projection (``FUSED_PROJECTIONS``) given as its separate parts."""
+    q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    with torch.device("meta"):
+        parameters = Qwen3ForCausalLM(config).state_dict()
+    shapes = {}
+    for name, tensor in parameters.items():
+        parts = checkpoint_names(name)
+        rows = [q_rows, kv_rows, kv_rows] if ".qkv_proj." in name else [tensor.shape[0] // len(parts)] * len(parts)
+        for part, piece in zip(parts, tensor.split(rows) if len(parts) > 1 else [tensor]):
+            shapes[part] = piece.shape
+    return shapes
 
 
 def _save_shards(shards: list[dict], folder: Path) -> None:

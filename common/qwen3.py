@@ -21,6 +21,10 @@ from torch import nn
 from common.config import ModelConfig
 from common.rope import apply_rotary, rope_frequencies
 
+# Projections the model runs as one matmul, and the checkpoint tensors stacked (in this
+# order, along the output features) to make each; ``common/loader.py`` does the stacking.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
 
 class AttentionBackend(Protocol):
     """What a stage provides to run attention with its own KV cache."""
@@ -55,9 +59,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        # q, k and v as one matmul (the checkpoint's q_proj, k_proj, v_proj stacked by the
+        # loader): one weight read and one kernel launch instead of three.
+        qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         # Qwen3's addition over Llama: an RMSNorm on every query and key head before RoPE.
         if config.qk_norm:
@@ -65,28 +70,28 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, -1, self.head_dim)  # [T, heads, head_dim]
-        k = self.k_proj(x).view(tokens, -1, self.head_dim)  # [T, kv_heads, head_dim]
-        v = self.v_proj(x).view(tokens, -1, self.head_dim)
+        tokens, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(tokens, heads + 2 * kv_heads, self.head_dim)  # every head of q, k, v
+        qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            # Each with its own norm, put back side by side: one rotary call then turns both.
+            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+        q, k = apply_rotary(qk, cos, sin).split([heads, kv_heads], dim=1)  # [T, heads | kv_heads, head_dim]
         out = attention(self.layer_index, q, k, v)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(tokens, -1))
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), with gate and up as one matmul."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)  # [gate; up] rows
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class SparseMoE(nn.Module):
@@ -180,10 +185,11 @@ class Qwen3Model(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rotary_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[T, head_dim]`` for each token's position, computed in fp32."""
+        """cos and signed sin ``[T, head_dim]`` for each token's position, computed in fp32
+        (the sign is folded in once per forward, not per layer: see ``apply_rotary``)."""
         angles = positions[:, None].float() * self.inv_freq[None, :].float()  # [T, head_dim / 2]
-        angles = torch.cat((angles, angles), dim=-1)
-        return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
+        cos, sin = angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
@@ -196,8 +202,9 @@ class Qwen3Model(nn.Module):
 class Qwen3ForCausalLM(nn.Module):
     """The language model: ``forward`` gives hidden states, ``compute_logits`` the next-token scores.
 
-    Parameter names match the Hugging Face checkpoints, so loading is a
-    name-for-name copy (see ``common/loader.py``).
+    Parameter names match the Hugging Face checkpoints, except the fused
+    projections (``FUSED_PROJECTIONS``), so loading is a name-for-name copy
+    plus one stacking step (see ``common/loader.py``).
     """
 
     def __init__(self, config: ModelConfig):

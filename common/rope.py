@@ -75,13 +75,15 @@ def _yarn_frequencies(head_dim: int, theta: float, factor: float, scaling: dict,
     return interpolated * (1 - keep) + extrapolated * keep, float(attention_factor)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Turn channel pairs (x1, x2) into (-x2, x1): the 90-degree part of a rotation."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [tokens, heads, head_dim]`` by per-token angles.
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [tokens, heads, head_dim]`` by per-token angles ``cos/sin [tokens, head_dim]``."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return x * cos + rotate_half(x) * sin
+    Channel ``i`` of the first half pairs with channel ``i`` of the second:
+    ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)``. With ``cos = [cos, cos]``
+    and ``signed_sin = [-sin, sin]`` (``[tokens, head_dim]``, made once per
+    forward), that is ``x * cos + swap_halves(x) * signed_sin``; ``roll`` swaps
+    the halves in one kernel. (The usual ``rotate_half`` spelling, a negation
+    and a concatenation, costs two.)
+    """
+    cos, signed_sin = cos[:, None, :], signed_sin[:, None, :]
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

@@ -134,9 +134,9 @@ class TensorParallelShard:
         model.lm_head = ParallelLMHead(c.hidden_size, self.vocab, bias=False)
         for layer in inner.layers:
             attn = layer.self_attn
-            attn.q_proj = ColumnParallelLinear(c.hidden_size, self.heads * d, bias=bias)
-            attn.k_proj = ColumnParallelLinear(c.hidden_size, self.kv_heads * d, bias=bias)
-            attn.v_proj = ColumnParallelLinear(c.hidden_size, self.kv_heads * d, bias=bias)
+            # The loader stacks this rank's q, k and v rows: [local q; local k; local v].
+            attn.qkv_proj = ColumnParallelLinear(c.hidden_size, (self.heads + 2 * self.kv_heads) * d, bias=bias)
+            attn.num_heads, attn.num_kv_heads = self.heads, self.kv_heads
             attn.o_proj = RowParallelLinear(self.heads * d, c.hidden_size, bias=bias)
             if isinstance(layer.mlp, SparseMoE):
                 for expert in layer.mlp.experts:
@@ -147,8 +147,7 @@ class TensorParallelShard:
 
     def _split_mlp(self, mlp: MLP, intermediate: int, reduce: bool) -> None:
         hidden, local = self.config.hidden_size, intermediate // self.size
-        mlp.gate_proj = ColumnParallelLinear(hidden, local, bias=False)
-        mlp.up_proj = ColumnParallelLinear(hidden, local, bias=False)
+        mlp.gate_up_proj = ColumnParallelLinear(hidden, 2 * local, bias=False)  # [local gate; local up]
         mlp.down_proj = RowParallelLinear(local, hidden, bias=False, reduce=reduce)
 
     def read_slice(self, name: str, lazy) -> torch.Tensor:

@@ -34,6 +34,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from .forward_batch import ForwardBatch
 from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
@@ -61,12 +62,38 @@ class PackedPlan(PagedAttention):
 
 class StaticAttention(PagedAttention):
     """The attention backend inside a graph: the same calls as ``PagedAttention``,
-    reading its plan from the fixed buffers that ``CudaGraphRunner.run`` writes before each replay."""
+    reading its plan from the fixed buffers that ``CudaGraphRunner.run`` writes before each replay.
+
+    A batch of one sequence takes another kernel. The flash kernel splits its
+    work by sequence and KV head, so one sequence gives an H100 only
+    ``kv_heads`` blocks of work for 132 SMs (24 us a layer on Qwen3-0.6B).
+    Masked SDPA over the whole key buffer (the memory-efficient kernel, which
+    also splits the keys) takes 11 us: the keys past the sequence are masked out.
+    """
 
     def __init__(self, pool: PagedKVPool, slots, cu_seqlens_q, cu_seqlens_k, key_slots, max_k: int):
         self.pool, self.slots, self.key_slots = pool, slots, key_slots
         self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
         self.max_q, self.max_k, self.packed_layout = 1, max_k, True
+        self.single_sequence = len(cu_seqlens_q) == 2
+
+    def begin_step(self) -> None:
+        """Per-step tensors derived from the buffers; recorded into the graph, so they are redone on every replay."""
+        if self.single_sequence:
+            self.key_mask = torch.arange(len(self.key_slots), device=self.key_slots.device) < self.cu_seqlens_k[1]
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self.single_sequence:
+            return super().__call__(layer_index, q, k, v)
+        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
+        k_pool.index_copy_(0, self.slots, k)
+        v_pool.index_copy_(0, self.slots, v)
+        # Masked keys still enter the sums with weight 0, so they must be finite: the buffer's
+        # unused tail holds slots of earlier steps or the padding slot, all written before.
+        keys, values = k_pool[self.key_slots].transpose(0, 1), v_pool[self.key_slots].transpose(0, 1)  # [kv_heads, K, d]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                             attn_mask=self.key_mask[None, None, None, :], enable_gqa=True)  # [1, heads, 1, d]
+        return out[0].transpose(0, 1)
 
 
 class DecodeGraph:
@@ -155,7 +182,11 @@ class CudaGraphRunner:
             self.cu_seqlens_k[: bs + 1] = self.cu_seqlens_q[: bs + 1]
             attention = StaticAttention(self.pool, self.slots[:bs], self.cu_seqlens_q[: bs + 1], self.cu_seqlens_k[: bs + 1],
                                         self.key_slots[keys], max_k=min(keys, self.max_context))
-            forward = lambda: self.model(self.input_ids[:bs], self.positions[:bs], attention)  # noqa: E731
+
+            def forward():
+                attention.begin_step()
+                return self.model(self.input_ids[:bs], self.positions[:bs], attention)
+
             self.graphs[bs, keys] = DecodeGraph(forward, self.capture, self.memory_pool)
             self.capture_seconds += time.perf_counter() - start
             self.memory_bytes += self._reserved() - reserved

@@ -34,3 +34,33 @@ def test_one_stage_with_different_options_side_by_side(checkpoints):
     folder = checkpoints["dense"]
     result = run_system("stage06_scheduling@schedule_policy=lpm", str(folder), folder, tiny_workload(), "cpu")
     assert result["system"] == "stage06_scheduling@schedule_policy=lpm" and result["output_tokens"] == 12
+
+
+def test_random_checkpoints_use_hub_names_and_load(tmp_path, monkeypatch):
+    """The GPU box's random checkpoints must look like hub ones: separate q/k/v and gate/up."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks import checkpoints
+    from common.loader import load_model
+
+    tiny = dict(checkpoints.QWEN3_BASE, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    monkeypatch.setitem(checkpoints.SHAPES, "tiny", tiny)
+    folder = checkpoints.random_checkpoint("tiny", root=tmp_path)
+    with safe_open(folder / "model.safetensors", framework="pt") as handle:
+        names = set(handle.keys())
+    assert "model.layers.0.self_attn.k_proj.weight" in names and "model.layers.1.mlp.up_proj.weight" in names
+    model, _, _ = load_model(folder)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.compute_logits(model(ids[0], torch.arange(3), _full_attention))[-1],
+                                   reference(ids).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def _full_attention(layer_index, q, k, v):
+    from common.attention import causal_attention
+
+    return causal_attention(q, k, v)
