@@ -10,8 +10,8 @@ is above bf16 rounding; (2) stage 08's eager path: greedy tokens agreeing the
 same way. (2) has no logits tolerance: a batch of one attends with another
 kernel inside the graph, which rounds differently, and a MoE router can turn
 a rounding difference into another expert. Then whole greedy generations with graphs and with
-``disable_cuda_graph``, reported as the share of requests with identical
-tokens. Last, the start-up figures for Qwen3-0.6B shapes: graphs recorded,
+``disable_cuda_graph``, and stage 10's with and without its overlap schedule,
+reported as the share of requests with identical tokens. Last, the start-up figures for Qwen3-0.6B shapes: graphs recorded,
 seconds, device memory.
 """
 
@@ -27,6 +27,7 @@ from checkpoints import write_checkpoint  # noqa: E402
 from benchmarks.checkpoints import random_checkpoint  # noqa: E402
 from stage09_cuda_graph import Engine  # noqa: E402
 from stage09_cuda_graph.forward_batch import ForwardBatch  # noqa: E402
+from stage10_overlap import Engine as Stage10  # noqa: E402
 
 LOGITS_TOLERANCE = 0.05  # of the logits' spread (their standard deviation): bf16 keeps ~3 digits
 
@@ -97,6 +98,18 @@ def generations(folder, tp_size: int = 1) -> str:
     return f"{same}/{len(batch)} requests token-identical with and without graphs ({replays} steps replayed)"
 
 
+def overlap_generations(folder, tp_size: int = 1) -> str:
+    """Stage 10 with and without the overlap schedule: the same kernels, so the same tokens."""
+    batch = prompts(24, seed=8)
+    outputs = {}
+    for disable in (False, True):
+        with Stage10(model_path=str(folder), device="cuda", dtype="bfloat16", tp_size=tp_size,
+                     disable_overlap_schedule=disable, cuda_graph_max_bs=32, chunked_prefill_size=256) as engine:
+            outputs[disable] = [o.token_ids for o in engine.generate_batch(batch, max_tokens=32, temperature=0)]
+    same = sum(a == b for a, b in zip(outputs[False], outputs[True]))
+    return f"{same}/{len(batch)} requests token-identical with and without overlap (EOS on, chunked prefill)"
+
+
 def check_kind(kind: str, folder: Path) -> int:
     """The checks of one checkpoint kind; returns how many failed."""
     failures = 0
@@ -110,8 +123,10 @@ def check_kind(kind: str, folder: Path) -> int:
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {kind:<6} bf16 teacher-forced decode, batch {batch_size:>2}: {detail}", flush=True)
     print(f"info {kind:<6} bf16 greedy: {generations(folder)}", flush=True)
+    print(f"info {kind:<6} bf16 greedy, stage 10: {overlap_generations(folder)}", flush=True)
     if torch.cuda.device_count() >= 2:
         print(f"info {kind:<6} bf16 greedy tp=2: {generations(folder, tp_size=2)}", flush=True)
+        print(f"info {kind:<6} bf16 greedy tp=2, stage 10: {overlap_generations(folder, tp_size=2)}", flush=True)
     return failures
 
 

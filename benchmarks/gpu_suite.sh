@@ -19,3 +19,8 @@ run random256     --workload random --compare stage06_scheduling,hf-generate
 python -m benchmarks.gpu_graph_check "$QWEN3_LADDER_TOKENIZER" 2>&1 | grep -E "^(ok|FAIL|info|failures)"
 run single-graphs --workload single --compare stage08_ep,stage09_cuda_graph,hf-generate --repeat 3
 run random64-graphs --workload random --requests 64 --compare stage08_ep,stage09_cuda_graph --repeat 2
+# Stage 10: the overlap schedule against stage 09 (GPU busy at 64 requests, then throughput and batch-1 latency).
+for s in stage09_cuda_graph stage10_overlap; do python -m benchmarks.step_profile $s --requests 64 2>&1 | grep '^{'; done
+run random64-overlap  --workload random --requests 64 --compare stage09_cuda_graph,stage10_overlap --repeat 2
+run random256-overlap --workload random --compare stage09_cuda_graph,stage10_overlap --repeat 2
+run single-overlap    --workload single --compare stage09_cuda_graph,stage10_overlap,hf-generate --repeat 3

@@ -66,6 +66,7 @@ def summarize(system: str, workload: Workload, seconds: float, device: str, ttft
 def run_stage(stage: str, model_path, workload: Workload, device: str, engine_kwargs: dict | None = None) -> dict:
     """Serve the workload with a stage's Engine.generate_batch (greedy, ignore_eos)."""
     engine_class = importlib.import_module(stage).Engine
+    reset_peak_memory(device)  # the system run before must not hold memory this engine sizes its KV pool from
     engine = engine_class(model_path=model_path, device=device, **(engine_kwargs or {}))
     # Warm-up with the first prompt so one-time costs leave the timing. Only where the workload
     # says so does the prefix cache keep it (a server that has seen this system prompt before).

@@ -20,6 +20,7 @@ Stage 09 replays decode steps from CUDA graphs recorded at start-up
 """
 
 import functools
+import gc
 import threading
 from collections.abc import Iterator
 
@@ -197,6 +198,7 @@ class Engine:
             self.workers = None
         self.runner = self.scheduler = None
         if self.device.type == "cuda":
+            gc.collect()  # recorded graphs and the closures they replay form cycles that hold the KV pool
             torch.cuda.empty_cache()
 
     def __enter__(self):
