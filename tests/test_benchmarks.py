@@ -1,7 +1,10 @@
 """The benchmark harness runs end to end on a tiny workload (its figures are not asserted)."""
 
+import json
+
 from benchmarks.systems import run_system
 from benchmarks.workloads import Workload, make_workload
+from common.config import ModelConfig
 from conftest import STAGES
 
 
@@ -64,3 +67,21 @@ def _full_attention(layer_index, q, k, v):
     from common.attention import causal_attention
 
     return causal_attention(q, k, v)
+
+
+def test_online_serving_benchmark_drives_a_server(checkpoints, tmp_path):
+    import socket
+
+    from benchmarks import serving
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "serving.json"
+    serving.main(["--model", str(checkpoints["dense"]), "--port", str(port), "--requests", "3",
+                  "--request-rate", "20", "--out", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    vocab_size = ModelConfig.from_file(checkpoints["dense"]).vocab_size
+    expected_tokens = sum(make_workload("random", "cpu", vocab_size).max_tokens[:3])
+    assert result["requests"] == 3 and result["output_tokens"] == expected_tokens
+    assert result["ttft_median_ms"] > 0 and result["itl_median_ms"] > 0

@@ -1,0 +1,148 @@
+"""Online serving benchmark: requests arrive at a given rate at the stage 11 server.
+
+    python -m benchmarks.serving --model builtin --device cpu --workload random --request-rate 4
+    python -m benchmarks.serving --url http://127.0.0.1:30000 --workload random --request-rate inf
+
+Offline benchmarks (``python -m benchmarks run``) hand every request to the
+engine at once; here each request is an HTTP stream, sent at times drawn from
+a Poisson process of ``--request-rate`` per second (``inf``: all at once), as
+SGLang's ``bench_serving`` does. Per request it records the time to the first
+streamed text (TTFT), the gaps between streamed chunks (inter-token latency:
+a chunk carries the text of one step), and the end-to-end latency; it reports
+their p50 / p99 and the output throughput. Without ``--url`` it starts the
+server itself (``--model`` and ``--engine-flags`` as for the stage's CLI).
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+
+from benchmarks.__main__ import environment, resolve_model
+from benchmarks.systems import percentile
+from benchmarks.workloads import WORKLOADS, Workload, make_workload
+from common.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def one_request(client, prompt: list[int], max_tokens: int, delay: float) -> dict:
+    """Wait ``delay`` seconds, then stream one completion; return its timings (seconds)."""
+    await asyncio.sleep(delay)
+    start = time.perf_counter()
+    stamps, tokens = [], 0
+    stream = await client.completions.create(
+        model="default", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return dict(start=start, stamps=stamps, tokens=tokens)
+
+
+async def run_workload(url: str, workload: Workload, request_rate: float, seed: int) -> tuple[list[dict], float]:
+    rng = random.Random(seed)
+    delays, at = [], 0.0
+    for _ in workload.prompts:  # Poisson arrivals: exponential gaps between requests
+        delays.append(at)
+        at += 0 if request_rate == float("inf") else rng.expovariate(request_rate)
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600) as client:
+        begin = time.perf_counter()
+        results = await asyncio.gather(
+            *(one_request(client, p, n, d) for p, n, d in zip(workload.prompts, workload.max_tokens, delays))
+        )
+    return list(results), time.perf_counter() - begin
+
+
+def summarize(results: list[dict], seconds: float, request_rate: float) -> dict:
+    ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
+    ttft = [r["stamps"][0] - r["start"] for r in results if r["stamps"]]
+    itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
+    e2e = [r["stamps"][-1] - r["start"] for r in results if r["stamps"]]
+    tokens = sum(r["tokens"] for r in results)
+    return dict(
+        request_rate=request_rate if request_rate != float("inf") else "inf",
+        requests=len(results), output_tokens=tokens, seconds=round(seconds, 3),
+        output_tokens_per_s=round(tokens / seconds, 2), requests_per_s=round(len(results) / seconds, 3),
+        ttft_median_ms=ms(statistics.median(ttft) if ttft else None), ttft_p99_ms=ms(percentile(ttft, 99)),
+        itl_median_ms=ms(statistics.median(itl) if itl else None), itl_p99_ms=ms(percentile(itl, 99)),
+        e2e_median_ms=ms(statistics.median(e2e) if e2e else None), e2e_p99_ms=ms(percentile(e2e, 99)),
+    )
+
+
+class LocalServer:
+    """``python -m stage11_server --serve`` for the length of a benchmark."""
+
+    def __init__(self, model_path: str | None, device: str, port: int, flags: list[str]):
+        command = [sys.executable, "-m", "stage11_server", "--serve", "--port", str(port), "--device", device, *flags]
+        if model_path:
+            command += ["--model-path", model_path]
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(command, cwd=ROOT)
+        deadline = time.monotonic() + 600
+        while not self._healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the server did not start")
+            time.sleep(0.5)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=None, help="a running server (default: start one)")
+    parser.add_argument("--model", default="builtin", help="builtin, a random real shape (qwen3-0.6b, ...) or a path")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--port", type=int, default=30123, help="port of the server this starts")
+    parser.add_argument("--engine-flags", default="", help='extra server flags, e.g. "--disable-radix-cache"')
+    parser.add_argument("--workload", default="random", choices=sorted(WORKLOADS))
+    parser.add_argument("--size", choices=["cpu", "gpu"], help="workload size (default: from the device)")
+    parser.add_argument("--requests", type=int, default=None, help="keep only the first N requests")
+    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests per second (inf: all at once)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+    args = parser.parse_args(argv)
+
+    model_path, folder = resolve_model(args.model, args.device)
+    size = args.size or ("gpu" if args.device.startswith("cuda") else "cpu")
+    workload = make_workload(args.workload, size, ModelConfig.from_file(folder).vocab_size, requests=args.requests)
+    server = None if args.url else LocalServer(model_path, args.device, args.port, args.engine_flags.split())
+    try:
+        results, seconds = asyncio.run(run_workload(args.url or server.url, workload, args.request_rate, args.seed))
+    finally:
+        if server is not None:
+            server.stop()
+    summary = summarize(results, seconds, args.request_rate)
+    report = dict(environment=environment(), workload=workload.description, model=args.model,
+                  engine_flags=args.engine_flags, results=[dict(system="stage11_server", **summary)])
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

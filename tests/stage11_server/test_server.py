@@ -1,0 +1,360 @@
+"""Stage 11: a real server process on 127.0.0.1, driven by the official ``openai`` client.
+
+The server runs the built-in model on the CPU. Its answers are checked
+against stage 10's engine in this process: same prompt, same settings,
+same text. Then the server's own promises: streams equal plain responses,
+concurrent streams do not mix, a client that disconnects frees its pages,
+bad requests get 400 and a full queue 503, and the server keeps serving.
+"""
+
+import asyncio
+from http.client import HTTPConnection
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import ROOT
+from stage10_overlap import Engine as Stage10Engine
+from stage11_server.__main__ import main
+
+CONTEXT = 256  # small, so a too-long prompt is cheap to send
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are"]
+STARTUP_TIMEOUT_S = 180
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, bytes]:
+    """One plain HTTP request (stdlib only): its status and body, error statuses included."""
+    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+class Server:
+    """``python -m stage11_server --serve`` in a subprocess, on a free port."""
+
+    def __init__(self, *flags: str):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"stage11-server-{self.port}.log", "w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stage11_server", "--serve", "--port", str(self.port), "--device", "cpu", *flags],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self._healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start:\n{self.output()}")
+            time.sleep(0.5)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+    def _healthy(self) -> bool:
+        try:
+            return http("GET", f"{self.url}/health", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples as ``{"name{labels}": value}``."""
+        text = http("GET", f"{self.url}/metrics")[1].decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+
+    def wait_for_metrics(self, check, timeout=30.0) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        while not check(samples := self.metrics()):
+            assert time.monotonic() < deadline, f"metrics never satisfied the check: {samples}"
+            time.sleep(0.2)
+        return samples
+
+    def children(self) -> list[int]:
+        """Process ids whose parent is the server (Linux /proc)."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def server(builtin_folder):
+    server = Server("--context-length", str(CONTEXT))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(builtin_folder):
+    """Stage 10's engine in this process: what the server must answer."""
+    with Stage10Engine(device="cpu", context_length=CONTEXT) as engine:
+        yield engine
+
+
+def idle(samples) -> bool:
+    return samples["ladder:num_running_reqs"] == 0 and samples["ladder:kv_pages_used"] == 0
+
+
+# ----- answers ----------------------------------------------------------------------------
+
+
+def test_health_and_models_list_the_served_model(server):
+    assert http("GET", f"{server.url}/health")[0] == 200
+    (model,) = server.client.models.list().data
+    assert model.id and model.max_model_len == CONTEXT
+
+
+def test_completion_equals_stage10_engine(server, reference):
+    response = server.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    expected = reference.generate(PROMPTS[0], max_tokens=12, temperature=0)
+    (choice,) = response.choices
+    assert choice.text == expected.text and choice.finish_reason == expected.finish_reason
+    assert response.usage.prompt_tokens == expected.prompt_tokens
+    assert response.usage.completion_tokens == expected.completion_tokens
+
+
+def test_token_id_prompt_equals_text_prompt(server, reference):
+    ids = reference.tokenizer.encode(PROMPTS[1])
+    by_ids = server.client.completions.create(model="m", prompt=ids, max_tokens=8, temperature=0)
+    by_text = server.client.completions.create(model="m", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+
+
+def test_chat_completion_applies_the_chat_template(server, reference):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    response = server.client.chat.completions.create(model="m", messages=messages, max_completion_tokens=16, temperature=0)
+    prompt = reference.tokenizer.apply_chat_template(messages)
+    expected = reference.generate(prompt, max_tokens=16, temperature=0)
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == expected.text
+    assert "Paris" in expected.text
+
+
+def test_stop_string_ends_the_text_before_it(server, reference):
+    response = server.client.completions.create(model="m", prompt=PROMPTS[2], max_tokens=40, temperature=0, stop=[":"])
+    expected = reference.generate(PROMPTS[2], max_tokens=40, temperature=0, stop=[":"])
+    assert response.choices[0].text == expected.text and ":" not in expected.text
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_seeded_choices_reproduce_and_count_the_prompt_once(server):
+    ask = dict(model="m", prompt=PROMPTS[1], max_tokens=10, temperature=1.0, seed=7, n=3)
+    first, second = server.client.completions.create(**ask), server.client.completions.create(**ask)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert len({c.text for c in first.choices}) > 1  # choice i draws with seed + i
+    single = server.client.completions.create(model="m", prompt=PROMPTS[1], max_tokens=1)
+    assert first.usage.prompt_tokens == single.usage.prompt_tokens
+    assert first.usage.completion_tokens == 30
+
+
+# ----- streaming ----------------------------------------------------------------------------
+
+
+def test_completion_stream_equals_plain_response(server):
+    ask = dict(model="m", prompt=PROMPTS[3], max_tokens=20, temperature=0)
+    plain = server.client.completions.create(**ask)
+    chunks = list(server.client.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 1  # it really came in pieces
+
+
+def test_chat_stream_equals_plain_response(server):
+    ask = dict(model="m", messages=[{"role": "user", "content": "Name three fruits."}], max_tokens=20, temperature=0)
+    plain = server.client.chat.completions.create(**ask)
+    chunks = list(server.client.chat.completions.create(**ask, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_text(server):
+    expected = {p: server.client.completions.create(model="m", prompt=p, max_tokens=12, temperature=0).choices[0].text for p in PROMPTS}
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+    async def stream(prompt):
+        chunks = await client.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        return prompt, "".join([c.choices[0].text async for c in chunks])
+
+    async def all_streams():
+        async with client:
+            return await asyncio.gather(*(stream(PROMPTS[i % 4]) for i in range(16)))
+
+    results = asyncio.run(all_streams())
+    assert len(results) == 16 and all(text == expected[prompt] for prompt, text in results)
+    server.wait_for_metrics(idle)
+
+
+# ----- clients that go away -------------------------------------------------------------------
+
+
+def abort_count(samples) -> float:
+    return samples.get('ladder:num_requests_total{finish_reason="abort"}', 0.0)
+
+
+def test_stream_disconnect_aborts_the_request_and_frees_its_pages(server):
+    before = server.metrics()
+    body = {"prompt": PROMPTS[0], "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
+    connection = HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: {")  # the stream has begun
+    busy = server.metrics()
+    assert busy["ladder:num_running_reqs"] == 1 and busy["ladder:kv_pages_used"] > 0
+    connection.close()  # the client goes away long before 2000 tokens
+    samples = server.wait_for_metrics(lambda s: idle(s) and abort_count(s) == abort_count(before) + 1)
+    assert samples["ladder:generation_tokens_total"] - before["ladder:generation_tokens_total"] < 2000
+
+
+def test_plain_request_disconnect_aborts_too(server):
+    before = abort_count(server.metrics())
+    body = {"prompt": PROMPTS[0], "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(TimeoutError):
+        http("POST", f"{server.url}/v1/completions", json.dumps(body).encode(), timeout=1.5)
+    server.wait_for_metrics(lambda s: idle(s) and abort_count(s) == before + 1)
+
+
+# ----- bad requests ---------------------------------------------------------------------------
+
+BAD_BODIES = {
+    "malformed JSON": b'{"prompt": "hi", "max_tokens": ',
+    "not an object": b'["hi"]',
+    "prompt missing": b'{"max_tokens": 5}',
+    "temperature is text": b'{"prompt": "hi", "temperature": "hot"}',
+    "max_tokens is a float": b'{"prompt": "hi", "max_tokens": 2.5}',
+    "negative temperature": b'{"prompt": "hi", "temperature": -1}',
+    "top_p zero": b'{"prompt": "hi", "top_p": 0}',
+    "negative max_tokens": b'{"prompt": "hi", "max_tokens": -3}',
+    "presence_penalty out of range": b'{"prompt": "hi", "presence_penalty": 5}',
+    "n zero": b'{"prompt": "hi", "n": 0}',
+    "empty prompt": b'{"prompt": ""}',
+    "token id outside the vocabulary": b'{"prompt": [1, 99999999]}',
+    "prompt longer than the context": json.dumps({"prompt": "hello " * (CONTEXT + 10)}).encode(),
+    "logprobs": b'{"prompt": "hi", "logprobs": 2}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_bad_completion_request_gets_400_with_an_openai_error(server, case):
+    status, body = http("POST", f"{server.url}/v1/completions", BAD_BODIES[case])
+    assert status == 400, body
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == 400 and error["message"]
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "wizard", "content": "hi"}], [{"role": "user", "content": 5}]])
+def test_bad_chat_request_gets_400(server, messages):
+    with pytest.raises(openai.BadRequestError):
+        server.client.chat.completions.create(model="m", messages=messages, max_tokens=4)
+
+
+def test_too_long_prompt_error_names_the_context(server):
+    with pytest.raises(openai.BadRequestError, match=f"context is {CONTEXT}"):
+        server.client.completions.create(model="m", prompt="hello " * (CONTEXT + 10), max_tokens=4)
+
+
+def test_server_still_serves_after_bad_requests(server, reference):
+    for body in BAD_BODIES.values():
+        http("POST", f"{server.url}/v1/completions", body)
+    response = server.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert response.choices[0].text == reference.generate(PROMPTS[0], max_tokens=6, temperature=0).text
+    server.wait_for_metrics(idle)
+
+
+# ----- a full queue, and shutdown ---------------------------------------------------------------
+
+
+def test_full_queue_gets_503_then_serves_and_shuts_down_cleanly(builtin_folder):
+    # One waiting request at most, and prompts prefilled 16 tokens a step: a burst must overflow.
+    server = Server("--max-queued-requests", "1", "--chunked-prefill-size", "16", "--context-length", str(CONTEXT))
+    try:
+        body = json.dumps({"prompt": "The history of the printing press " * 12, "max_tokens": 4, "temperature": 0}).encode()
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda _: http("POST", f"{server.url}/v1/completions", body, timeout=120), range(12)))
+        statuses = [status for status, _ in responses]
+        assert set(statuses) == {200, 503}, statuses
+        refused = json.loads(next(body for status, body in responses if status == 503))["error"]
+        assert refused["code"] == 503 and "max-queued-requests" in refused["message"]
+        assert server.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=3, temperature=0).choices[0].text
+        children = server.children()
+        assert children, "the engine runs in a child process"
+    finally:
+        returncode = server.stop()
+    assert returncode in (0, -signal.SIGTERM), f"exit code {returncode}:\n{server.output()}"  # not killed
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
+
+
+# ----- the command line ---------------------------------------------------------------------------
+
+
+def test_command_line_needs_a_prompt_or_serve(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "--serve" in capsys.readouterr().err
+
+
+def test_bad_model_path_fails_at_start_with_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "stage11_server", "--serve", "--model-path", str(tmp_path / "missing"), "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and re.search(r"error: the engine could not start: .*missing", result.stderr), result.stderr
+
+
+# ----- the engine's counts behind /metrics -------------------------------------------------------
+
+
+def test_engine_stats_count_requests_pages_and_tokens(engine_for):
+    from stage11_server import Engine
+
+    engine = engine_for("stage11_server", "dense")
+    assert isinstance(engine, Engine)
+    before = engine.stats()["generated_tokens"]
+    rid = engine.add_request(list(range(3, 40)), max_tokens=5, temperature=0, ignore_eos=True)
+    engine.step()
+    busy = engine.stats()
+    assert busy["running"] == 1 and busy["pages_used"] > 0
+    while engine.get_output(rid) is None:
+        engine.step()
+    stats = engine.stats()
+    assert stats["generated_tokens"] - before == 5
+    assert stats["running"] == stats["waiting"] == stats["pages_used"] == 0
+    assert stats["pages_cached"] > 0  # the finished request's pages went to the prefix cache
