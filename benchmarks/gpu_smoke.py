@@ -60,7 +60,7 @@ def main(tokenizer_folder: str) -> int:
     first = [torch.randint(3, 49152, (n,), generator=gen).tolist() for n in (5, 40, 17, 100)]
     second = [p + torch.randint(3, 49152, (n,), generator=gen).tolist() for p, n in zip(first, (3, 30, 1, 12))]
     with tempfile.TemporaryDirectory() as root:
-        for kind in ("dense", "moe", "llama"):
+        for kind in ("dense", "moe", "llama", "qwen2", "qwen2_moe", "mistral"):
             folder = write_checkpoint(kind, Path(root) / kind, Path(tokenizer_folder))
             expected = hf_greedy_cuda(folder, first + second, 16)
             bf16 = {}

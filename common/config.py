@@ -6,17 +6,22 @@ Hugging Face config so a learner can compare the two files line by line.
 """
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Architectures the model in qwen3.py knows how to run. Llama is Qwen3 without
-# the per-head q/k RMSNorm, so one module covers all three.
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "LlamaForCausalLM")
+# Architectures the model in qwen3.py knows how to run. They differ in a few switches,
+# so one module covers them all: Llama and Mistral are Qwen3 without the per-head q/k
+# RMSNorm; Qwen2 / Qwen2.5 add biases to the q/k/v projections; Qwen2-MoE adds a shared
+# expert beside the routed ones.
+QWEN3_FAMILY = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+QWEN2_FAMILY = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+SUPPORTED_ARCHITECTURES = QWEN3_FAMILY + QWEN2_FAMILY + ("LlamaForCausalLM", "MistralForCausalLM")
 
 
 @dataclass
 class ModelConfig:
-    """Shapes and hyper-parameters of a Qwen3 / Qwen3-MoE / Llama checkpoint."""
+    """Shapes and hyper-parameters of a checkpoint of one of ``SUPPORTED_ARCHITECTURES``."""
 
     architecture: str
     vocab_size: int
@@ -31,7 +36,9 @@ class ModelConfig:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2 family; Llama's attention_bias)
+    o_proj_bias: bool = False  # a bias on the attention output projection (Llama's attention_bias)
+    sliding_window: int | None = None  # keys a query sees, when some layer limits it (Mistral, Qwen2)
     eos_token_ids: list[int] = field(default_factory=list)
     # Mixture-of-experts fields (Qwen3-MoE); num_experts == 0 means dense.
     num_experts: int = 0
@@ -40,11 +47,12 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one always-on expert beside the routed ones
 
     @property
     def qk_norm(self) -> bool:
-        """Qwen3 normalises each query and key head; Llama does not."""
-        return self.architecture != "LlamaForCausalLM"
+        """Qwen3 normalises each query and key head; Qwen2, Llama and Mistral do not."""
+        return self.architecture in QWEN3_FAMILY
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """Whether layer ``layer_index`` uses the sparse expert block (Qwen3-MoE rule)."""
@@ -71,6 +79,21 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         heads = raw["num_attention_heads"]
+        attention_bias = bool(raw.get("attention_bias", False))
+        # Qwen2 always has q/k/v biases (its config has no switch); Qwen2-MoE names it qkv_bias.
+        qkv_bias = attention_bias or (architecture in QWEN2_FAMILY and bool(raw.get("qkv_bias", True)))
+        max_positions = raw.get("max_position_embeddings", 32768)
+        window = _sliding_window(raw, architecture)
+        if window is not None and window < max_positions:
+            # Up to the window, sliding-window attention is exactly full attention; beyond it the
+            # attention backends here would compute something else, so longer contexts are refused.
+            warnings.warn(
+                f"sliding_window={window} is smaller than max_position_embeddings={max_positions}: "
+                f"this engine serves contexts up to {window} tokens, where sliding-window attention "
+                "equals full attention",
+                stacklevel=2,
+            )
+            max_positions = window
         return cls(
             architecture=architecture,
             vocab_size=raw["vocab_size"],
@@ -83,9 +106,11 @@ class ModelConfig:
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            max_position_embeddings=raw.get("max_position_embeddings", 32768),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", False)),
+            qkv_bias=qkv_bias,
+            o_proj_bias=attention_bias,
+            sliding_window=window,
             eos_token_ids=eos_token_ids,
             # transformers 5 writes num_local_experts; older configs write num_experts.
             num_experts=raw.get("num_experts", raw.get("num_local_experts", 0)) or 0,
@@ -94,6 +119,7 @@ class ModelConfig:
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
             decoder_sparse_step=raw.get("decoder_sparse_step", 1) or 1,
             mlp_only_layers=list(raw.get("mlp_only_layers") or []),
+            shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0) or 0,
         )
 
     @classmethod
@@ -107,8 +133,30 @@ class ModelConfig:
         return cls.from_dict(json.loads(path.read_text()))
 
 
+def _sliding_window(raw: dict, architecture: str) -> int | None:
+    """The sliding window some layer uses, or None when every layer attends to all keys.
+
+    Mistral applies ``sliding_window`` to every layer when it is set. Qwen2 has
+    one only with ``use_sliding_window``, and then only in the layers that
+    ``layer_types`` marks (older configs: layers from ``max_window_layers`` on).
+    """
+    window = raw.get("sliding_window") or None
+    if window is None or architecture not in QWEN2_FAMILY + ("MistralForCausalLM",):
+        return None
+    if architecture in QWEN2_FAMILY:
+        layer_types = raw.get("layer_types")
+        if layer_types is not None:
+            return window if "sliding_attention" in layer_types else None
+        if not raw.get("use_sliding_window", False):
+            return None
+        if raw.get("max_window_layers", 0) >= raw["num_hidden_layers"]:
+            return None
+    return int(window)
+
+
 def _architecture_from_model_type(raw: dict) -> str:
     """Older or converted configs may name only a model_type; map it to a class name."""
-    by_type = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
+    by_type = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "mistral": "MistralForCausalLM"}
     model_type = raw.get("model_type", "")
     return by_type.get(model_type, model_type or "<missing architectures>")

@@ -1,4 +1,4 @@
-"""Qwen3 (dense and MoE) in plain PyTorch; Llama runs through the same code.
+"""Qwen3 (dense and MoE) in plain PyTorch; Qwen2, Qwen2-MoE, Llama and Mistral run through the same code.
 
 Data flow of one forward:
     token ids [T] -> embed -> N x (RMSNorm -> attention -> RMSNorm -> MLP or MoE) -> RMSNorm
@@ -58,12 +58,11 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        bias = config.attention_bias
         # q, k and v as one matmul (the checkpoint's q_proj, k_proj, v_proj stacked by the
         # loader): one weight read and one kernel launch instead of three.
         qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=config.qkv_bias)  # Qwen2: biased
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
         # Qwen3's addition over Llama: an RMSNorm on every query and key head before RoPE.
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -98,7 +97,8 @@ class SparseMoE(nn.Module):
     """Qwen3-MoE block: a router picks ``top_k`` of ``num_experts`` SwiGLU experts per token.
 
     Each token's output is the router-weighted sum of its chosen experts'
-    outputs. Only experts that received tokens run.
+    outputs. Only experts that received tokens run. Qwen2-MoE adds a shared
+    expert that every token goes through, scaled by a learned sigmoid gate.
     """
 
     def __init__(self, config: ModelConfig):
@@ -112,7 +112,12 @@ class SparseMoE(nn.Module):
         # Expert parallelism keeps only some experts on each rank and skips the
         # rest here; their share of the output arrives through an all-reduce.
         self.local_experts = range(config.num_experts)
+        self.reduce_routed = None  # expert parallelism: sums the routed outputs of all ranks
         self.expert_token_counts: torch.Tensor | None = None  # set to a [num_experts] tensor to count routing
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)  # one scale per token
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(weights [T, top_k], expert ids [T, top_k])`` for tokens ``x [T, hidden]``."""
@@ -126,7 +131,17 @@ class SparseMoE(nn.Module):
         weights, expert_ids = self.route(x)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             # Not counted: a graph's padding rows would be counted with the real ones.
-            return self.forward_every_expert(x, weights, expert_ids)
+            out = self.forward_every_expert(x, weights, expert_ids)
+        else:
+            out = self.forward_routed(x, weights, expert_ids)
+        if self.reduce_routed is not None:
+            out = self.reduce_routed(out)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def forward_routed(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Each token through its chosen experts (those on this rank), weighted and summed."""
         if self.expert_token_counts is not None:
             self.expert_token_counts += torch.bincount(expert_ids.flatten(), minlength=len(self.experts))
         out = torch.zeros_like(x)

@@ -110,7 +110,8 @@ class TensorParallelShard:
     def __post_init__(self):
         c, n = self.config, self.size
         for name, value in [("num_attention_heads", c.num_attention_heads), ("intermediate_size", c.intermediate_size),
-                            ("vocab_size", c.vocab_size)] + ([("moe_intermediate_size", c.moe_intermediate_size)] if c.num_experts else []):
+                            ("vocab_size", c.vocab_size)] + ([("moe_intermediate_size", c.moe_intermediate_size)] if c.num_experts else []) \
+                + ([("shared_expert_intermediate_size", c.shared_expert_intermediate_size)] if c.shared_expert_intermediate_size else []):
             if value % n:
                 raise ValueError(f"tp_size={n} must divide the model's {name} ({value})")
         kv = c.num_key_value_heads
@@ -128,19 +129,21 @@ class TensorParallelShard:
 
     def apply(self, model: nn.Module) -> None:
         """Swap every large layer for its parallel version (on ``meta``: no memory yet)."""
-        c, d, bias = self.config, self.config.head_dim, self.config.attention_bias
+        c, d = self.config, self.config.head_dim
         inner = model.model
         inner.embed_tokens = VocabParallelEmbedding(self.vocab, c.hidden_size, self.rank * self.vocab)
         model.lm_head = ParallelLMHead(c.hidden_size, self.vocab, bias=False)
         for layer in inner.layers:
             attn = layer.self_attn
             # The loader stacks this rank's q, k and v rows: [local q; local k; local v].
-            attn.qkv_proj = ColumnParallelLinear(c.hidden_size, (self.heads + 2 * self.kv_heads) * d, bias=bias)
+            attn.qkv_proj = ColumnParallelLinear(c.hidden_size, (self.heads + 2 * self.kv_heads) * d, bias=c.qkv_bias)
             attn.num_heads, attn.num_kv_heads = self.heads, self.kv_heads
-            attn.o_proj = RowParallelLinear(self.heads * d, c.hidden_size, bias=bias)
+            attn.o_proj = RowParallelLinear(self.heads * d, c.hidden_size, bias=c.o_proj_bias)
             if isinstance(layer.mlp, SparseMoE):
                 for expert in layer.mlp.experts:
                     self._split_mlp(expert, c.moe_intermediate_size, reduce=False)
+                if layer.mlp.shared_expert is not None:  # Qwen2-MoE: split like the routed experts
+                    self._split_mlp(layer.mlp.shared_expert, c.shared_expert_intermediate_size, reduce=False)
                 layer.mlp.register_forward_hook(lambda module, args, out: all_reduce(out))
             else:
                 self._split_mlp(layer.mlp, c.intermediate_size, reduce=True)
@@ -162,7 +165,8 @@ class TensorParallelShard:
             return rows(self.kv_start * d, self.kv_heads * d)
         if name.endswith("o_proj.weight"):
             return lazy[:, r * self.heads * d : (r + 1) * self.heads * d]
-        intermediate = self.config.moe_intermediate_size if ".experts." in name else self.config.intermediate_size
+        intermediate = (self.config.shared_expert_intermediate_size if ".shared_expert." in name
+                        else self.config.moe_intermediate_size if ".experts." in name else self.config.intermediate_size)
         local = intermediate // self.size
         if name.endswith(("gate_proj.weight", "up_proj.weight")):
             return rows(r * local, local)

@@ -32,7 +32,9 @@ from there. (An all-to-all that sends each token only to the ranks that need
 it moves less data; the all-reduce is the simple, correct baseline.) The
 ranks are the same processes as tensor parallelism's: with ``tp_size`` N
 too, attention is split as above and the experts are not split further;
-with ``tp_size`` 1, each rank runs the whole attention itself.
+with ``tp_size`` 1, each rank runs the whole attention itself. Qwen2-MoE's
+shared expert is not routed: it stays whole on every rank and is added after
+the sum.
 
 ``TensorParallelShard`` swaps these layers into the model while it is still on
 the ``meta`` device and tells the loader which slice of each tensor to read,
@@ -137,7 +139,8 @@ class TensorParallelShard:
             self.local_experts = range(c.num_experts)
         self.tp_rank = self.rank if n > 1 else 0  # with tp_size 1 every rank holds the whole dense model
         for name, value in [("num_attention_heads", c.num_attention_heads), ("intermediate_size", c.intermediate_size),
-                            ("vocab_size", c.vocab_size)] + ([("moe_intermediate_size", c.moe_intermediate_size)] if c.num_experts else []):
+                            ("vocab_size", c.vocab_size)] + ([("moe_intermediate_size", c.moe_intermediate_size)] if c.num_experts else []) \
+                + ([("shared_expert_intermediate_size", c.shared_expert_intermediate_size)] if c.shared_expert_intermediate_size else []):
             if value % n:
                 raise ValueError(f"tp_size={n} must divide the model's {name} ({value})")
         kv = c.num_key_value_heads
@@ -155,7 +158,7 @@ class TensorParallelShard:
 
     def apply(self, model: nn.Module) -> None:
         """Swap every large layer for its parallel version (on ``meta``: no memory yet)."""
-        c, d, bias = self.config, self.config.head_dim, self.config.attention_bias
+        c, d = self.config, self.config.head_dim
         inner = model.model
         if self.size > 1:
             inner.embed_tokens = VocabParallelEmbedding(self.vocab, c.hidden_size, self.rank * self.vocab)
@@ -164,18 +167,22 @@ class TensorParallelShard:
             attn = layer.self_attn
             if self.size > 1:
                 # The loader stacks this rank's q, k and v rows: [local q; local k; local v].
-                attn.qkv_proj = ColumnParallelLinear(c.hidden_size, (self.heads + 2 * self.kv_heads) * d, bias=bias)
+                attn.qkv_proj = ColumnParallelLinear(c.hidden_size, (self.heads + 2 * self.kv_heads) * d, bias=c.qkv_bias)
                 attn.num_heads, attn.num_kv_heads = self.heads, self.kv_heads
-                attn.o_proj = RowParallelLinear(self.heads * d, c.hidden_size, bias=bias)
+                attn.o_proj = RowParallelLinear(self.heads * d, c.hidden_size, bias=c.o_proj_bias)
             if isinstance(layer.mlp, SparseMoE):
                 if self.ep_size > 1:  # whole experts, only this rank's; the others hold no weights here
                     layer.mlp.local_experts = self.local_experts
                     for e in range(c.num_experts):
                         if e not in self.local_experts:
                             layer.mlp.experts[e] = nn.Module()
-                else:
-                    for expert in layer.mlp.experts:
-                        self._split_mlp(expert, c.moe_intermediate_size, reduce=False)
+                    # Qwen2-MoE's shared expert stays whole on every rank: added after the sum, once.
+                    layer.mlp.reduce_routed = all_reduce
+                    continue
+                for expert in layer.mlp.experts:
+                    self._split_mlp(expert, c.moe_intermediate_size, reduce=False)
+                if layer.mlp.shared_expert is not None:  # Qwen2-MoE: split like the routed experts
+                    self._split_mlp(layer.mlp.shared_expert, c.shared_expert_intermediate_size, reduce=False)
                 layer.mlp.register_forward_hook(lambda module, args, out: all_reduce(out))
             elif self.size > 1:
                 self._split_mlp(layer.mlp, c.intermediate_size, reduce=True)
@@ -192,6 +199,8 @@ class TensorParallelShard:
         if ".experts." in name and self.ep_size > 1:
             expert = int(name.split(".experts.")[1].split(".")[0])
             return lazy[:] if expert in self.local_experts else None
+        if ".shared_expert." in name and self.ep_size > 1:
+            return lazy[:]
         if self.size == 1:
             return lazy[:]
         rows = lambda start, count: lazy[start : start + count]  # noqa: E731
@@ -203,7 +212,8 @@ class TensorParallelShard:
             return rows(self.kv_start * d, self.kv_heads * d)
         if name.endswith("o_proj.weight"):
             return lazy[:, r * self.heads * d : (r + 1) * self.heads * d]
-        intermediate = self.config.moe_intermediate_size if ".experts." in name else self.config.intermediate_size
+        intermediate = (self.config.shared_expert_intermediate_size if ".shared_expert." in name
+                        else self.config.moe_intermediate_size if ".experts." in name else self.config.intermediate_size)
         local = intermediate // self.size
         if name.endswith(("gate_proj.weight", "up_proj.weight")):
             return rows(r * local, local)

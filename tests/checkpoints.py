@@ -9,7 +9,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+    Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+)
 
 # A bigger init than the default 0.02 keeps logits well separated, so greedy
 # choices are not decided by rounding noise.
@@ -36,11 +39,22 @@ KINDS = {
              num_hidden_layers=3, tie_word_embeddings=False),
     ),
     "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True, rope_theta=100000.0)),
+    # The other families: q/k/v biases and no q/k norm (Qwen2), plus a shared expert (Qwen2-MoE),
+    # Llama's layout under another name (Mistral).
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen2_moe": (
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+             norm_topk_prob=False, mlp_only_layers=[0], num_hidden_layers=3, tie_word_embeddings=False),
+    ),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None, tie_word_embeddings=False)),
 }
+FAMILIES = ["qwen2", "qwen2_moe", "mistral"]  # beyond Qwen3 / Qwen3-MoE / Llama
 
 
 def write_checkpoint(kind: str, folder: Path, tokenizer_folder: Path, seed: int = 0, **overrides) -> Path:
-    """Save a random ``kind`` model ("dense", "moe", "llama") plus a tokenizer into ``folder``."""
+    """Save a random ``kind`` model (a key of ``KINDS``) plus a tokenizer into ``folder``."""
     config_class, model_class, extra = KINDS[kind]
     torch.manual_seed(seed)
     config = config_class(**{**COMMON, **extra, **overrides})

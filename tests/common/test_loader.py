@@ -87,9 +87,9 @@ def test_fused_expert_tensors_are_split_per_expert(checkpoints, tmp_path):
 def test_unsupported_architecture_is_refused(checkpoints, tmp_path):
     folder = copy_checkpoint(checkpoints["dense"], tmp_path / "ckpt")
     config = json.loads((folder / "config.json").read_text())
-    config["architectures"] = ["MistralForCausalLM"]
+    config["architectures"] = ["FalconForCausalLM"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="MistralForCausalLM.*not supported"):
+    with pytest.raises(ValueError, match="FalconForCausalLM.*not supported"):
         load_model(folder)
 
 

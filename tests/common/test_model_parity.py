@@ -6,7 +6,7 @@ import torch
 from common.loader import load_model
 from reference import DictCache, load_hf
 
-KINDS = ["dense", "moe", "llama"]
+KINDS = ["dense", "moe", "llama", "qwen2", "qwen2_moe", "mistral"]
 
 
 @pytest.fixture(scope="module")

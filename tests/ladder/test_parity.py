@@ -9,7 +9,7 @@ import torch
 from conftest import STAGES
 from reference import hf_greedy, load_hf
 
-KINDS = ["dense", "moe", "llama"]
+KINDS = ["dense", "moe", "llama", "qwen2", "qwen2_moe", "mistral"]
 MAX_NEW = 12
 
 

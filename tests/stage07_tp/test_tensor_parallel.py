@@ -12,7 +12,7 @@ import torch
 from stage07_tp import Engine
 
 pytestmark = pytest.mark.distributed
-KINDS = ["dense", "moe", "llama"]
+KINDS = ["dense", "moe", "llama", "qwen2", "qwen2_moe"]  # qwen2: sharded q/k/v biases; qwen2_moe: a shared expert
 GREEDY = dict(max_tokens=10, temperature=0, ignore_eos=True)
 
 

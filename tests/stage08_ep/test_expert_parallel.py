@@ -24,15 +24,16 @@ def prompts():
 def reference(engine_for):
     """kind -> stage07's tokens (tp=1), which ep must reproduce."""
     return {kind: [o.token_ids for o in engine_for("stage07_tp", kind).generate_batch(prompts(), **GREEDY)]
-            for kind in ("moe", "dense")}
+            for kind in ("moe", "dense", "qwen2_moe")}
 
 
+@pytest.mark.parametrize("kind", ["moe", "qwen2_moe"])
 @pytest.mark.parametrize("tp_size, ep_size", [(1, 2), (2, 2)])
-def test_ep2_gives_the_same_tokens_with_experts_busy_on_both_ranks(tp_size, ep_size, checkpoints, reference):
-    with Engine(model_path=str(checkpoints["moe"]), device="cpu", tp_size=tp_size, ep_size=ep_size) as engine:
+def test_ep2_gives_the_same_tokens_with_experts_busy_on_both_ranks(tp_size, ep_size, kind, checkpoints, reference):
+    with Engine(model_path=str(checkpoints[kind]), device="cpu", tp_size=tp_size, ep_size=ep_size) as engine:
         tokens = [o.token_ids for o in engine.generate_batch(prompts(), **GREEDY)]
         counts = engine.expert_token_counts()
-    assert tokens == reference["moe"]
+    assert tokens == reference[kind]
     half = len(counts[0]) // 2
     for layer in counts:  # both ranks' experts really received tokens
         assert sum(layer[:half]) > 0 and sum(layer[half:]) > 0
@@ -69,3 +70,30 @@ def test_experts_must_divide_by_ep_size(checkpoints):
 def test_unequal_tp_and_ep_sizes_are_refused(checkpoints):
     with pytest.raises(ValueError, match="use equal sizes"):
         Engine(model_path=str(checkpoints["moe"]), device="cpu", tp_size=2, ep_size=4)
+
+
+class RecordingSampler:
+    """The engine's sampler, keeping a copy of every logits batch it is handed."""
+
+    def __init__(self, sampler):
+        self.sampler, self.seen = sampler, []
+
+    def __call__(self, logits, *args):
+        self.seen.append(logits.clone())
+        return self.sampler(logits, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+
+def test_shared_expert_is_added_once_across_ep_ranks(checkpoints):
+    """Qwen2-MoE's shared expert lives whole on both ranks; the logits show it counted once, not twice."""
+
+    def logits(**kwargs):
+        with Engine(model_path=str(checkpoints["qwen2_moe"]), device="cpu", **kwargs) as engine:
+            engine.runner.sampler = recorder = RecordingSampler(engine.runner.sampler)
+            engine.generate_batch(prompts(), **GREEDY)
+        return recorder.seen
+
+    for ours, theirs in zip(logits(ep_size=2), logits(), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
