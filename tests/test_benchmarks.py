@@ -85,3 +85,25 @@ def test_online_serving_benchmark_drives_a_server(checkpoints, tmp_path):
     expected_tokens = sum(make_workload("random", "cpu", vocab_size).max_tokens[:3])
     assert result["requests"] == 3 and result["output_tokens"] == expected_tokens
     assert result["ttft_median_ms"] > 0 and result["itl_median_ms"] > 0
+
+
+def test_teacher_forced_check_passes_correct_stages(checkpoints):
+    from benchmarks import teacher_forced
+
+    stages = ["stage01_core", "stage05_chunked", STAGES[-1]]
+    results = teacher_forced.check_kind("moe", checkpoints["moe"], stages, "cpu", "float32", steps=6)
+    assert [r["system"] for r in results] == ["transformers float32"] + stages
+    assert all(r["ok"] and r["max_error"] < 1e-3 and r["steps"] == 8 * 6 for r in results)
+
+
+def test_teacher_forced_check_catches_a_planted_decode_mask_bug(checkpoints, monkeypatch):
+    import importlib
+
+    from benchmarks import teacher_forced
+
+    kv_cache = importlib.import_module(f"{teacher_forced.PLANTED_STAGE}.kv_cache")
+    monkeypatch.setattr(kv_cache, "varlen_attention", kv_cache.varlen_attention)  # restored after the test
+    monkeypatch.setattr(kv_cache.PagedAttention, "decode_attention", kv_cache.PagedAttention.decode_attention)
+    teacher_forced.plant_decode_off_by_one(teacher_forced.PLANTED_STAGE)
+    (_, planted) = teacher_forced.check_kind("dense", checkpoints["dense"], [teacher_forced.PLANTED_STAGE], "cpu", "float32", steps=6)
+    assert not planted["ok"] and planted["max_error"] > 0.1
