@@ -65,7 +65,7 @@ async def run_workload(url: str, workload: Workload, request_rate: float, seed: 
     return list(results), time.perf_counter() - begin
 
 
-def summarize(results: list[dict], seconds: float, request_rate: float) -> dict:
+def summarize(results: list[dict], seconds: float, request_rate: float, input_tokens: int) -> dict:
     ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
     ttft = [r["stamps"][0] - r["start"] for r in results if r["stamps"]]
     itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
@@ -74,7 +74,8 @@ def summarize(results: list[dict], seconds: float, request_rate: float) -> dict:
     return dict(
         request_rate=request_rate if request_rate != float("inf") else "inf",
         requests=len(results), output_tokens=tokens, seconds=round(seconds, 3),
-        output_tokens_per_s=round(tokens / seconds, 2), requests_per_s=round(len(results) / seconds, 3),
+        output_tokens_per_s=round(tokens / seconds, 2), total_tokens_per_s=round((input_tokens + tokens) / seconds, 2),
+        requests_per_s=round(len(results) / seconds, 3),
         ttft_median_ms=ms(statistics.median(ttft) if ttft else None), ttft_p99_ms=ms(percentile(ttft, 99)),
         itl_median_ms=ms(statistics.median(itl) if itl else None), itl_p99_ms=ms(percentile(itl, 99)),
         e2e_median_ms=ms(statistics.median(e2e) if e2e else None), e2e_p99_ms=ms(percentile(e2e, 99)),
@@ -134,9 +135,10 @@ def main(argv=None) -> int:
     finally:
         if server is not None:
             server.stop()
-    summary = summarize(results, seconds, args.request_rate)
+    summary = summarize(results, seconds, args.request_rate, workload.input_tokens)
     report = dict(environment=environment(), workload=workload.description, model=args.model,
-                  engine_flags=args.engine_flags, results=[dict(system="stage11_server", **summary)])
+                  engine_kwargs={"server flags": args.engine_flags} if args.engine_flags else {},
+                  results=[dict(system=f"stage11_server @ {summary['request_rate']} req/s", **summary)])
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
