@@ -54,6 +54,12 @@ class ModelConfig:
         """Qwen3 normalises each query and key head; Qwen2, Llama and Mistral do not."""
         return self.architecture in QWEN3_FAMILY
 
+    def context_note(self, context_length: int) -> str:
+        """Why the context is ``context_length``, when a sliding window set it (for error messages)."""
+        if self.sliding_window is not None and context_length >= self.sliding_window:
+            return f" (its sliding_window={self.sliding_window}: sliding-window attention is served only up to the window)"
+        return ""
+
     def is_moe_layer(self, layer_index: int) -> bool:
         """Whether layer ``layer_index`` uses the sparse expert block (Qwen3-MoE rule)."""
         return (

@@ -260,7 +260,8 @@ class Engine:
             raise ValueError("the prompt is empty; give at least one token")
         if len(ids) >= self.context_length:
             raise ValueError(
-                f"prompt has {len(ids)} tokens but the model's context is {self.context_length}; "
+                f"prompt has {len(ids)} tokens but the model's context is {self.context_length}"
+                f"{self.config.context_note(self.context_length)}; "
                 "shorten it so at least one token can be generated"
             )
         return ids

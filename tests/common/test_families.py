@@ -13,8 +13,8 @@ import torch
 from checkpoints import write_checkpoint
 from common.config import ModelConfig
 from common.loader import load_model
+from conftest import STAGES, stage_engine_class
 from reference import DictCache, load_hf
-from stage04_batching import Engine
 
 
 def test_each_family_switches_on_its_own_parts(checkpoints):
@@ -77,12 +77,17 @@ def test_within_the_window_logits_equal_transformers_sliding_attention(tmp_path,
     assert (full[32:] - load_hf(folder)(longer[None]).logits[0, 32:]).abs().max() > 1e-3
 
 
-def test_engine_refuses_a_prompt_beyond_the_window(tmp_path, builtin_folder):
-    folder = sliding_checkpoint(tmp_path, builtin_folder, "mistral", sliding_window=32)
+@pytest.fixture(scope="module")
+def windowed_checkpoint(tmp_path_factory, builtin_folder):
+    return sliding_checkpoint(tmp_path_factory.mktemp("windowed"), builtin_folder, "mistral", sliding_window=32)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_refuses_a_prompt_beyond_the_window_and_names_it(stage, windowed_checkpoint):
     with pytest.warns(UserWarning):
-        engine = Engine(model_path=str(folder), device="cpu")
+        engine = stage_engine_class(stage)(model_path=str(windowed_checkpoint), device="cpu")
     with engine:
-        with pytest.raises(ValueError, match="context is 32"):
+        with pytest.raises(ValueError, match=r"context is 32 \(its sliding_window=32"):
             engine.generate(list(range(3, 43)), max_tokens=4)
         out = engine.generate(list(range(3, 23)), max_tokens=40, temperature=0, ignore_eos=True)
         assert out.finish_reason == "length" and out.prompt_tokens + out.completion_tokens == 32
