@@ -34,3 +34,17 @@ class DictCache:
         self.k[layer_index] = torch.cat([self.k.get(layer_index, k[:0]), k])
         self.v[layer_index] = torch.cat([self.v.get(layer_index, v[:0]), v])
         return causal_attention(q, self.k[layer_index], self.v[layer_index])
+
+
+class RecordingSampler:
+    """Wraps an engine's sampler and keeps a copy of every logits batch it is handed."""
+
+    def __init__(self, sampler):
+        self.sampler, self.seen = sampler, []
+
+    def __call__(self, logits, *args):
+        self.seen.append(logits.clone())
+        return self.sampler(logits, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)

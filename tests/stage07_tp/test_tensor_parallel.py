@@ -9,6 +9,7 @@ at least 1e-3 apart. The logits test below checks the 1e-5 closeness directly.
 import pytest
 import torch
 
+from reference import RecordingSampler
 from stage07_tp import Engine
 
 pytestmark = pytest.mark.distributed
@@ -21,22 +22,8 @@ def prompts():
     return [torch.randint(3, 49152, (n,), generator=gen).tolist() for n in (4, 33, 15, 70)]
 
 
-class CapturingSampler:
-    """Wraps the engine's sampler and keeps a copy of every logits batch it is given."""
-
-    def __init__(self, sampler):
-        self.sampler, self.seen = sampler, []
-
-    def __call__(self, logits, *args):
-        self.seen.append(logits.clone())
-        return self.sampler(logits, *args)
-
-    def __getattr__(self, name):
-        return getattr(self.sampler, name)
-
-
 def capture_logits(engine):
-    engine.runner.sampler = CapturingSampler(engine.runner.sampler)
+    engine.runner.sampler = RecordingSampler(engine.runner.sampler)
     return engine.runner.sampler.seen
 
 

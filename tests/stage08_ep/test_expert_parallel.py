@@ -9,6 +9,7 @@ tokens on these checkpoints.
 import pytest
 import torch
 
+from reference import RecordingSampler
 from stage08_ep import Engine
 
 pytestmark = pytest.mark.distributed
@@ -70,20 +71,6 @@ def test_experts_must_divide_by_ep_size(checkpoints):
 def test_unequal_tp_and_ep_sizes_are_refused(checkpoints):
     with pytest.raises(ValueError, match="use equal sizes"):
         Engine(model_path=str(checkpoints["moe"]), device="cpu", tp_size=2, ep_size=4)
-
-
-class RecordingSampler:
-    """The engine's sampler, keeping a copy of every logits batch it is handed."""
-
-    def __init__(self, sampler):
-        self.sampler, self.seen = sampler, []
-
-    def __call__(self, logits, *args):
-        self.seen.append(logits.clone())
-        return self.sampler(logits, *args)
-
-    def __getattr__(self, name):
-        return getattr(self.sampler, name)
 
 
 def test_shared_expert_is_added_once_across_ep_ranks(checkpoints):
