@@ -82,8 +82,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)``. With ``cos = [cos, cos]``
     and ``signed_sin = [-sin, sin]`` (``[tokens, head_dim]``, made once per
     forward), that is ``x * cos + swap_halves(x) * signed_sin``; ``roll`` swaps
-    the halves in one kernel. (The usual ``rotate_half`` spelling, a negation
-    and a concatenation, costs two.)
+    the halves in one kernel (the usual ``rotate_half`` spelling, a negation
+    and a concatenation, costs two), and ``addcmul`` multiplies and adds in one.
     """
     cos, signed_sin = cos[:, None, :], signed_sin[:, None, :]
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)

@@ -20,14 +20,18 @@ fixed in advance:
   ``(batch bucket, key bucket)``. Start-up records every batch bucket with
   room for short sequences; a longer key bucket is recorded the first time a
   step needs it;
-* **padding rows** must never change a real row: each writes its K/V into a
-  padding page that no request owns and attends only to that one key.
+* **padding rows** must never change a real row: each is a sequence of one
+  token whose page-table row (one no request can take) points at a padding
+  page that no request owns, so it writes and attends only there;
+* **the plan inside the graph**: which slot each new token's K/V goes to and
+  which slots each sequence's keys are gathered from are computed *by the
+  graph*, from the page tables and the buffers, so a replay redoes them on the
+  device. The host copies only the step's token ids, positions, page-table
+  rows and lengths (``CudaGraphRunner.run``) and launches one replay.
 
-The per-step work left on the host is a handful of tensor copies into the
-buffers and one replay (``CudaGraphRunner.run``). Prefill and mixed steps, batches above
-the largest bucket, and dtypes the flash kernel does not run (fp32) run
-eagerly, as in stage 08. (SGLang's ``CudaGraphRunner``; vLLM and nano-vllm
-capture the same way.)
+Prefill and mixed steps, batches above the largest bucket, and dtypes the
+flash kernel does not run (fp32) run eagerly, as in stage 08. (SGLang's
+``CudaGraphRunner``; vLLM and nano-vllm capture the same way.)
 """
 
 import sys
@@ -54,33 +58,48 @@ def key_bucket(num_keys: int) -> int:
     return max(MIN_KEY_BUCKET, 1 << (num_keys - 1).bit_length())
 
 
-class PackedPlan(PagedAttention):
-    """Stage 08's packed attention plan (slots, key offsets, gathered key slots), on any device."""
-
-    packed = True
-
-
 class StaticAttention(PagedAttention):
-    """The attention backend inside a graph: the same calls as ``PagedAttention``,
-    reading its plan from the fixed buffers that ``CudaGraphRunner.run`` writes before each replay.
+    """The attention backend inside a graph: stage 08's packed attention, with its plan
+    computed on the device from the fixed buffers that ``CudaGraphRunner.run`` fills.
+
+    ``begin_step`` turns each sequence's page-table row and length into the
+    slots its new token is written to and the ``num_keys`` packed key slots
+    attention gathers (keys past the last sequence read the padding slot).
+    Recorded with the forward, it runs again on every replay.
 
     A batch of one sequence takes another kernel. The flash kernel splits its
     work by sequence and KV head, so one sequence gives an H100 only
     ``kv_heads`` blocks of work for 132 SMs (24 us a layer on Qwen3-0.6B).
-    Masked SDPA over the whole key buffer (the memory-efficient kernel, which
-    also splits the keys) takes 11 us: the keys past the sequence are masked out.
+    SDPA over the whole key buffer with an additive mask (0 for the sequence's
+    keys, -inf past them) splits the keys too and takes about 7 us.
     """
 
-    def __init__(self, pool: PagedKVPool, slots, cu_seqlens_q, cu_seqlens_k, key_slots, max_k: int):
-        self.pool, self.slots, self.key_slots = pool, slots, key_slots
-        self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
+    def __init__(self, pool: PagedKVPool, page_tables: DevicePageTables, rows: torch.Tensor, positions: torch.Tensor,
+                 seq_lens: torch.Tensor, num_keys: int, max_k: int, padding_slot: int):
+        self.pool, self.table = pool, page_tables.table
+        self.rows, self.positions, self.seq_lens = rows, positions, seq_lens
+        self.num_keys, self.padding_slot = num_keys, padding_slot
         self.max_q, self.max_k, self.packed_layout = 1, max_k, True
-        self.single_sequence = len(cu_seqlens_q) == 2
+        self.cu_seqlens_q = torch.arange(len(rows) + 1, dtype=torch.int32, device=rows.device)  # one query each
+        self.single_sequence = len(rows) == 1
 
     def begin_step(self) -> None:
-        """Per-step tensors derived from the buffers; recorded into the graph, so they are redone on every replay."""
+        """This step's plan, from the buffers: new-token slots, key ranges, packed key slots."""
+        page, table = self.pool.page_size, self.table
+        self.slots = table[self.rows, self.positions // page] * page + self.positions % page
+        ends = self.seq_lens.cumsum(0)
+        self.cu_seqlens_k = F.pad(ends, (1, 0)).int()  # int32, as the flash kernel takes them
+        key = torch.arange(self.num_keys, device=ends.device)
+        owner = torch.searchsorted(ends, key, right=True)  # the sequence each packed key belongs to
+        real = owner < len(ends)  # keys past the last sequence only fill the buffer
+        owner = owner.clamp(max=len(ends) - 1)
+        key_pos = torch.where(real, key - (ends - self.seq_lens)[owner], 0)  # position in its sequence
+        slots = table[self.rows[owner], key_pos // page] * page + key_pos % page
+        self.key_slots = torch.where(real, slots, self.padding_slot)
         if self.single_sequence:
-            self.key_mask = torch.arange(len(self.key_slots), device=self.key_slots.device) < self.cu_seqlens_k[1]
+            # Made once per step for every layer (SDPA would turn a boolean mask into this in each).
+            zero = torch.zeros((), dtype=self.pool.k.dtype, device=key.device)
+            self.key_bias = torch.where(real, zero, float("-inf"))
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.single_sequence:
@@ -88,11 +107,11 @@ class StaticAttention(PagedAttention):
         k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
         k_pool.index_copy_(0, self.slots, k)
         v_pool.index_copy_(0, self.slots, v)
-        # Masked keys still enter the sums with weight 0, so they must be finite: the buffer's
-        # unused tail holds slots of earlier steps or the padding slot, all written before.
+        # Masked keys still enter the sums with weight 0, so they must be finite: past the
+        # sequence the buffer reads the padding slot, which the runner zeroes at start.
         keys, values = k_pool[self.key_slots].transpose(0, 1), v_pool[self.key_slots].transpose(0, 1)  # [kv_heads, K, d]
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                             attn_mask=self.key_mask[None, None, None, :], enable_gqa=True)  # [1, heads, 1, d]
+                                             attn_mask=self.key_bias[None, None, None, :], enable_gqa=True)  # [1, heads, 1, d]
         return out[0].transpose(0, 1)
 
 
@@ -136,14 +155,18 @@ class CudaGraphRunner:
         self.batch_sizes = batch_buckets(max_bs)
         self.max_bs, self.max_context, self.capture = self.batch_sizes[-1], max_context, capture
         self.padding_slot = padding_page * pool.page_size
+        # Padding rows read and write through a page-table row taken out of the free list for
+        # good, all of whose entries are the padding page (zeroed, so keys read there are finite).
+        self.padding_row = page_tables.free_rows.pop(0)
+        page_tables.table[self.padding_row] = padding_page
+        pool.k[:, self.padding_slot : self.padding_slot + pool.page_size] = 0
+        pool.v[:, self.padding_slot : self.padding_slot + pool.page_size] = 0
         device = pool.k.device
-        # The fixed input buffers. Rows past a batch's size are padding.
-        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
-        self.slots = torch.full((self.max_bs,), self.padding_slot, dtype=torch.int64, device=device)
-        self.cu_seqlens_q = torch.arange(self.max_bs + 1, device=device)  # one query per sequence
-        self.cu_seqlens_k = torch.arange(self.max_bs + 1, device=device)
-        self.key_slots: dict[int, torch.Tensor] = {}  # key bucket -> packed key slots
+        # The fixed input buffers, one column per row of the batch: token id, position,
+        # page-table row, sequence length. Columns past a batch's size are padding rows.
+        self.inputs = torch.zeros(4, self.max_bs, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.seq_rows, self.seq_lens = self.inputs
+        self.padding_inputs = torch.tensor([[0], [0], [self.padding_row], [1]], device=device)  # token 0 at position 0
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
@@ -175,19 +198,18 @@ class CudaGraphRunner:
         """The graph of this bucket, recorded now if this is its first use."""
         if (bs, keys) not in self.graphs:
             start, reserved = time.perf_counter(), self._reserved()
-            if keys not in self.key_slots:
-                self.key_slots[keys] = torch.full((keys,), self.padding_slot, dtype=torch.int64, device=self.pool.k.device)
             # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
-            self.slots[:bs] = self.padding_slot
-            self.cu_seqlens_k[: bs + 1] = self.cu_seqlens_q[: bs + 1]
-            attention = StaticAttention(self.pool, self.slots[:bs], self.cu_seqlens_q[: bs + 1], self.cu_seqlens_k[: bs + 1],
-                                        self.key_slots[keys], max_k=min(keys, self.max_context))
+            self.inputs[:, :bs] = self.padding_inputs
+            attention = StaticAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.positions[:bs],
+                                        self.seq_lens[:bs], keys, max_k=min(keys, self.max_context),
+                                        padding_slot=self.padding_slot)
 
             def forward():
                 attention.begin_step()
                 return self.model(self.input_ids[:bs], self.positions[:bs], attention)
 
             self.graphs[bs, keys] = DecodeGraph(forward, self.capture, self.memory_pool)
+            self.graphs[bs, keys].attention = attention  # its plan, for inspection
             self.capture_seconds += time.perf_counter() - start
             self.memory_bytes += self._reserved() - reserved
         return self.graphs[bs, keys]
@@ -195,26 +217,19 @@ class CudaGraphRunner:
     def run(self, batch: ForwardBatch, bucket: tuple[int, int]) -> torch.Tensor:
         """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
 
-        The plan (each new token's slot, each sequence's packed keys) is
-        stage 08's, computed eagerly in a few tensor calls; only the copies
-        into the fixed buffers are new. Page-table updates were applied by the
-        caller.
+        Four copies of the step's small arrays (already on the device) and
+        one fill of the padding columns; the graph computes the rest.
+        Page-table updates were applied by the caller.
         """
         bs, keys = bucket
         graph = self.graph_for(bs, keys)
-        n, total = batch.header[1], batch.total_keys
-        plan = PackedPlan(self.pool, self.page_tables, batch)
+        n = batch.header[1]
         self.input_ids[:n] = batch.input_ids
         self.positions[:n] = batch.positions
-        self.slots[:n] = plan.slots
-        self.slots[n:bs] = self.padding_slot
-        self.cu_seqlens_k[: n + 1] = plan.cu_seqlens_k
-        # Padding row j (after the n real ones) owns key total + j: the padding slot, which it
-        # has just written itself, so nothing it reads is stale.
-        self.cu_seqlens_k[n + 1 : bs + 1] = torch.arange(total + 1, total + bs - n + 1, device=self.cu_seqlens_k.device)
-        key_slots = self.key_slots[keys]
-        key_slots[:total] = plan.key_slots
-        key_slots[total : total + bs - n] = self.padding_slot
+        self.seq_rows[:n] = batch.seq_rows
+        self.seq_lens[:n] = batch.seq_lens
+        if n < bs:
+            self.inputs[:, n:bs] = self.padding_inputs
         self.replays += 1
         return graph.run()[:n]
 

@@ -16,8 +16,15 @@ from common.sampling import SamplingParams
 from stage09_cuda_graph import Engine
 from stage09_cuda_graph.cuda_graph_runner import MIN_KEY_BUCKET, CudaGraphRunner, batch_buckets, key_bucket
 from stage09_cuda_graph.forward_batch import ForwardBatch
+from stage09_cuda_graph.kv_cache import PagedAttention
 
 GREEDY = dict(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+class PackedPlan(PagedAttention):
+    """Stage 08's plan in the packed (CUDA) layout, on the CPU."""
+
+    packed = True
 
 
 def prompts(count: int, seed: int = 5):
@@ -102,8 +109,7 @@ def test_padding_rows_never_touch_a_real_row(engine_for, checkpoints):
         kv_eager = runner.pool.k.clone()
         runner.pool.k.copy_(kv_before)
         graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 8, 512, capture=False)
-        graphs.input_ids.fill_(777)  # junk where the padding rows will read their inputs
-        graphs.positions.fill_(300)
+        graphs.inputs.fill_(3)  # junk left in the buffers: run() must overwrite every column it uses
         graph_logits = runner.model.compute_logits(graphs.run(batch, graphs.bucket(batch)))
         torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-5, atol=1e-5)
         padding = slice(graphs.padding_slot, graphs.padding_slot + runner.page_size)
@@ -111,6 +117,32 @@ def test_padding_rows_never_touch_a_real_row(engine_for, checkpoints):
         real[padding] = False
         torch.testing.assert_close(runner.pool.k[:, real], kv_eager[:, real], rtol=1e-5, atol=1e-5)  # padding page only
         assert graphs.padding_slot // runner.page_size == runner.allocator.num_pages  # a page no request can own
+
+
+def test_the_plan_computed_in_the_graph_is_stage08s(engine_for, checkpoints):
+    """The slots, key ranges and packed key slots the graph derives from its buffers equal the
+    plan stage 08 builds eagerly; padding rows write and read only the padding slot."""
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", page_size=4) as engine:
+        runner = engine.runner
+        for request_prompt in prompts(5, seed=11):
+            engine.add_request(request_prompt, max_tokens=4, temperature=0, ignore_eos=True)
+        engine.step()
+        running = engine.scheduler.running
+        batch = decode_batch(runner, running)
+        runner.page_tables.apply(batch.update_rows, batch.update_columns, batch.update_pages)
+        eager = PackedPlan(runner.pool, runner.page_tables, batch)
+        graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 8, 512, capture=False)
+        bucket = graphs.bucket(batch)
+        assert bucket[0] == 8  # 5 real rows and 3 padding rows
+        graphs.run(batch, bucket)
+        plan = graphs.graphs[bucket].attention
+        n, total = len(running), batch.total_keys
+        assert plan.slots[:n].tolist() == eager.slots.tolist()
+        assert plan.slots[n:].tolist() == [graphs.padding_slot] * 3
+        assert plan.cu_seqlens_k[: n + 1].tolist() == eager.cu_seqlens_k.tolist()
+        assert plan.key_slots[:total].tolist() == eager.key_slots.tolist()
+        assert set(plan.key_slots[total:].tolist()) == {graphs.padding_slot}  # padding rows' keys and the unused tail
+        assert graphs.padding_row not in runner.page_tables.free_rows  # no request can take the padding row
 
 
 def test_flags_are_validated_and_reach_the_runner(checkpoints):
