@@ -13,6 +13,8 @@ run shared-prefix --workload shared-prefix --compare stage02_paged,stage03_radix
 run random64      --workload random --requests 64 --compare stage04_batching,hf-generate
 # The GPU fast path: correctness first, then where a step goes, then stage06 against transformers.
 python -m benchmarks.gpu_smoke "$QWEN3_LADDER_TOKENIZER" 2>&1 | grep -v -i warn | tail -30
+python -m benchmarks.teacher_forced "$QWEN3_LADDER_TOKENIZER" --out "$out/teacher-forced-bf16.json" 2>&1 | grep -E "^(ok|FAIL|failures)"
+python -m benchmarks.teacher_forced "$QWEN3_LADDER_TOKENIZER" --plant-bug --kinds dense,moe,llama 2>&1 | grep -E "^(FAIL|failures)"
 for t in 0.6 0; do python -m benchmarks.step_profile stage06_scheduling --temperature $t 2>&1 | grep '^{'; done
 run random256     --workload random --compare stage06_scheduling,hf-generate
 # Stage 09: graphs against eager on the same decode batches, then the speed they buy.
