@@ -3,13 +3,19 @@
 Three markers may appear in a page's markdown:
     <!-- stage-diff: stage01_core stage02_paged -->   -> a unified diff per changed file, new files whole
     <!-- walkthrough: 01_forward_pass.py -->          -> the jupytext script rendered as markdown
-    <!-- benchmark-results -->                        -> a table and a chart per benchmarks/results/*.json
+    <!-- benchmark-results -->                        -> summary charts, then a table and a chart per
+                                                           benchmarks/results/*.json (charts: plots.py)
 """
 
 import difflib
 import json
 import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # plots.py, beside this file
+import plots  # noqa: E402
+import walkthrough_output  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DIFF_MARKER = re.compile(r"<!--\s*stage-diff:\s*(\S+)\s+(\S+)\s*-->")
@@ -49,17 +55,28 @@ def render_stage_diff(before: str, after: str) -> str:
 
 
 def render_walkthrough(script: str) -> str:
-    """A jupytext percent script as markdown (markdown cells as text, code cells as code)."""
+    """A jupytext percent script as markdown: prose cells as text, code cells as code, each
+    followed by what it printed when the script ran (``walkthrough_output.py``)."""
     import jupytext
 
-    notebook = jupytext.read(ROOT / "docs" / "walkthroughs" / script)
-    note = f"!!! tip \"Run it\"\n    `python docs/walkthroughs/{script}`\n"
-    return note + "\n" + jupytext.writes(notebook, fmt="md").split("---\n", 2)[-1]
+    path = ROOT / "docs" / "walkthroughs" / script
+    outputs = iter(walkthrough_output.cell_outputs(path))
+    parts = [f"!!! tip \"Run it\"\n    `python docs/walkthroughs/{script}`\n"]
+    for cell in jupytext.read(path).cells:
+        if cell.cell_type == "markdown":
+            parts.append(cell.source)
+        elif cell.cell_type == "code":
+            parts.append(f"```python\n{cell.source}\n```")
+            printed = next(outputs).rstrip()
+            if printed:
+                parts.append(f"```text\n{printed}\n```")
+    return "\n\n".join(parts) + "\n"
 
 
 def render_benchmark_results() -> str:
-    """One section per results file: where it ran, a table of the systems, a bar chart of output tok/s."""
-    sections = []
+    """The summary charts, then one section per results file: where it ran, a table of the
+    systems, a bar chart of output tok/s."""
+    sections = ["## Charts\n", plots.summary_charts(ROOT / "benchmarks" / "results"), "## Every run\n"]
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
         report = json.loads(path.read_text())
         env = report.get("environment", {})
@@ -71,9 +88,8 @@ def render_benchmark_results() -> str:
             notes = "; ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("longest_decode_gap_ms", "prefix_cache_hit_rate") if r.get(k))
             rows.append(f"| {r['system']} | {r['output_tokens_per_s']} | {r['total_tokens_per_s']} | {r['ttft_median_ms'] or ''} "
                         f"| {r['itl_median_ms'] or ''} | {r['itl_p99_ms'] or ''} | {peak} | {notes} |")
-        names = ", ".join(f'"{r["system"]}"' for r in report["results"])
-        values = ", ".join(str(r["output_tokens_per_s"]) for r in report["results"])
-        chart = f"```mermaid\nxychart-beta\n    x-axis [{names}]\n    y-axis \"output tokens/s\"\n    bar [{values}]\n```"
+        chart = plots.bar_chart([r["system"] for r in report["results"]], [r["output_tokens_per_s"] for r in report["results"]],
+                                "output tokens / s")
         note = f"\n_{env['note']}_\n" if env.get("note") else ""
         kwargs = f"; engine options `{json.dumps(report['engine_kwargs'])}`" if report.get("engine_kwargs") else ""
         sections.append(f"### {path.stem}\n\n{report.get('workload', '')}; model `{report.get('model', '')}`{kwargs}. "
