@@ -74,10 +74,10 @@ class StaticAttention(PagedAttention):
     keys, -inf past them) splits the keys too and takes about 7 us.
     """
 
-    def __init__(self, pool: PagedKVPool, page_tables: DevicePageTables, rows: torch.Tensor, positions: torch.Tensor,
-                 seq_lens: torch.Tensor, num_keys: int, max_k: int, padding_slot: int):
+    def __init__(self, pool: PagedKVPool, page_tables: DevicePageTables, rows: torch.Tensor, seq_lens: torch.Tensor,
+                 num_keys: int, max_k: int, padding_slot: int):
         self.pool, self.table = pool, page_tables.table
-        self.rows, self.positions, self.seq_lens = rows, positions, seq_lens
+        self.rows, self.seq_lens = rows, seq_lens
         self.num_keys, self.padding_slot = num_keys, padding_slot
         self.max_q, self.max_k, self.packed_layout = 1, max_k, True
         self.cu_seqlens_q = torch.arange(len(rows) + 1, dtype=torch.int32, device=rows.device)  # one query each
@@ -86,7 +86,6 @@ class StaticAttention(PagedAttention):
     def begin_step(self) -> None:
         """This step's plan, from the buffers: new-token slots, key ranges, packed key slots."""
         page, table = self.pool.page_size, self.table
-        self.slots = table[self.rows, self.positions // page] * page + self.positions % page
         ends = self.seq_lens.cumsum(0)
         self.cu_seqlens_k = F.pad(ends, (1, 0)).int()  # int32, as the flash kernel takes them
         key = torch.arange(self.num_keys, device=ends.device)
@@ -96,6 +95,7 @@ class StaticAttention(PagedAttention):
         key_pos = torch.where(real, key - (ends - self.seq_lens)[owner], 0)  # position in its sequence
         slots = table[self.rows[owner], key_pos // page] * page + key_pos % page
         self.key_slots = torch.where(real, slots, self.padding_slot)
+        self.slots = self.key_slots[ends - 1]  # a decode token is its sequence's last key
         if self.single_sequence:
             # Made once per step for every layer (SDPA would turn a boolean mask into this in each).
             zero = torch.zeros((), dtype=self.pool.k.dtype, device=key.device)
@@ -200,9 +200,8 @@ class CudaGraphRunner:
             start, reserved = time.perf_counter(), self._reserved()
             # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
             self.inputs[:, :bs] = self.padding_inputs
-            attention = StaticAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.positions[:bs],
-                                        self.seq_lens[:bs], keys, max_k=min(keys, self.max_context),
-                                        padding_slot=self.padding_slot)
+            attention = StaticAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs], keys,
+                                        max_k=min(keys, self.max_context), padding_slot=self.padding_slot)
 
             def forward():
                 attention.begin_step()
