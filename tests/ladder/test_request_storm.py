@@ -1,0 +1,144 @@
+"""A request storm against every batching stage (04 on): nothing lost, nothing leaked.
+
+Hundreds of requests arrive a few per step with mixed lengths, shared prefixes
+and sampling settings; some are aborted at random moments; the KV pool is so
+small that requests are retracted and cached prefixes evicted. Afterwards:
+
+* every request finished or was aborted, and each output was collected once;
+* a greedy request produced exactly the tokens it produces alone (stage 03, one
+  request at a time); an aborted greedy request produced a prefix of them;
+* a sampled request stayed within its budget and the vocabulary;
+* with no request left, no radix node is locked, every page-table row is free,
+  and after ``flush_cache()`` every page is back in the free list.
+"""
+
+import inspect
+import random
+
+import pytest
+import torch
+
+from common.sampling import SamplingParams
+from conftest import STAGES, stage_engine_class
+
+STORM_STAGES = [s for s in STAGES if s >= "stage04"]
+PAGE = 4
+POOL_PAGES = 24  # a request needs up to 17 pages: a few at a time fit, so some are retracted
+STEPS = 200
+
+
+def random_tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, 49152) for _ in range(n)]
+
+
+def random_params(rng: random.Random) -> SamplingParams:
+    """Greedy (plain, with penalties, or with filters that greedy ignores) or sampled."""
+    max_tokens = rng.randint(1, 40)
+    kind = rng.choice(["greedy", "greedy", "penalties", "filters", "sampled", "seeded"])
+    if kind == "greedy":
+        return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    if kind == "penalties":
+        return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, repetition_penalty=1.3,
+                              frequency_penalty=0.4, presence_penalty=0.3)
+    if kind == "filters":
+        return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, top_k=5, top_p=0.8)
+    return SamplingParams(max_tokens=max_tokens, temperature=rng.choice([0.6, 1.0, 1.5]), ignore_eos=rng.random() < 0.5,
+                          top_k=rng.choice([-1, 20]), top_p=rng.choice([1.0, 0.9]), min_p=rng.choice([0.0, 0.05]),
+                          seed=rng.randrange(1000) if kind == "seeded" else None)
+
+
+def storm_requests(seed: int = 0) -> list[list[tuple[list[int], SamplingParams]]]:
+    """The requests that arrive before each step: the same storm for every stage."""
+    rng = random.Random(seed)
+    prefixes = [random_tokens(rng, rng.randint(4, 16)) for _ in range(5)]
+    return [[(rng.choice(prefixes)[: rng.randint(0, 16)] + random_tokens(rng, rng.randint(1, 12)), random_params(rng))
+             for _ in range(rng.choice([0, 0, 1, 1, 2, 3]))] for _ in range(STEPS)]
+
+
+@pytest.fixture(scope="module")
+def alone(checkpoints):
+    """Stage 03 serving one request at a time: the tokens a greedy request must produce."""
+    from stage03_radix import Engine as Stage03
+
+    with Stage03(model_path=str(checkpoints["dense"]), device="cpu", page_size=PAGE) as engine:
+        memo = {}
+
+        def tokens(prompt: list[int], params: SamplingParams) -> list[int]:
+            key = (tuple(prompt), repr(params))
+            if key not in memo:
+                memo[key] = engine.generate(prompt, params).token_ids
+            return memo[key]
+
+        yield tokens
+
+
+def small_pool_engine(stage: str, checkpoints):
+    """The stage's engine with a pool of POOL_PAGES pages and its scheduling options turned on."""
+    engine_class = stage_engine_class(stage)
+    options = inspect.signature(engine_class).parameters
+    kwargs = dict(model_path=str(checkpoints["dense"]), device="cpu", page_size=PAGE, max_prefill_tokens=64)
+    if "chunked_prefill_size" in options:
+        kwargs["chunked_prefill_size"] = 16  # long prompts run in chunks beside decodes
+    if "schedule_policy" in options:
+        kwargs["schedule_policy"] = "lpm"  # reorders the queue by cached prefix
+    probe = engine_class(**kwargs)
+    page_bytes = probe.runner.pool.bytes_per_page(probe.config, PAGE, torch.float32)
+    probe.shutdown()
+    return engine_class(kv_cache_bytes=POOL_PAGES * page_bytes, **kwargs)
+
+
+@pytest.mark.parametrize("stage", STORM_STAGES)
+def test_a_storm_with_aborts_and_a_small_pool_loses_and_leaks_nothing(stage, checkpoints, alone):
+    rng = random.Random(1)  # when to abort, and whom
+    with small_pool_engine(stage, checkpoints) as engine:
+        runner, scheduler = engine.runner, engine.scheduler
+        free_rows_at_start = len(runner.page_tables.free_rows)
+        submitted, outputs, aborted = {}, {}, set()
+
+        def collect():
+            for rid in submitted:
+                if rid not in outputs and (out := engine.get_output(rid)) is not None:
+                    outputs[rid] = out
+
+        for arrivals in storm_requests():
+            for prompt, params in arrivals:
+                submitted[engine.add_request(prompt, params)] = (prompt, params)
+            if rng.random() < 0.15:  # abort someone not yet collected: waiting, running or just finished
+                candidates = [rid for rid in submitted if rid not in outputs]
+                if candidates:
+                    rid = rng.choice(candidates)
+                    engine.abort_request(rid)
+                    aborted.add(rid)
+            engine.step()
+            collect()
+        for _ in range(2000):  # bounded: a leak that starves the pool must fail, not hang
+            if not (scheduler.waiting or scheduler.running or getattr(engine, "in_flight", None)):
+                break
+            engine.step()
+            collect()
+        collect()
+
+        assert len(submitted) > 150 and outputs.keys() == submitted.keys(), "a request was lost"
+        assert scheduler.num_retractions > 0, "the pool should have been too small for everyone at once"
+        assert sum(o.cached_tokens for o in outputs.values()) > 0, "shared prefixes should have hit the cache"
+        assert any(outputs[rid].finish_reason == "abort" for rid in aborted)
+        for rid, (prompt, params) in submitted.items():
+            out = outputs[rid]
+            assert len(out.token_ids) <= params.max_tokens
+            assert all(0 <= t < engine.config.vocab_size for t in out.token_ids)
+            if out.finish_reason == "abort":
+                assert rid in aborted
+            if params.temperature == 0:
+                expected = alone(prompt, params)
+                if out.finish_reason == "abort":
+                    assert out.token_ids == expected[: len(out.token_ids)], rid
+                else:
+                    assert out.token_ids == expected, rid
+
+        radix = runner.radix_cache
+        assert all(node.lock_ref == 0 for node in radix._nodes() if node is not radix.root), "a prefix is still locked"
+        assert radix.locked_pages == 0
+        assert len(runner.page_tables.free_rows) == free_rows_at_start, "a page-table row was not returned"
+        assert runner.allocator.num_free + radix.total_pages == runner.allocator.num_pages, "a page was leaked"
+        engine.flush_cache()
+        assert runner.allocator.num_free == runner.allocator.num_pages
