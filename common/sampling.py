@@ -3,7 +3,8 @@
 After the model produces next-token logits ``[batch, vocab]``, each request's
 own ``SamplingParams`` shape its row: penalties for tokens already seen, then
 temperature, then the top-k / top-p / min-p filters, then one random draw.
-``temperature == 0`` means greedy: plain argmax.
+``temperature == 0`` means greedy: plain argmax (so does any temperature below
+``GREEDY_BELOW``, where dividing the logits would overflow).
 
 The whole batch goes through these steps together, as a few tensor calls,
 whatever mix of settings its rows have: a step's sampling costs the same
@@ -18,6 +19,10 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from common.device_copy import copy_to_device
+
+# Temperatures below this sample greedily: logits / 1e-300 is inf, and softmax of inf is NaN.
+# (vLLM draws the line at the same value.)
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -40,8 +45,11 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        # None means none; tuples become lists; anything else is left for validate() to refuse.
+        if self.stop is None or isinstance(self.stop, tuple):
+            self.stop = list(self.stop or [])
+        if self.stop_token_ids is None or isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
 
     @classmethod
@@ -83,16 +91,20 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, "must be in [-2, 2]")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            bad("stop", "stop strings must be non-empty strings")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", "must be non-negative token ids")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "must be an integer or None")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be a non-empty string or a list of them")
+        if not isinstance(self.stop_token_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            bad("stop_token_ids", "must be a list of non-negative token ids")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64
+        ):
+            bad("seed", "must be None or an integer that fits in 64 bits")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_penalties(self) -> bool:

@@ -225,3 +225,27 @@ def test_unknown_keyword_is_refused():
 
 def test_single_stop_string_becomes_a_list():
     assert SamplingParams(stop="\n").stop == ["\n"]
+
+
+def test_a_temperature_too_small_to_divide_by_samples_greedily():
+    # 1e-300 is 0 in fp32: dividing the logits by it gave inf, softmax NaN, and token 0 every time.
+    assert SamplingParams(temperature=1e-300).greedy and SamplingParams(temperature=1e-6).greedy
+    assert not SamplingParams(temperature=1e-4).greedy
+
+
+@pytest.mark.parametrize("seed", [True, 2**64, -(2**63) - 1, 1.5, "7"])
+def test_a_seed_must_be_a_64_bit_integer(seed):
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=seed)
+
+
+@pytest.mark.parametrize("stop", [5, True, {"a": 1}, [""], ["ok", 3]])
+def test_stop_must_be_strings(stop):
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=stop)
+
+
+@pytest.mark.parametrize("ids", [1, False, [True], [-1], [1.0]])
+def test_stop_token_ids_must_be_a_list_of_ids(ids):
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=ids)

@@ -63,3 +63,93 @@ def test_a_shut_down_engine_says_so(stage, checkpoints):
         pass
     with pytest.raises(ValueError, match="shut down"):
         engine.generate("x")
+
+
+# ----- random input: every call either works or raises ValueError, and the engine serves on -----
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.integers(-3, 60),
+    st.floats(allow_nan=True, allow_infinity=True), st.floats(-3, 3), st.text(max_size=4),
+    st.lists(st.integers(-5, 10**6), max_size=3), st.lists(st.text(max_size=3), max_size=2),
+)
+PLAUSIBLE = {  # values a careful user might send
+    "max_tokens": st.integers(0, 8), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(-1, 60), "min_p": st.floats(0, 1), "repetition_penalty": st.floats(0.5, 2),
+    "frequency_penalty": st.floats(-2, 2), "presence_penalty": st.floats(-2, 2),
+    "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=2)),
+    "stop_token_ids": st.lists(st.integers(0, 49151), max_size=3), "ignore_eos": st.booleans(),
+    "seed": st.one_of(st.none(), st.integers(0, 2**31)),
+}
+# Plausible keywords, then up to two of them (or unknown names) replaced by anything at all.
+PARAMS = st.builds(lambda plausible, absurd: {**plausible, **absurd}, st.fixed_dictionaries({}, optional=PLAUSIBLE),
+                   st.dictionaries(st.sampled_from([*PLAUSIBLE, "temp", "n"]), ANY_VALUE, max_size=2))
+# Mostly plausible values (so that many calls run), some of them just out of range, some absurd.
+PROMPTS = st.one_of(
+    st.lists(st.integers(0, 49151), min_size=1, max_size=12), st.text(min_size=1, max_size=20),
+    st.lists(st.integers(-10, 49160), max_size=12), st.lists(st.integers(-(10**20), 10**20), max_size=3),
+    st.lists(st.booleans(), max_size=3), st.floats(), st.none(), st.just(""),
+)
+BASELINE = {}  # stage -> the tokens of a fixed greedy request, before any random input
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(prompt=PROMPTS, params=PARAMS)
+def test_random_input_works_or_raises_value_error_and_the_engine_still_serves(stage, engine_for, prompt, params):
+    engine = engine_for(stage, "dense")
+    if stage not in BASELINE:
+        BASELINE[stage] = engine.generate("still fine", max_tokens=4, temperature=0, ignore_eos=True).token_ids
+    params = dict(params)
+    if isinstance(params.get("max_tokens"), int) and not isinstance(params["max_tokens"], bool):
+        params["max_tokens"] = min(params["max_tokens"], 8)  # a huge budget is valid, just slow here
+    try:
+        out = engine.generate(prompt, **params)
+    except ValueError:
+        event("refused")
+    else:
+        event("served")
+        assert len(out.token_ids) <= params.get("max_tokens", 128)
+        assert all(0 <= t < engine.config.vocab_size for t in out.token_ids)
+    after = engine.generate("still fine", max_tokens=4, temperature=0, ignore_eos=True)
+    assert after.token_ids == BASELINE[stage]
+
+
+# ----- the command line: each bad flag value gets a clear message on stderr and exit status 2 -----
+
+BAD_FLAGS = [
+    (["--max-tokens", "-1"], "max_tokens"), (["--temperature", "nan"], "temperature"), (["--top-p", "0"], "top_p"),
+    (["--top-k", "-7"], "top_k"), (["--min-p", "2"], "min_p"), (["--repetition-penalty", "0"], "repetition_penalty"),
+    (["--frequency-penalty", "3"], "frequency_penalty"), (["--presence-penalty", "-3"], "presence_penalty"),
+    (["--stop", ""], "stop"), (["--context-length", "0"], "context_length"), (["--device", "tpu"], "device"),
+    (["--model-path", "/no/such/model"], "model path"), (["--page-size", "0"], "page_size"),
+    (["--kv-cache-bytes", "10"], "kv_cache_bytes"), (["--max-prefill-tokens", "0"], "max_prefill_tokens"),
+    (["--chunked-prefill-size", "0"], "chunked_prefill_size"), (["--tp-size", "0"], "tp_size"),
+    (["--ep-size", "0"], "ep_size"), (["--cuda-graph-max-bs", "0"], "cuda_graph_max_bs"),
+    (["--temperature", "hot"], "invalid float value"), (["--dtype", "int8"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_bad_flag_gets_a_clear_error_and_status_2(stage, checkpoints, capsys):
+    import importlib
+
+    cli = importlib.import_module(f"{stage}.__main__")
+    known = cli.build_parser()._option_string_actions
+    tried = 0
+    for flags, message in BAD_FLAGS + [([], "empty")]:
+        if flags and flags[0] not in known:
+            continue  # a later stage's flag
+        prompt = "hello" if flags else ""
+        argv = [prompt, "--max-tokens", "2"] + (["--model-path", str(checkpoints["dense"])] if "--model-path" not in flags else []) + flags
+        try:
+            status = cli.main(argv)
+        except SystemExit as exit_:  # argparse refuses values of the wrong type itself
+            status = exit_.code
+        err = capsys.readouterr().err
+        assert status == 2, (flags, err)
+        assert message in err and "Traceback" not in err, (flags, err)
+        tried += 1
+    assert tried >= 12

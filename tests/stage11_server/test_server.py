@@ -24,10 +24,13 @@ from pathlib import Path
 
 import openai
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT
 from stage10_overlap import Engine as Stage10Engine
 from stage11_server.__main__ import main
+from test_bad_input import ANY_VALUE, PARAMS as RANDOM_PARAMS, PROMPTS as RANDOM_PROMPTS  # the Python API's random inputs
 
 CONTEXT = 256  # small, so a too-long prompt is cheap to send
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are"]
@@ -290,8 +293,29 @@ def test_too_long_prompt_error_names_the_context(server):
         server.client.completions.create(model="m", prompt="hello " * (CONTEXT + 10), max_tokens=4)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=st.one_of(
+    st.builds(lambda prompt, params: {"prompt": prompt, **params}, RANDOM_PROMPTS, RANDOM_PARAMS),
+    st.builds(lambda content, params: {"messages": [{"role": "user", "content": content}], **params}, RANDOM_PROMPTS, RANDOM_PARAMS),
+    ANY_VALUE,
+))
+def test_random_bodies_get_200_or_a_400_error_never_a_crash(server, body):
+    """Random JSON (the Python API's random values, as OpenAI fields) is answered or refused, nothing else."""
+    if isinstance(body, dict):
+        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] > 4:
+            body["max_tokens"] = 4  # a long answer is valid, just slow here
+        body.pop("stream", None)
+    route = "chat/completions" if isinstance(body, dict) and "messages" in body else "completions"
+    status, answer = http("POST", f"{server.url}/v1/{route}", json.dumps(body).encode())
+    event(f"{route}: {status}")
+    assert status in (200, 400), (status, answer)
+    if status == 400:
+        error = json.loads(answer)["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+
+
 def test_server_still_serves_after_bad_requests(server, reference):
-    for body in BAD_BODIES.values():
+    for body in BAD_BODIES.values():  # (the random bodies above ran before this too)
         http("POST", f"{server.url}/v1/completions", body)
     response = server.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=6, temperature=0)
     assert response.choices[0].text == reference.generate(PROMPTS[0], max_tokens=6, temperature=0).text
