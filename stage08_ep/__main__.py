@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--chunked-prefill-size", type=int, default=2048, help="prompt tokens per step (-1: no chunking)")
     engine.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (processes; one GPU each on CUDA)")
     engine.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks for MoE models (equal to --tp-size, or alone)")
+    engine.add_argument("--dist-timeout", type=float, default=30.0, help="seconds rank 0 waits for a worker in a step before failing")
     engine.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm", "dfs-weight", "lof", "random"])
     engine.add_argument("--disable-radix-cache", action="store_true", help="do not reuse cached prompt prefixes")
     engine.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: 512 MiB on CPU, 80%% of free GPU memory)")
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
                     page_size=args.page_size, kv_cache_bytes=args.kv_cache_bytes,
                     disable_radix_cache=args.disable_radix_cache, max_prefill_tokens=args.max_prefill_tokens,
                     chunked_prefill_size=args.chunked_prefill_size, schedule_policy=args.schedule_policy,
-                    tp_size=args.tp_size, ep_size=args.ep_size) as engine:
+                    tp_size=args.tp_size, ep_size=args.ep_size, dist_timeout=args.dist_timeout) as engine:
             prompt = engine.tokenizer.apply_chat_template(args.prompt) if args.chat else args.prompt
             if args.no_stream:
                 print(engine.generate(prompt, **sampling).text)

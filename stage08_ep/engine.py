@@ -26,7 +26,7 @@ import torch
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from .model_runner import ModelRunner
-from .parallel import WorkerGroup
+from .parallel import WorkerFailure, WorkerGroup
 from .request import GenerateOutput, Request
 from .schedule_policy import SchedulePolicy
 from .scheduler import Scheduler
@@ -79,6 +79,7 @@ class Engine:
         schedule_policy: str = "fcfs",
         tp_size: int = 1,
         ep_size: int = 1,
+        dist_timeout: float = 30.0,
     ):
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size={page_size!r} must be a positive integer")
@@ -91,6 +92,8 @@ class Engine:
         for name, value in (("tp_size", tp_size), ("ep_size", ep_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or not dist_timeout > 0:
+            raise ValueError(f"dist_timeout={dist_timeout!r} must be a positive number of seconds")
         world = max(tp_size, ep_size)  # the expert-parallel ranks are the tensor-parallel ranks
         if tp_size not in (1, world) or ep_size not in (1, world):
             raise ValueError(f"tp_size={tp_size} and ep_size={ep_size}: use equal sizes, or 1 for either")
@@ -102,9 +105,10 @@ class Engine:
             tp_size=tp_size, ep_size=ep_size,
         )
         self.runner = make_runner(tp_rank=0)
-        self.workers = None
+        self.workers, self.worker_failure = None, None  # worker_failure: why a worker failed, once one has
         if world > 1:  # ranks 1.. load their shards in their own processes, with rank 0's pool size
-            self.workers = WorkerGroup(world, self.device, functools.partial(make_runner, num_pages=self.runner.pool.num_pages))
+            self.workers = WorkerGroup(world, self.device, functools.partial(make_runner, num_pages=self.runner.pool.num_pages),
+                                       timeout_s=dist_timeout)
         self.config = self.runner.config
         self.tokenizer = Tokenizer(self.runner.model_folder)
         self.context_length = self.config.max_position_embeddings
@@ -150,7 +154,7 @@ class Engine:
     def step(self) -> dict[int, str]:
         """Run one scheduler step; return the new text of each request added with ``add_request``."""
         with self._lock:
-            self._step()
+            self._checked_step()
             return {rid: piece for rid, r in self._by_id.items() if (piece := r.take_stream_piece())}
 
     def abort_request(self, request_id: int) -> None:
@@ -187,7 +191,7 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the worker ranks and release the model and cached memory."""
         if getattr(self, "workers", None) is not None:
-            self.workers.shutdown()
+            self.workers.shutdown(graceful=self.worker_failure is None)
             self.workers = None
         self.runner = self.scheduler = None
         if self.device.type == "cuda":
@@ -268,7 +272,7 @@ class Engine:
                 with self._lock:
                     done = all(r.finished for r in requests)
                     if not done:
-                        self._step()
+                        self._checked_step()
                 for request in requests:
                     piece = request.take_stream_piece()
                     if piece:
@@ -280,6 +284,23 @@ class Engine:
                 for request in requests:
                     if not request.finished:
                         self.scheduler.abort(request)
+
+    def _checked_step(self) -> None:
+        """``_step``, with a failed parallel worker turned into one clear error that lasts.
+
+        A rank that died, hangs or raised leaves rank 0 failing in a collective,
+        or waiting in one until ``dist_timeout`` runs out. Without that rank the
+        engine cannot go on: this step and every later one raise ``WorkerFailure``.
+        """
+        if self.worker_failure is not None:
+            raise WorkerFailure(self.worker_failure)
+        try:
+            self._step()
+        except RuntimeError as error:
+            if self.workers is None:
+                raise
+            self.worker_failure = self.workers.describe_failure(error)
+            raise WorkerFailure(self.worker_failure) from error
 
     def _step(self) -> None:
         """One forward step for the batch the scheduler forms, then retire finished requests."""

@@ -42,6 +42,7 @@ so each rank reads only its own bytes from the safetensors files.
 """
 
 import dataclasses
+import datetime
 import os
 import queue
 import socket
@@ -55,11 +56,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
-from common.device_copy import copy_to_device
 from common.qwen3 import MLP, SparseMoE
 from .forward_batch import HEADER_SIZE, ForwardBatch
 
 STOP = -1  # a header of these tells the workers to exit
+
+# Workers wait for the next step on a group of their own, on the CPU (gloo), with no timeout
+# worth the name: an engine may sit idle for days. Every other collective runs on the default
+# group, whose timeout (``dist_timeout``) bounds how long rank 0 waits for a rank that died or hangs.
+_step_group = None
+IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 def tp_group_active() -> bool:
@@ -236,27 +242,57 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def init_process_group(device: torch.device, rank: int, size: int, port: int) -> None:
+def init_process_group(device: torch.device, rank: int, size: int, port: int, timeout_s: float) -> None:
+    global _step_group
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    _step_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
-def worker_main(rank: int, size: int, port: int, ready, make_runner) -> None:
-    """A rank > 0: load its shard, report, then run every forward rank 0 broadcasts."""
+def injected_fault(rank: int):
+    """Test hook: ``QWEN3_LADDER_WORKER_FAULT="RANK:raise@STEP"`` (or ``hang@STEP``) makes
+    that rank fail at its STEP-th forward. Returns ``check(step)``, or None."""
+    spec = os.environ.get("QWEN3_LADDER_WORKER_FAULT", "")
+    if not spec.startswith(f"{rank}:"):
+        return None
+    kind, at = spec.split(":", 1)[1].split("@")
+
+    def check(step: int) -> None:
+        if step == int(at):
+            if kind == "hang":
+                time.sleep(10**6)
+            raise RuntimeError(f"rank {rank} was told to fail at step {step}")
+
+    return check
+
+
+def worker_main(rank: int, size: int, port: int, reports, make_runner, timeout_s: float) -> None:
+    """A rank > 0: load its shard, report, then run every forward rank 0 broadcasts.
+
+    An error in a step is reported too (rank 0 quotes it) before the process exits.
+    """
     try:
         if os.environ.get("QWEN3_LADDER_FAIL_RANK") == str(rank):  # fault injection for the tests
             raise RuntimeError(f"rank {rank} was told to fail at start-up")
         runner = make_runner(tp_rank=rank)
     except BaseException:
-        ready.put((rank, traceback.format_exc()))
+        reports.put((rank, traceback.format_exc()))
         return
-    ready.put((rank, None))
-    init_process_group(runner.device, rank, size, port)
+    reports.put((rank, None))
+    init_process_group(runner.device, rank, size, port, timeout_s)
+    fault, step = injected_fault(rank), 0
     try:
         while (batch := broadcast_batch(None, runner.device)) is not None:
+            step += 1
+            if fault:
+                fault(step)
             runner.forward(batch)
+    except BaseException:
+        reports.put((rank, traceback.format_exc()))
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -265,18 +301,18 @@ def broadcast_batch(batch: ForwardBatch | None, device: torch.device) -> Forward
     """Rank 0 sends the step's ForwardBatch (None: stop); the other ranks receive it.
 
     Two tensor broadcasts, no pickling: first the header (the batch's sizes),
-    so a receiver knows how long the packed tensor is, then the packed tensor
-    itself, which is already on rank 0's device.
+    on the CPU step group the workers idle on, so a receiver knows how long
+    the packed tensor is; then the packed tensor itself, which is already on
+    rank 0's device.
     """
     if dist.get_rank() == 0:
-        header = batch.header if batch is not None else [STOP] * HEADER_SIZE
-        (header_tensor,) = copy_to_device([header], device)
-        dist.broadcast(header_tensor, src=0)
+        header = torch.tensor(batch.header if batch is not None else [STOP] * HEADER_SIZE)
+        dist.broadcast(header, src=0, group=_step_group)
         if batch is not None:
             dist.broadcast(batch.packed, src=0)
         return batch
-    header_tensor = torch.empty(HEADER_SIZE, dtype=torch.int64, device=device)
-    dist.broadcast(header_tensor, src=0)
+    header_tensor = torch.empty(HEADER_SIZE, dtype=torch.int64)
+    dist.broadcast(header_tensor, src=0, group=_step_group)
     header = header_tensor.tolist()
     if header[0] == STOP:
         return None
@@ -285,15 +321,19 @@ def broadcast_batch(batch: ForwardBatch | None, device: torch.device) -> Forward
     return ForwardBatch.from_packed(packed, header)
 
 
+class WorkerFailure(RuntimeError):
+    """A parallel worker died, hung or raised mid-serve: the engine cannot go on without it."""
+
+
 class WorkerGroup:
     """Ranks 1..N-1 as spawned processes; rank 0 is the engine's own process."""
 
-    def __init__(self, size: int, device: torch.device, make_runner, start_timeout: float = 600.0):
-        self.size, self.port, self.device = size, free_port(), rank_device(device, 0)
+    def __init__(self, size: int, device: torch.device, make_runner, timeout_s: float = 30.0, start_timeout: float = 600.0):
+        self.size, self.port, self.device, self.timeout_s = size, free_port(), rank_device(device, 0), timeout_s
         context = mp.get_context("spawn")
-        ready = context.Queue()
+        self.reports = ready = context.Queue()  # (rank, None) once started; (rank, traceback) on an error
         self.processes = [
-            context.Process(target=worker_main, args=(rank, size, self.port, ready, make_runner), daemon=True)
+            context.Process(target=worker_main, args=(rank, size, self.port, ready, make_runner, timeout_s), daemon=True)
             for rank in range(1, size)
         ]
         for process in self.processes:
@@ -311,21 +351,39 @@ class WorkerGroup:
                 self.kill()
                 raise RuntimeError(f"tensor-parallel rank {rank} failed to start:\n{error}")
             pending.discard(rank)
-        init_process_group(self.device, 0, size, self.port)
+        init_process_group(self.device, 0, size, self.port, timeout_s)
+
+    def describe_failure(self, error: Exception) -> str:
+        """Why a step's collective failed: a worker's own error, a worker gone, or a timeout."""
+        try:  # a worker that raised reports it as it exits: give the report a moment to arrive
+            rank, trace = self.reports.get(timeout=2.0)
+            what = f"rank {rank} raised during a step:\n{trace}"
+        except queue.Empty:
+            dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, 1) if not p.is_alive()]
+            if dead:
+                what = f"rank {dead[0][0]} died mid-serve (exit code {dead[0][1]})"
+            else:
+                what = f"a rank did not answer within dist_timeout={self.timeout_s:g} s ({error})"
+        return f"a parallel worker failed: {what}\nThe engine cannot continue; shut it down and start a new one."
 
     def kill(self) -> None:
         for process in self.processes:
             process.kill()
             process.join(timeout=5)
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
         """Tell the workers to stop, leave the process group, wait for them.
 
         The group is left before waiting: on NCCL a worker's own exit from the
         group waits for rank 0's, so waiting first would stall until the timeout.
+        After a failure (``graceful=False``) the workers are killed first: a
+        hung one would never read the stop message.
         """
+        if not graceful:
+            self.kill()
         try:
-            broadcast_batch(None, self.device)
+            if graceful:
+                broadcast_batch(None, self.device)
         finally:
             dist.destroy_process_group()
             for process in self.processes:

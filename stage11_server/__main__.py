@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--chunked-prefill-size", type=int, default=2048, help="prompt tokens per step (-1: no chunking)")
     engine.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (processes; one GPU each on CUDA)")
     engine.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks for MoE models (equal to --tp-size, or alone)")
+    engine.add_argument("--dist-timeout", type=float, default=30.0, help="seconds rank 0 waits for a worker in a step before failing")
     engine.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm", "dfs-weight", "lof", "random"])
     engine.add_argument("--disable-radix-cache", action="store_true", help="do not reuse cached prompt prefixes")
     engine.add_argument("--cuda-graph-max-bs", type=int, default=CUDA_GRAPH_MAX_BS, help="largest decode batch run as a CUDA graph")
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         seed=args.seed, page_size=args.page_size, kv_cache_bytes=args.kv_cache_bytes,
         disable_radix_cache=args.disable_radix_cache, max_prefill_tokens=args.max_prefill_tokens,
         chunked_prefill_size=args.chunked_prefill_size, schedule_policy=args.schedule_policy,
-        tp_size=args.tp_size, ep_size=args.ep_size, disable_cuda_graph=args.disable_cuda_graph,
+        tp_size=args.tp_size, ep_size=args.ep_size, dist_timeout=args.dist_timeout, disable_cuda_graph=args.disable_cuda_graph,
         cuda_graph_max_bs=args.cuda_graph_max_bs, disable_overlap_schedule=args.disable_overlap_schedule,
     )
     sampling = dict(

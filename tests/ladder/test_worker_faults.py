@@ -1,0 +1,99 @@
+"""A parallel worker that dies, hangs or raises mid-serve: a clear error, in bounded time, no process left.
+
+Rank 0 is the engine's own process; ranks 1.. are spawned workers that run
+every step with it (gloo on the CPU here). Without a bound, rank 0 would wait
+in a collective for a rank that never comes, for gloo's default 30 minutes.
+"""
+
+import importlib
+import inspect
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import STAGES, stage_engine_class
+
+PARALLEL_STAGES = [s for s in STAGES if "tp_size" in inspect.signature(stage_engine_class(s)).parameters]
+PROMPT = [5, 17, 300, 42, 9]
+GREEDY = dict(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def start(stage, checkpoints, kind="dense", **kwargs):
+    kwargs.setdefault("tp_size", 2)
+    return stage_engine_class(stage)(model_path=str(checkpoints[kind]), device="cpu", **kwargs)
+
+
+def assert_no_worker_left(processes):
+    for process in processes:
+        assert not process.is_alive(), f"worker {process.pid} outlived shutdown()"
+
+
+def assert_fails_for_good(engine, match):
+    failure = importlib.import_module(f"{type(engine).__module__.split('.')[0]}.parallel").WorkerFailure
+    with pytest.raises(failure, match=match):
+        engine.generate(PROMPT, **GREEDY)
+    with pytest.raises(failure, match=match):  # the engine stays failed; nothing waits again
+        engine.generate(PROMPT, **GREEDY)
+
+
+@pytest.mark.parametrize("stage", PARALLEL_STAGES)
+def test_a_killed_worker_fails_the_next_step_at_once(stage, checkpoints):
+    engine = start(stage, checkpoints, dist_timeout=60)
+    processes = engine.workers.processes
+    try:
+        engine.generate(PROMPT, **GREEDY)
+        os.kill(processes[0].pid, signal.SIGKILL)
+        processes[0].join(timeout=10)
+        began = time.monotonic()
+        assert_fails_for_good(engine, r"rank 1 died mid-serve \(exit code -9\)")
+        assert time.monotonic() - began < 30, "the dead rank should be noticed long before dist_timeout"
+    finally:
+        engine.shutdown()
+    assert_no_worker_left(processes)
+
+
+def test_a_worker_raising_in_a_step_is_quoted(checkpoints, monkeypatch):
+    monkeypatch.setenv("QWEN3_LADDER_WORKER_FAULT", "1:raise@3")
+    engine = start("stage07_tp", checkpoints, dist_timeout=60)
+    processes = engine.workers.processes
+    try:
+        began = time.monotonic()
+        assert_fails_for_good(engine, r"(?s)rank 1 raised during a step.*told to fail at step 3")
+        assert time.monotonic() - began < 30
+    finally:
+        engine.shutdown()
+    assert_no_worker_left(processes)
+
+
+def test_a_hung_worker_fails_the_step_after_dist_timeout(checkpoints, monkeypatch):
+    monkeypatch.setenv("QWEN3_LADDER_WORKER_FAULT", "1:hang@3")
+    engine = start("stage07_tp", checkpoints, dist_timeout=3)
+    processes = engine.workers.processes
+    try:
+        began = time.monotonic()
+        assert_fails_for_good(engine, r"did not answer within dist_timeout=3 s")
+        assert 3 <= time.monotonic() - began < 3 + 20
+    finally:
+        engine.shutdown()  # the hung worker never reads a stop message: it is killed
+    assert_no_worker_left(processes)
+
+
+def test_an_expert_parallel_worker_failure_is_caught_too(checkpoints, monkeypatch):
+    monkeypatch.setenv("QWEN3_LADDER_WORKER_FAULT", "1:raise@2")
+    engine = start("stage08_ep", checkpoints, kind="moe", tp_size=1, ep_size=2, dist_timeout=60)
+    processes = engine.workers.processes
+    try:
+        assert_fails_for_good(engine, r"(?s)rank 1 raised during a step.*told to fail at step 2")
+    finally:
+        engine.shutdown()
+    assert_no_worker_left(processes)
+
+
+def test_idle_workers_wait_longer_than_dist_timeout(checkpoints):
+    """The timeout bounds a step, not the wait for the next one: an engine may sit idle for days."""
+    with start("stage07_tp", checkpoints, dist_timeout=2) as engine:
+        first = engine.generate(PROMPT, **GREEDY).token_ids
+        time.sleep(5)
+        assert engine.generate(PROMPT, **GREEDY).token_ids == first
