@@ -11,12 +11,15 @@ from collections.abc import Iterator
 
 import torch
 
+from common.memory import out_of_memory_error
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from .model_runner import ModelRunner
 from .request import GenerateOutput, Request
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a user can change when a step does not fit in device memory (common/memory.py).
+OUT_OF_MEMORY_HINT = "shorten the prompts or send fewer at once"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -149,7 +152,10 @@ class Engine:
             self.runner.allocate_cache(request)
         try:
             while active:
-                next_tokens = self.runner.step(active)
+                try:
+                    next_tokens = self.runner.step(active)
+                except torch.OutOfMemoryError:  # the finally below frees their caches
+                    raise out_of_memory_error(active, OUT_OF_MEMORY_HINT) from None
                 for request, token in zip(active, next_tokens):
                     request.append_token(token)
                     piece = request.take_stream_piece()

@@ -133,6 +133,11 @@ class ModelRunner:
         request.page_table, request.prefix_node = [], None
         self.page_tables.release_row(request)
 
+    def forget_step(self, request: Request) -> None:
+        """After a failed forward: trust only the K/V the prefix cache lent, so none of the
+        step's half-written pages is cached when the request's pages are freed."""
+        request.num_cached = request.cached_tokens
+
     def flush_cache(self) -> None:
         if self.radix_cache is not None:
             self.radix_cache.flush()

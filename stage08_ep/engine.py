@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
+from common.memory import out_of_memory_error
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from .model_runner import ModelRunner
@@ -32,6 +33,8 @@ from .schedule_policy import SchedulePolicy
 from .scheduler import Scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a user can change when a step does not fit in device memory (common/memory.py).
+OUT_OF_MEMORY_HINT = "give activations more room (a smaller kv_cache_bytes) or prefill in smaller chunks (chunked_prefill_size)"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -278,6 +281,9 @@ class Engine:
                     if piece:
                         yield request, piece
                 if done:
+                    failed = next((r.error for r in requests if r.error), None)
+                    if failed:
+                        raise ValueError(failed)
                     return
         finally:  # a stream abandoned midway: stop its request and release its pages
             with self._lock:
@@ -302,12 +308,26 @@ class Engine:
             self.worker_failure = self.workers.describe_failure(error)
             raise WorkerFailure(self.worker_failure) from error
 
+    def _fail_step(self, batch: list[Request], error: ValueError) -> None:
+        """Stop every request of a step whose forward failed; their callers get ``error``.
+
+        None of the step's K/V is trusted, so none of it is cached.
+        """
+        for request in batch:
+            self.runner.forget_step(request)
+            request.error = str(error)
+            self.scheduler.abort(request)
+
     def _step(self) -> None:
         """One forward step for the batch the scheduler forms, then retire finished requests."""
         batch, new_lengths = self.scheduler.next_batch()
         if not batch:
             return
-        next_tokens = self.runner.step(batch, new_lengths)
+        try:
+            next_tokens = self.runner.step(batch, new_lengths)
+        except torch.OutOfMemoryError:
+            self._fail_step(batch, out_of_memory_error(batch, OUT_OF_MEMORY_HINT))
+            return
         for request, token in zip(batch, next_tokens):
             if token is not None:  # None: only a chunk of its prompt ran
                 request.append_token(token)

@@ -47,6 +47,7 @@ class Request:
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.all_ids = list(prompt_ids)  # prompt then output, kept as one list (read every step)
+        self.error = None  # why the engine stopped it, when a step failed (out of memory)
         self.params = params
         self.sampling = sampling  # the sampler's per-request state (seeded generator, penalty counts)
         self.context_length = context_length

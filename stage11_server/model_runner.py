@@ -202,6 +202,11 @@ class ModelRunner:
         request.pages_on_device = min(request.pages_on_device, request.shared_pages)
         request.prefix_node, request.shared_pages = node, cached_pages
 
+    def forget_step(self, request: Request) -> None:
+        """After a failed forward: trust only the K/V the prefix cache holds for this request,
+        so none of the step's half-written pages is cached when its pages are freed."""
+        request.num_cached = request.shared_pages * self.page_size
+
     def flush_cache(self) -> None:
         if self.radix_cache is not None:
             self.radix_cache.flush()
