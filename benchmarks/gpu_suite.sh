@@ -14,6 +14,7 @@ run random64      --workload random --requests 64 --compare stage04_batching,hf-
 # The GPU fast path: correctness first, then where a step goes, then stage06 against transformers.
 python -m benchmarks.gpu_smoke "$QWEN3_LADDER_TOKENIZER" 2>&1 | grep -v -i warn | tail -30
 python -m benchmarks.teacher_forced "$QWEN3_LADDER_TOKENIZER" --out "$out/teacher-forced-bf16.json" 2>&1 | grep -E "^(ok|FAIL|failures)"
+python -m benchmarks.gpu_out_of_memory 2>&1 | grep -E "^(ok|FAIL|info|failures)"
 python -m benchmarks.teacher_forced "$QWEN3_LADDER_TOKENIZER" --plant-bug --kinds dense,moe,llama 2>&1 | grep -E "^(FAIL|failures)"
 for t in 0.6 0; do python -m benchmarks.step_profile stage06_scheduling --temperature $t 2>&1 | grep '^{'; done
 run random256     --workload random --compare stage06_scheduling,hf-generate
