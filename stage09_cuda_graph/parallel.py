@@ -363,8 +363,10 @@ class WorkerGroup:
             dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, 1) if not p.is_alive()]
             if dead:
                 what = f"rank {dead[0][0]} died mid-serve (exit code {dead[0][1]})"
-            else:
+            elif "timed out" in str(error).lower() or "timeout" in str(error).lower():
                 what = f"a rank did not answer within dist_timeout={self.timeout_s:g} s ({error})"
+            else:  # no worker died or reported: rank 0's own step failed
+                what = f"rank 0's step failed ({error})"
         return f"a parallel worker failed: {what}\nThe engine cannot continue; shut it down and start a new one."
 
     def kill(self) -> None:
