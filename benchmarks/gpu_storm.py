@@ -10,7 +10,7 @@ alone run after a near tie; the share that match exactly is printed.
     python -m benchmarks.gpu_storm [stage06_scheduling,stage09_cuda_graph,...]
 """
 
-import random
+import importlib
 import sys
 from pathlib import Path
 
@@ -19,47 +19,21 @@ import torch
 from benchmarks.checkpoints import random_checkpoint
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests" / d) for d in ("", "ladder")]
-from test_request_storm import PAGE, POOL_PAGES, storm_requests  # noqa: E402  (the CPU test's storm)
+from test_request_storm import PAGE, POOL_PAGES, drive_storm  # noqa: E402  (the CPU test's storm)
 
 STAGES = ["stage06_scheduling", "stage09_cuda_graph", "stage10_overlap"]
 
 
 def run_storm(stage: str, model_path: str) -> tuple[bool, str]:
-    import importlib
-
     engine_class = importlib.import_module(stage).Engine
     probe = engine_class(model_path=model_path, device="cuda", dtype="bfloat16", page_size=PAGE, kv_cache_bytes=2**24)
     page_bytes = probe.runner.pool.bytes_per_page(probe.config, PAGE, torch.bfloat16)
     probe.shutdown()
-    rng = random.Random(1)
     with engine_class(model_path=model_path, device="cuda", dtype="bfloat16", page_size=PAGE, max_prefill_tokens=64,
                       chunked_prefill_size=16, schedule_policy="lpm", kv_cache_bytes=POOL_PAGES * page_bytes) as engine:
         runner, scheduler = engine.runner, engine.scheduler
         free_rows = len(runner.page_tables.free_rows)
-        submitted, outputs, aborted = {}, {}, set()
-
-        def collect():
-            for rid in submitted:
-                if rid not in outputs and (out := engine.get_output(rid)) is not None:
-                    outputs[rid] = out
-
-        for arrivals in storm_requests():
-            for prompt, params in arrivals:
-                submitted[engine.add_request(prompt, params)] = (prompt, params)
-            if rng.random() < 0.15:
-                candidates = [rid for rid in submitted if rid not in outputs]
-                if candidates:
-                    rid = rng.choice(candidates)
-                    engine.abort_request(rid)
-                    aborted.add(rid)
-            engine.step()
-            collect()
-        for _ in range(2000):
-            if not (scheduler.waiting or scheduler.running or getattr(engine, "in_flight", None)):
-                break
-            engine.step()
-            collect()
-        collect()
+        submitted, outputs, aborted = drive_storm(engine)
         radix = runner.radix_cache
         problems = []
         if outputs.keys() != submitted.keys():

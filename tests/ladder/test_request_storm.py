@@ -55,6 +55,41 @@ def storm_requests(seed: int = 0) -> list[list[tuple[list[int], SamplingParams]]
              for _ in range(rng.choice([0, 0, 1, 1, 2, 3]))] for _ in range(STEPS)]
 
 
+def drive_storm(engine) -> tuple[dict, dict, set]:
+    """Send the storm, aborting someone now and then, and step until nothing is left.
+
+    Returns ``(submitted {id: (prompt, params)}, outputs {id: output}, aborted ids)``.
+    Bounded: a leak that starves the pool ends the loop (and fails the checks), not the run.
+    """
+    rng = random.Random(1)  # when to abort, and whom
+    scheduler = engine.scheduler
+    submitted, outputs, aborted = {}, {}, set()
+
+    def collect():
+        for rid in submitted:
+            if rid not in outputs and (out := engine.get_output(rid)) is not None:
+                outputs[rid] = out
+
+    for arrivals in storm_requests():
+        for prompt, params in arrivals:
+            submitted[engine.add_request(prompt, params)] = (prompt, params)
+        if rng.random() < 0.15:  # abort someone not yet collected: waiting, running or just finished
+            candidates = [rid for rid in submitted if rid not in outputs]
+            if candidates:
+                rid = rng.choice(candidates)
+                engine.abort_request(rid)
+                aborted.add(rid)
+        engine.step()
+        collect()
+    for _ in range(2000):
+        if not (scheduler.waiting or scheduler.running or getattr(engine, "in_flight", None)):
+            break
+        engine.step()
+        collect()
+    collect()
+    return submitted, outputs, aborted
+
+
 @pytest.fixture(scope="module")
 def alone(checkpoints):
     """Stage 03 serving one request at a time: the tokens a greedy request must produce."""
@@ -89,34 +124,10 @@ def small_pool_engine(stage: str, checkpoints):
 
 @pytest.mark.parametrize("stage", STORM_STAGES)
 def test_a_storm_with_aborts_and_a_small_pool_loses_and_leaks_nothing(stage, checkpoints, alone):
-    rng = random.Random(1)  # when to abort, and whom
     with small_pool_engine(stage, checkpoints) as engine:
         runner, scheduler = engine.runner, engine.scheduler
         free_rows_at_start = len(runner.page_tables.free_rows)
-        submitted, outputs, aborted = {}, {}, set()
-
-        def collect():
-            for rid in submitted:
-                if rid not in outputs and (out := engine.get_output(rid)) is not None:
-                    outputs[rid] = out
-
-        for arrivals in storm_requests():
-            for prompt, params in arrivals:
-                submitted[engine.add_request(prompt, params)] = (prompt, params)
-            if rng.random() < 0.15:  # abort someone not yet collected: waiting, running or just finished
-                candidates = [rid for rid in submitted if rid not in outputs]
-                if candidates:
-                    rid = rng.choice(candidates)
-                    engine.abort_request(rid)
-                    aborted.add(rid)
-            engine.step()
-            collect()
-        for _ in range(2000):  # bounded: a leak that starves the pool must fail, not hang
-            if not (scheduler.waiting or scheduler.running or getattr(engine, "in_flight", None)):
-                break
-            engine.step()
-            collect()
-        collect()
+        submitted, outputs, aborted = drive_storm(engine)
 
         assert len(submitted) > 150 and outputs.keys() == submitted.keys(), "a request was lost"
         assert scheduler.num_retractions > 0, "the pool should have been too small for everyone at once"
