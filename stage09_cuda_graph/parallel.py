@@ -358,16 +358,16 @@ class WorkerGroup:
         """Why a step's collective failed: a worker's own error, a worker gone, or a timeout."""
         try:  # a worker that raised reports it as it exits: give the report a moment to arrive
             rank, trace = self.reports.get(timeout=2.0)
-            what = f"rank {rank} raised during a step:\n{trace}"
+            what = f"parallel rank {rank} raised during a step:\n{trace}"
         except queue.Empty:
             dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, 1) if not p.is_alive()]
             if dead:
-                what = f"rank {dead[0][0]} died mid-serve (exit code {dead[0][1]})"
+                what = f"parallel rank {dead[0][0]} died mid-serve (exit code {dead[0][1]})"
             elif "timed out" in str(error).lower() or "timeout" in str(error).lower():
-                what = f"a rank did not answer within dist_timeout={self.timeout_s:g} s ({error})"
-            else:  # no worker died or reported: rank 0's own step failed
-                what = f"rank 0's step failed ({error})"
-        return f"a parallel worker failed: {what}\nThe engine cannot continue; shut it down and start a new one."
+                what = f"a parallel rank did not answer within dist_timeout={self.timeout_s:g} s ({error})"
+            else:  # no worker died or reported: rank 0's own step failed, leaving the others mid-step
+                what = f"rank 0's step failed, leaving the other ranks behind ({error})"
+        return f"{what}\nThe ranks cannot go on together: shut the engine down and start a new one."
 
     def kill(self) -> None:
         for process in self.processes:
