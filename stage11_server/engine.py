@@ -351,12 +351,17 @@ class Engine:
     def _fail_step(self, batch: list[Request], error: ValueError) -> None:
         """Stop every request of a step whose forward failed; their callers get ``error``.
 
-        None of the step's K/V is trusted, so none of it is cached.
+        None of the step's K/V is trusted, so none of it is cached. Every request
+        forgets the step before the step in flight is read: reading it caches each
+        request's finished pages, and those would include the failed step's.
         """
         for request in batch:
             self.runner.forget_step(request)
-            request.error = str(error)
-            self._abort(request)  # reads the step in flight first
+        self._drain()
+        for request in batch:
+            if not request.finished:  # (one may have finished on its token in flight)
+                request.error = str(error)
+                self.scheduler.abort(request)
 
     def _step(self) -> None:
         """Launch the step the scheduler forms; then read the tokens of the step before it.

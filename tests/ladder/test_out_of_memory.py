@@ -15,15 +15,33 @@ import torch
 from conftest import STAGES, stage_engine_class
 
 LIMIT = 40
+PAGE = 4
 SHORT = [7, 70, 700, 7000]
 LONG = [(i * 37) % 5000 + 3 for i in range(60)]
 GREEDY = dict(max_tokens=5, temperature=0, ignore_eos=True)
 
 
+def little_memory(engine, forward):
+    """``forward``, except that a step over more than LIMIT tokens writes garbage into the
+    slots it was to fill (a forward that fails midway leaves half-written K/V) and raises
+    ``OutOfMemoryError``, as CUDA does."""
+
+    def forward_with_little_memory(input_ids, positions, attention):
+        if input_ids.numel() > LIMIT:
+            pool = getattr(engine.runner, "pool", None)
+            if pool is not None:  # stage 01 keeps each request's cache apart: nothing shared to spoil
+                for cache in (pool.k, pool.v):
+                    cache[:, attention.slots] = torch.randn_like(cache[:, attention.slots]) * 3
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+        return forward(input_ids, positions, attention)
+
+    return forward_with_little_memory
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_step_out_of_device_memory_stops_its_requests_and_the_engine_serves_on(stage, checkpoints, monkeypatch):
     engine_class = stage_engine_class(stage)
-    kwargs = {"page_size": 4} if "page_size" in inspect.signature(engine_class).parameters else {}
+    kwargs = {"page_size": PAGE} if "page_size" in inspect.signature(engine_class).parameters else {}
     with engine_class(model_path=str(checkpoints["dense"]), device="cpu", **kwargs) as engine:
         short, long = engine.generate(SHORT, **GREEDY).token_ids, engine.generate(LONG, **GREEDY).token_ids
         flush = getattr(engine, "flush_cache", lambda: None)
@@ -31,16 +49,7 @@ def test_a_step_out_of_device_memory_stops_its_requests_and_the_engine_serves_on
 
         model, forward = engine.runner.model, engine.runner.model.forward
 
-        def forward_with_little_memory(input_ids, *args, **kwargs):
-            if input_ids.numel() > LIMIT:
-                pool = getattr(engine.runner, "pool", None)
-                if pool is not None:  # a forward that fails midway leaves half-written K/V behind
-                    for cache in (pool.k, pool.v):
-                        cache.normal_(0, 3)
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-            return forward(input_ids, *args, **kwargs)
-
-        monkeypatch.setattr(model, "forward", forward_with_little_memory)
+        monkeypatch.setattr(model, "forward", little_memory(engine, forward))
         with pytest.raises(ValueError, match=r"ran out of device memory; its requests were stopped and the engine serves on"):
             engine.generate(LONG, **GREEDY)
         assert engine.generate(SHORT, **GREEDY).token_ids == short
@@ -50,3 +59,47 @@ def test_a_step_out_of_device_memory_stops_its_requests_and_the_engine_serves_on
         if hasattr(engine.runner, "allocator"):
             flush()
             assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages, "a page was leaked"
+
+
+@pytest.mark.parametrize("decode_steps", range(3, 3 + PAGE))  # the failed step's token lands at each offset of a page
+@pytest.mark.parametrize("stage", [s for s in STAGES if s >= "stage04"])
+def test_requests_decoding_beside_the_failed_prefill_are_stopped_and_nothing_wrong_is_cached(stage, decode_steps, checkpoints,
+                                                                                             monkeypatch):
+    """Two requests decode; a long prompt joins their step and the step runs out of memory.
+
+    All three stop with the error. With overlap (stage 10+), the decoders also have a
+    step in flight: reading it must not cache pages the failed step was to write (it
+    would, when the failed step's token completes a page).
+    """
+    engine_class = stage_engine_class(stage)
+    with engine_class(model_path=str(checkpoints["dense"]), device="cpu", page_size=PAGE) as engine:
+        decoders = [[9, 99, 999, 9999, 5, 55, 555], [8, 88, 888, 8888, 4, 44, 444]]
+        params = dict(GREEDY, max_tokens=12)
+        expected = [engine.generate(p, **params).token_ids for p in decoders]
+        # A prompt + its whole answer: served later, it would read any page the failed step spoiled.
+        continuations = [p + e for p, e in zip(decoders, expected)]
+        expected += [engine.generate(c, **GREEDY).token_ids for c in continuations]
+        engine.flush_cache()
+
+        model, forward = engine.runner.model, engine.runner.model.forward
+
+        monkeypatch.setattr(model, "forward", little_memory(engine, forward))
+        ids = [engine.add_request(p, **params) for p in decoders]
+        for _ in range(decode_steps):  # both are decoding now
+            engine.step()
+        ids.append(engine.add_request(LONG, **GREEDY))
+        outputs = {}
+        for _ in range(50):
+            engine.step()
+            outputs.update({rid: out for rid in ids if rid not in outputs and (out := engine.get_output(rid))})
+            if len(outputs) == len(ids):
+                break
+        assert outputs[ids[2]].finish_reason == "abort"
+        if stage >= "stage05":  # chunked prefill puts the long prompt into the decoders' step
+            assert [outputs[rid].finish_reason for rid in ids[:2]] == ["abort", "abort"]
+        monkeypatch.setattr(model, "forward", forward)
+        again = [engine.generate(p, **params).token_ids for p in decoders]
+        again += [engine.generate(c, **GREEDY).token_ids for c in continuations]
+        assert again == expected, "K/V of the failed step was reused"
+        engine.flush_cache()
+        assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages, "a page was leaked"

@@ -30,12 +30,15 @@ def assert_no_worker_left(processes):
         assert not process.is_alive(), f"worker {process.pid} outlived shutdown()"
 
 
-def assert_fails_for_good(engine, match):
+def assert_fails_for_good(engine, match) -> BaseException:
+    """The next call raises WorkerFailure matching ``match``, and so does the one after;
+    returns what rank 0 saw first (the failure's cause)."""
     failure = importlib.import_module(f"{type(engine).__module__.split('.')[0]}.parallel").WorkerFailure
-    with pytest.raises(failure, match=match):
+    with pytest.raises(failure, match=match) as first:
         engine.generate(PROMPT, **GREEDY)
     with pytest.raises(failure, match=match):  # the engine stays failed; nothing waits again
         engine.generate(PROMPT, **GREEDY)
+    return first.value.__cause__
 
 
 @pytest.mark.parametrize("stage", PARALLEL_STAGES)
@@ -46,9 +49,8 @@ def test_a_killed_worker_fails_the_next_step_at_once(stage, checkpoints):
         engine.generate(PROMPT, **GREEDY)
         os.kill(processes[0].pid, signal.SIGKILL)
         processes[0].join(timeout=10)
-        began = time.monotonic()
-        assert_fails_for_good(engine, r"rank 1 died mid-serve \(exit code -9\)")
-        assert time.monotonic() - began < 30, "the dead rank should be noticed long before dist_timeout"
+        cause = assert_fails_for_good(engine, r"rank 1 died mid-serve \(exit code -9\)")
+        assert "timed out" not in str(cause).lower(), "the dead rank should be noticed at once, not by a timeout"
     finally:
         engine.shutdown()
     assert_no_worker_left(processes)
@@ -59,9 +61,8 @@ def test_a_worker_raising_in_a_step_is_quoted(checkpoints, monkeypatch):
     engine = start("stage07_tp", checkpoints, dist_timeout=60)
     processes = engine.workers.processes
     try:
-        began = time.monotonic()
-        assert_fails_for_good(engine, r"(?s)rank 1 raised during a step.*told to fail at step 3")
-        assert time.monotonic() - began < 30
+        cause = assert_fails_for_good(engine, r"(?s)rank 1 raised during a step.*told to fail at step 3")
+        assert "timed out" not in str(cause).lower(), "the worker's error should end the step at once"
     finally:
         engine.shutdown()
     assert_no_worker_left(processes)
@@ -72,9 +73,8 @@ def test_a_hung_worker_fails_the_step_after_dist_timeout(checkpoints, monkeypatc
     engine = start("stage07_tp", checkpoints, dist_timeout=3)
     processes = engine.workers.processes
     try:
-        began = time.monotonic()
-        assert_fails_for_good(engine, r"did not answer within dist_timeout=3 s")
-        assert 3 <= time.monotonic() - began < 3 + 20
+        cause = assert_fails_for_good(engine, r"did not answer within dist_timeout=3 s")
+        assert "timed out waiting 3000ms" in str(cause).lower(), "the process group's 3 s timeout should end the wait"
     finally:
         engine.shutdown()  # the hung worker never reads a stop message: it is killed
     assert_no_worker_left(processes)
