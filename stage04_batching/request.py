@@ -26,6 +26,7 @@ class GenerateOutput:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose KV came from a cache instead of being computed
     completion_tokens: int
+    error: str | None = None  # with finish_reason "abort": why the engine stopped it (a failed step)
     # perf_counter() stamps for latency metrics: when the request arrived, and each token.
     arrival_time: float = field(default=0.0, repr=False)
     token_times: list[float] = field(default_factory=list, repr=False)
@@ -126,6 +127,7 @@ class Request:
             prompt_tokens=len(self.prompt_ids),
             cached_tokens=min(self.cached_tokens, len(self.prompt_ids)),
             completion_tokens=len(self.output_ids),
+            error=self.error,
             arrival_time=self.arrival_time,
             token_times=list(self.token_times),
         )

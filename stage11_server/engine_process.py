@@ -61,7 +61,7 @@ class RequestUpdate:
     text: str = ""  # new text, safe to stream (no partial stop string)
     output: GenerateOutput | None = None  # set once, in the update where the request finished
     error: str | None = None
-    status: int = 200  # for an error: 400 (the request is invalid) or 503 (the queue is full)
+    status: int = 200  # for an error: 400 (the request is invalid), 503 (the queue is full) or 500 (its step failed)
 
 
 @dataclass
@@ -129,7 +129,10 @@ class EngineLoop:
         for rid, engine_id in list(self.live.items()):
             output = self.engine.get_output(engine_id)
             if output is not None:
-                updates.setdefault(rid, RequestUpdate(rid)).output = output
+                update = updates.setdefault(rid, RequestUpdate(rid))
+                update.output = output
+                if output.error is not None:  # a failed step stopped it (out of memory): its caller learns why
+                    update.error, update.status = output.error, 500
                 del self.live[rid], self.front_id[engine_id]
         return list(updates.values())
 

@@ -95,6 +95,7 @@ def test_requests_decoding_beside_the_failed_prefill_are_stopped_and_nothing_wro
             if len(outputs) == len(ids):
                 break
         assert outputs[ids[2]].finish_reason == "abort"
+        assert "ran out of device memory" in outputs[ids[2]].error  # get_output's callers learn why too
         if stage >= "stage05":  # chunked prefill puts the long prompt into the decoders' step
             assert [outputs[rid].finish_reason for rid in ids[:2]] == ["abort", "abort"]
         monkeypatch.setattr(model, "forward", forward)

@@ -395,3 +395,30 @@ def test_engine_stats_count_requests_pages_and_tokens(engine_for):
     assert stats["generated_tokens"] - before == 5
     assert stats["running"] == stats["waiting"] == stats["pages_used"] == 0
     assert stats["pages_cached"] > 0  # the finished request's pages went to the prefix cache
+
+
+def test_a_step_out_of_memory_reaches_the_front_end_as_a_500_with_the_reason(checkpoints, monkeypatch):
+    """The engine loop turns a request stopped by a failed step into an error update (status 500,
+    the engine's message), which the front end answers as an OpenAI error; the next request is served."""
+    from common.sampling import SamplingParams
+    from stage11_server import Engine
+    from stage11_server.engine_process import EngineLoop, GenerateRequest, RequestUpdate
+    from test_out_of_memory import LONG, SHORT, little_memory
+
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu") as engine:
+        model = engine.runner.model
+        monkeypatch.setattr(model, "forward", little_memory(engine, model.forward))
+        loop = EngineLoop(engine, conn=None, max_queued_requests=None)
+
+        def serve(rid: str, prompt: list[int]) -> RequestUpdate:
+            assert loop.handle(GenerateRequest(rid, prompt, SamplingParams(max_tokens=3, temperature=0))) == [RequestUpdate(rid)]
+            finished = []
+            while loop.live:
+                finished += [u for u in loop.step() if u.output is not None]
+            return finished[0]
+
+        failed = serve("long", LONG)
+        assert failed.status == 500 and failed.output.finish_reason == "abort"
+        assert "ran out of device memory" in failed.error and "chunked_prefill_size" in failed.error
+        served = serve("short", SHORT)
+        assert served.error is None and served.status == 200 and served.output.completion_tokens == 3
