@@ -5,7 +5,9 @@ prompt's prefill above all) live in what is left. When they do not fit, torch
 raises ``OutOfMemoryError`` in the middle of the forward. The engine then
 stops that step's requests (their pages go back, none of the step's K/V is
 cached), hands cached blocks back to the driver, and serves on; the callers
-get this error, which says what to change.
+get this error, which says what to change. (With tensor or expert parallelism
+it cannot serve on: the other ranks are left inside the failed step's
+collectives, so the engine fails with ``WorkerFailure`` instead.)
 """
 
 import torch

@@ -337,6 +337,8 @@ class Engine:
         A rank that died, hangs or raised leaves rank 0 failing in a collective,
         or waiting in one until ``dist_timeout`` runs out. Without that rank the
         engine cannot go on: this step and every later one raise ``WorkerFailure``.
+        So it is when rank 0's own step fails midway (out of memory): the other
+        ranks are left inside its collectives.
         """
         if self.worker_failure is not None:
             raise WorkerFailure(self.worker_failure)
@@ -375,6 +377,8 @@ class Engine:
         try:
             launched = self.runner.launch(batch, new_lengths) if batch else None
         except torch.OutOfMemoryError:
+            if self.workers is not None:  # the other ranks wait inside this step's collectives: they cannot go on
+                raise
             self._fail_step(batch, out_of_memory_error(batch, OUT_OF_MEMORY_HINT))
             return
         if not self.overlap:

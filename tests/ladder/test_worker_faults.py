@@ -97,3 +97,25 @@ def test_idle_workers_wait_longer_than_dist_timeout(checkpoints):
         first = engine.generate(PROMPT, **GREEDY).token_ids
         time.sleep(5)
         assert engine.generate(PROMPT, **GREEDY).token_ids == first
+
+
+@pytest.mark.parametrize("stage", ["stage07_tp", "stage10_overlap"])  # a step read at once, and one read a step later
+def test_rank_0_out_of_memory_ends_the_group_at_once(stage, checkpoints, monkeypatch):
+    """Without parallelism a step that runs out of memory is dropped and the engine serves on.
+    With it, the other ranks already wait inside that step's collectives: the next step's
+    collectives would pair with theirs. So the group ends at once, saying why."""
+    from test_out_of_memory import LONG, little_memory
+
+    engine = start(stage, checkpoints, dist_timeout=60)
+    processes = engine.workers.processes
+    try:
+        model = engine.runner.model
+        monkeypatch.setattr(model, "forward", little_memory(engine, model.forward))
+        engine.generate(PROMPT, **GREEDY)  # a short prompt fits
+        failure = importlib.import_module(f"{stage}.parallel").WorkerFailure
+        for _ in range(2):  # the engine stays failed
+            with pytest.raises(failure, match=r"(?s)rank 0's step failed.*out of memory"):
+                engine.generate(LONG, **GREEDY)
+    finally:
+        engine.shutdown()
+    assert_no_worker_left(processes)
