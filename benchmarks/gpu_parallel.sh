@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tensor and expert parallelism on a 2-GPU machine (nvidia-h200-x2): tp=1 vs tp=2 on a random
-# Qwen3-8B, ep=1 vs ep=2 on a cut-down Qwen3-30B-A3B. Same set-up as gpu_suite.sh.
+# Qwen3-8B, ep=1 vs ep=2 on a cut-down Qwen3-30B-A3B, then worker faults on NCCL. Same set-up as gpu_suite.sh.
 set -uo pipefail
 export PYTHONPATH=. QWEN3_LADDER_TOKENIZER=${QWEN3_LADDER_TOKENIZER:-.gpu/tokenizer} PYTHONUNBUFFERED=1
 export QWEN3_LADDER_CACHE=${QWEN3_LADDER_CACHE:-/tmp/qwen3-ladder}
@@ -11,3 +11,5 @@ run tp1 --model qwen3-8b --workload single --stage stage07_tp --engine-kwargs "{
 run tp2 --model qwen3-8b --workload single --stage stage07_tp --engine-kwargs "{$kv, \"tp_size\": 2}"
 run ep1 --model qwen3-30b-a3b-8l --workload random --requests 16 --stage stage08_ep --engine-kwargs "{$kv}"
 run ep2 --model qwen3-30b-a3b-8l --workload random --requests 16 --stage stage08_ep --engine-kwargs "{$kv, \"ep_size\": 2}"
+# Worker faults on NCCL: a worker killed, raising or hanging, rank 0 out of memory, an idle engine.
+for s in stage07_tp stage10_overlap; do timeout 560 python -m benchmarks.gpu_worker_faults --stage $s 2>&1 | grep -E "^(ok|FAIL|failures|[0-9]+ x)"; done
