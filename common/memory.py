@@ -20,3 +20,10 @@ def out_of_memory_error(requests: list, hint: str) -> ValueError:
     tokens = sum(r.seq_len for r in requests)
     return ValueError(f"a step over {len(requests)} sequence(s) of {tokens} tokens in all ran out of device memory; "
                       f"its requests were stopped and the engine serves on. To fit, {hint}")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's ``OutOfMemoryError``, or an allocation failure that torch reports as a plain
+    ``RuntimeError``: cuBLAS creating its handle, or the CUDA runtime's own allocations."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in str(error) or "ALLOC_FAILED" in str(error)))

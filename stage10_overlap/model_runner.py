@@ -20,12 +20,14 @@ sampled), and the device swaps in the real token before the forward
 
 import itertools
 import math
+import sys
 
 import torch
 
 from common.attention import FLASH_DTYPES, varlen_attn
 from common.config import ModelConfig
 from common.loader import load_model, resolve_model_path
+from common.memory import is_out_of_memory
 from common.sampling import Sampler
 from .cuda_graph_runner import CudaGraphRunner
 from .forward_batch import ForwardBatch
@@ -92,8 +94,19 @@ class ModelRunner:
             return
         self.graphs = CudaGraphRunner(self.model, self.pool, self.page_tables, self.allocator.num_pages,
                                       self.cuda_graph_max_bs, self.config.max_position_embeddings, capture=True)
-        with torch.inference_mode():
-            self.graphs.capture_all(progress)
+        try:
+            with torch.inference_mode():
+                self.graphs.capture_all(progress)
+        except RuntimeError as error:  # OutOfMemoryError is one
+            if progress:
+                print(file=sys.stderr)  # end the progress line before the error
+            if not is_out_of_memory(error):
+                raise
+            self.graphs = None
+            torch.cuda.empty_cache()
+            raise ValueError(f"recording the decode CUDA graphs ran out of device memory beside the KV pool "
+                             f"({self.pool.nbytes / 2**30:.1f} GiB). Give them room: a smaller kv_cache_bytes, "
+                             f"a smaller cuda_graph_max_bs, or disable_cuda_graph ({str(error).splitlines()[0]})") from error
 
     def kv_budget(self, kv_cache_bytes: int | None) -> int:
         """Bytes for the KV pool: as asked, else a default for the device."""

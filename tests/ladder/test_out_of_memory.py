@@ -7,6 +7,7 @@ before, none of the failed step's K/V may have been cached (the same long
 prompt, served later, gives the right tokens), and no page may be left behind.
 """
 
+import importlib
 import inspect
 
 import pytest
@@ -104,3 +105,41 @@ def test_requests_decoding_beside_the_failed_prefill_are_stopped_and_nothing_wro
         assert again == expected, "K/V of the failed step was reused"
         engine.flush_cache()
         assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages, "a page was leaked"
+
+
+GRAPH_STAGES = [s for s in STAGES if hasattr(importlib.import_module(f"{s}.model_runner"), "CudaGraphRunner")]
+GRAPH_FAILURES = {  # what recording raised on an H100 with too little room beside the pool
+    "torch": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 128.00 MiB"),
+    "cublas": RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    "unrelated": RuntimeError("CUDA error: an illegal memory access was encountered"),
+}
+
+
+@pytest.mark.parametrize("failure", GRAPH_FAILURES)
+@pytest.mark.parametrize("stage", GRAPH_STAGES)
+def test_graphs_without_room_beside_the_pool_stop_start_up_saying_what_to_change(stage, failure, engine_for, monkeypatch):
+    """A CPU cannot record graphs, so recording is replaced by one that fails as it did on the
+    H100 (``benchmarks.gpu_out_of_memory`` checks the real thing). Other errors pass through."""
+    module = importlib.import_module(f"{stage}.model_runner")
+    runner = engine_for(stage, "dense").runner
+
+    class FailingRecorder:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def capture_all(self, progress):
+            raise GRAPH_FAILURES[failure]
+
+    monkeypatch.setattr(module, "CudaGraphRunner", FailingRecorder)
+    monkeypatch.setattr(module, "varlen_attn", object())  # the flash kernel "exists"
+    monkeypatch.setattr(runner, "use_cuda_graph", True)
+    monkeypatch.setattr(runner, "dtype", torch.bfloat16)
+    if failure == "unrelated":
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            runner.init_cuda_graphs(progress=False)
+        return
+    with pytest.raises(ValueError, match=r"recording the decode CUDA graphs ran out of device memory beside the KV pool "
+                                         r"\(.* GiB\)\. Give them room: a smaller kv_cache_bytes, a smaller "
+                                         r"cuda_graph_max_bs, or disable_cuda_graph"):
+        runner.init_cuda_graphs(progress=False)
+    assert runner.graphs is None
