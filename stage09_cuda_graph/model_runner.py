@@ -80,21 +80,22 @@ class ModelRunner:
         collectives are recorded too). Graphs need the flash kernel: fp32 runs eagerly."""
         if not self.use_cuda_graph or self.dtype not in FLASH_DTYPES or varlen_attn is None:
             return
-        self.graphs = CudaGraphRunner(self.model, self.pool, self.page_tables, self.allocator.num_pages,
-                                      self.cuda_graph_max_bs, self.config.max_position_embeddings, capture=True)
+        graphs = CudaGraphRunner(self.model, self.pool, self.page_tables, self.allocator.num_pages,
+                                 self.cuda_graph_max_bs, self.config.max_position_embeddings, capture=True)
         try:
             with torch.inference_mode():
-                self.graphs.capture_all(progress)
+                graphs.capture_all(progress)
         except RuntimeError as error:  # OutOfMemoryError is one
             if progress:
                 print(file=sys.stderr)  # end the progress line before the error
             if not is_out_of_memory(error):
                 raise
-            self.graphs = None
+            del graphs
             torch.cuda.empty_cache()
             raise ValueError(f"recording the decode CUDA graphs ran out of device memory beside the KV pool "
                              f"({self.pool.nbytes / 2**30:.1f} GiB). Give them room: a smaller kv_cache_bytes, "
                              f"a smaller cuda_graph_max_bs, or disable_cuda_graph ({str(error).splitlines()[0]})") from error
+        self.graphs = graphs  # only once every graph is recorded
 
     def kv_budget(self, kv_cache_bytes: int | None) -> int:
         """Bytes for the KV pool: as asked, else a default for the device."""
