@@ -39,34 +39,31 @@ def check(stage: str, model_path: str) -> bool:
         options["chunked_prefill_size"] = -1  # the whole prompt in one step: the case that must not crash
     if stage >= "stage09":
         options["disable_cuda_graph"] = True  # graphs would take the headroom at start-up
-    with engine_class(model_path=model_path, device="cuda", kv_cache_bytes=2**30, **options) as probe:
-        torch.cuda.empty_cache()
-        free_beside_weights = torch.cuda.mem_get_info()[0] + probe.runner.pool.nbytes
-    with engine_class(model_path=model_path, device="cuda", kv_cache_bytes=free_beside_weights - HEADROOM, **options) as engine:
-        short = [11, 22, 33, 44]
-        expected = engine.generate(short, max_tokens=8, temperature=0, ignore_eos=True).token_ids
+    pool = free_beside_weights(engine_class, model_path, **options) - HEADROOM
+    with engine_class(model_path=model_path, device="cuda", kv_cache_bytes=pool, **options) as engine:
+        expected = engine.generate(SHORT, max_tokens=8, temperature=0, ignore_eos=True).token_ids
         try:
             engine.generate([(i * 31) % 30000 + 5 for i in range(PROMPT_TOKENS)], max_tokens=4, temperature=0)
             print(f"info {stage}: the {PROMPT_TOKENS}-token prefill fitted in {HEADROOM >> 20} MiB; nothing to check")
             return True
         except ValueError as error:
             print(f"ok   {stage}: refused with: {str(error)[:160]}...")
-        again = engine.generate(short, max_tokens=8, temperature=0, ignore_eos=True).token_ids
+        again = engine.generate(SHORT, max_tokens=8, temperature=0, ignore_eos=True).token_ids
         ok = again == expected
         print(f"{'ok  ' if ok else 'FAIL'} {stage}: serves on afterwards ({'same' if ok else 'different'} tokens for a short prompt)")
         return ok
 
 
-def free_beside_weights(engine_class, model_path: str) -> int:
+def free_beside_weights(engine_class, model_path: str, **options) -> int:
     """Bytes a KV pool could take: what is free with the model loaded, plus a probe pool's own."""
-    with engine_class(model_path=model_path, device="cuda", kv_cache_bytes=2**30, disable_cuda_graph=True) as probe:
+    with engine_class(model_path=model_path, device="cuda", kv_cache_bytes=2**30, **options) as probe:
         torch.cuda.empty_cache()
         return torch.cuda.mem_get_info()[0] + probe.runner.pool.nbytes
 
 
 def check_graphs_at_start_up(stage: str, model_path: str) -> bool:
     engine_class = importlib.import_module(stage).Engine
-    pool = free_beside_weights(engine_class, model_path) - HEADROOM
+    pool = free_beside_weights(engine_class, model_path, disable_cuda_graph=True) - HEADROOM
     try:
         with engine_class(model_path=model_path, device="cuda", kv_cache_bytes=pool):
             print(f"info {stage}: the graphs fitted in {HEADROOM >> 20} MiB; nothing to check")

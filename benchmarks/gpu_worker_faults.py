@@ -10,7 +10,7 @@ what the caller saw, whatever it was:
     killed   rank 1 is killed (SIGKILL) between two requests
     raises   rank 1 raises inside its 3rd step
     hangs    rank 1 sleeps inside its 3rd step
-    oom      rank 0 runs out of memory inside a step (simulated: over 40 tokens)
+    oom      rank 0 runs out of memory inside a step (simulated as in test_out_of_memory.py)
     idle     the engine sits idle for twice dist_timeout, then serves
 
 A case is ok when the fault ends in ``WorkerFailure`` within dist_timeout plus
@@ -28,18 +28,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests" / d) for d in ("", "ladder")]
+from test_out_of_memory import LONG, little_memory  # noqa: E402  (the CPU test's long prompt and failing model)
 
 CASES = ["killed", "raises", "hangs", "oom", "idle"]
 PROMPT = [5, 17, 300, 42, 9]
-LONG = [(i * 37) % 5000 + 3 for i in range(60)]
 GREEDY = dict(max_tokens=6, temperature=0, ignore_eos=True)
 MARGIN_S = 10  # start-up excluded: the failing call may take dist_timeout plus this
 
 
 def run_case(case: str, device: str, stage: str, model: str, dist_timeout: float) -> dict:
     """One case in this process; returns what happened (the parent prints it)."""
-    import torch
-
     if case in ("raises", "hangs"):
         os.environ["QWEN3_LADDER_WORKER_FAULT"] = f"1:{'raise' if case == 'raises' else 'hang'}@3"
     module = importlib.import_module(stage)
@@ -52,14 +53,7 @@ def run_case(case: str, device: str, stage: str, model: str, dist_timeout: float
         os.kill(engine.workers.processes[0].pid, signal.SIGKILL)
         engine.workers.processes[0].join(timeout=10)
     elif case == "oom":
-        model_forward = engine.runner.model.forward
-
-        def forward_with_little_memory(input_ids, positions, attention):
-            if input_ids.numel() > 40:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-            return model_forward(input_ids, positions, attention)
-
-        engine.runner.model.forward = forward_with_little_memory
+        engine.runner.model.forward = little_memory(engine, engine.runner.model.forward)
         prompt = LONG
     elif case == "idle":
         time.sleep(2 * dist_timeout)

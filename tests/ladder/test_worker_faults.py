@@ -5,6 +5,7 @@ every step with it (gloo on the CPU here). Without a bound, rank 0 would wait
 in a collective for a rank that never comes, for gloo's default 30 minutes.
 """
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -25,7 +26,15 @@ def start(stage, checkpoints, kind="dense", **kwargs):
     return stage_engine_class(stage)(model_path=str(checkpoints[kind]), device="cpu", **kwargs)
 
 
-def assert_no_worker_left(processes):
+@contextlib.contextmanager
+def parallel_engine(stage, checkpoints, **kwargs):
+    """A parallel engine, shut down afterwards whatever happened; then no worker may be left."""
+    engine = start(stage, checkpoints, **kwargs)
+    processes = engine.workers.processes
+    try:
+        yield engine
+    finally:
+        engine.shutdown()  # a hung worker never reads a stop message: it is killed
     for process in processes:
         assert not process.is_alive(), f"worker {process.pid} outlived shutdown()"
 
@@ -43,52 +52,33 @@ def assert_fails_for_good(engine, match) -> BaseException:
 
 @pytest.mark.parametrize("stage", PARALLEL_STAGES)
 def test_a_killed_worker_fails_the_next_step_at_once(stage, checkpoints):
-    engine = start(stage, checkpoints, dist_timeout=60)
-    processes = engine.workers.processes
-    try:
+    with parallel_engine(stage, checkpoints, dist_timeout=60) as engine:
         engine.generate(PROMPT, **GREEDY)
-        os.kill(processes[0].pid, signal.SIGKILL)
-        processes[0].join(timeout=10)
+        worker = engine.workers.processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
         cause = assert_fails_for_good(engine, r"rank 1 died mid-serve \(exit code -9\)")
         assert "timed out" not in str(cause).lower(), "the dead rank should be noticed at once, not by a timeout"
-    finally:
-        engine.shutdown()
-    assert_no_worker_left(processes)
 
 
 def test_a_worker_raising_in_a_step_is_quoted(checkpoints, monkeypatch):
     monkeypatch.setenv("QWEN3_LADDER_WORKER_FAULT", "1:raise@3")
-    engine = start("stage07_tp", checkpoints, dist_timeout=60)
-    processes = engine.workers.processes
-    try:
+    with parallel_engine("stage07_tp", checkpoints, dist_timeout=60) as engine:
         cause = assert_fails_for_good(engine, r"(?s)rank 1 raised during a step.*told to fail at step 3")
         assert "timed out" not in str(cause).lower(), "the worker's error should end the step at once"
-    finally:
-        engine.shutdown()
-    assert_no_worker_left(processes)
 
 
 def test_a_hung_worker_fails_the_step_after_dist_timeout(checkpoints, monkeypatch):
     monkeypatch.setenv("QWEN3_LADDER_WORKER_FAULT", "1:hang@3")
-    engine = start("stage07_tp", checkpoints, dist_timeout=3)
-    processes = engine.workers.processes
-    try:
+    with parallel_engine("stage07_tp", checkpoints, dist_timeout=3) as engine:
         cause = assert_fails_for_good(engine, r"did not answer within dist_timeout=3 s")
         assert "timed out waiting 3000ms" in str(cause).lower(), "the process group's 3 s timeout should end the wait"
-    finally:
-        engine.shutdown()  # the hung worker never reads a stop message: it is killed
-    assert_no_worker_left(processes)
 
 
 def test_an_expert_parallel_worker_failure_is_caught_too(checkpoints, monkeypatch):
     monkeypatch.setenv("QWEN3_LADDER_WORKER_FAULT", "1:raise@2")
-    engine = start("stage08_ep", checkpoints, kind="moe", tp_size=1, ep_size=2, dist_timeout=60)
-    processes = engine.workers.processes
-    try:
+    with parallel_engine("stage08_ep", checkpoints, kind="moe", tp_size=1, ep_size=2, dist_timeout=60) as engine:
         assert_fails_for_good(engine, r"(?s)rank 1 raised during a step.*told to fail at step 2")
-    finally:
-        engine.shutdown()
-    assert_no_worker_left(processes)
 
 
 def test_idle_workers_wait_longer_than_dist_timeout(checkpoints):
@@ -106,9 +96,7 @@ def test_rank_0_out_of_memory_ends_the_group_at_once(stage, checkpoints, monkeyp
     collectives would pair with theirs. So the group ends at once, saying why."""
     from test_out_of_memory import LONG, little_memory
 
-    engine = start(stage, checkpoints, dist_timeout=60)
-    processes = engine.workers.processes
-    try:
+    with parallel_engine(stage, checkpoints, dist_timeout=60) as engine:
         model = engine.runner.model
         monkeypatch.setattr(model, "forward", little_memory(engine, model.forward))
         engine.generate(PROMPT, **GREEDY)  # a short prompt fits
@@ -116,6 +104,3 @@ def test_rank_0_out_of_memory_ends_the_group_at_once(stage, checkpoints, monkeyp
         for _ in range(2):  # the engine stays failed
             with pytest.raises(failure, match=r"(?s)rank 0's step failed.*out of memory"):
                 engine.generate(LONG, **GREEDY)
-    finally:
-        engine.shutdown()
-    assert_no_worker_left(processes)
