@@ -24,7 +24,7 @@ from common.loader import resolve_model_path
 
 
 def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return dict(machine=platform.machine(), cpu_count=torch.get_num_threads(), gpu=gpu,
                 torch=torch.__version__, python=platform.python_version(), git_commit=commit or None)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     print(header)
     for r in results:
         print(f"{r['system']:<20}{r['output_tokens_per_s']:>12}{r['total_tokens_per_s']:>13}"
-              f"{str(r['ttft_median_ms']):>13}{str(r['itl_median_ms']):>12}{r['speed_vs_first']:>9}")
+              f"{r['ttft_median_ms']!s:>13}{r['itl_median_ms']!s:>12}{r['speed_vs_first']:>9}")
     return 0
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from checkpoints import write_checkpoint  # noqa: E402
+from checkpoints import write_checkpoint
 
-from benchmarks.checkpoints import random_checkpoint  # noqa: E402
-from stage09_cuda_graph import Engine  # noqa: E402
-from stage09_cuda_graph.forward_batch import ForwardBatch  # noqa: E402
-from stage10_overlap import Engine as Stage10  # noqa: E402
+from benchmarks.checkpoints import random_checkpoint
+from stage09_cuda_graph import Engine
+from stage09_cuda_graph.forward_batch import ForwardBatch
+from stage10_overlap import Engine as Stage10
 
 LOGITS_TOLERANCE = 0.05  # of the logits' spread (their standard deviation): bf16 keeps ~3 digits
 
@@ -137,7 +137,7 @@ def main(tokenizer_folder: str) -> int:
             folder = write_checkpoint(kind, Path(root) / kind, Path(tokenizer_folder))
             try:
                 failures += check_kind(kind, folder)
-            except Exception as error:  # report, and go on with the other kinds
+            except Exception as error:  # noqa: BLE001 - report, and go on with the other kinds
                 failures += 1
                 print(f"FAIL {kind:<6} {type(error).__name__}: {str(error).splitlines()[0]}", flush=True)
     folder = random_checkpoint("qwen3-0.6b")

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from checkpoints import write_checkpoint  # noqa: E402
-from reference import load_hf  # noqa: E402
+from checkpoints import write_checkpoint
+from reference import load_hf
 
 STAGES = sorted(p.name for p in Path(__file__).resolve().parent.parent.glob("stage[0-9][0-9]_*") if (p / "__init__.py").exists())
 
@@ -40,7 +40,7 @@ def check_varlen_kernel() -> bool:
     from common.attention import causal_attention, varlen_attention
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    cu = lambda lens: torch.tensor([0] + lens, device="cuda").cumsum(0)  # noqa: E731
+    cu = lambda lens: torch.tensor([0] + lens, device="cuda").cumsum(0)
     ok = True
     for name, new, total in [("mixed", [1, 1, 7, 40, 1, 300], [90, 1, 7, 200, 513, 300]),  # decodes, fresh and cached-prefix prompts
                              ("decode", [1] * 5, [90, 1, 7, 513, 300])]:  # the grouped-query decode path

@@ -19,7 +19,7 @@ import torch
 from benchmarks.checkpoints import random_checkpoint
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests" / d) for d in ("", "ladder")]
-from test_request_storm import PAGE, POOL_PAGES, drive_storm  # noqa: E402  (the CPU test's storm)
+from test_request_storm import PAGE, POOL_PAGES, drive_storm
 
 STAGES = ["stage06_scheduling", "stage09_cuda_graph", "stage10_overlap"]
 

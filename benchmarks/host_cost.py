@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from checkpoints import write_checkpoint  # noqa: E402
-from common.loader import resolve_model_path  # noqa: E402
+from checkpoints import write_checkpoint
+
+from common.loader import resolve_model_path
 
 SMALL, LARGE = 8, 64
 VOCAB = 1024

@@ -50,8 +50,9 @@ def main() -> None:
             weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
             weight_t = weight.t().contiguous()
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            spellings = {"F.linear": lambda: F.linear(x, weight), "torch.mv": lambda: torch.mv(weight, x[0]),
-                         "x @ W.T stored": lambda: x @ weight_t}
+            spellings = {"F.linear": lambda x=x, w=weight: F.linear(x, w),
+                         "torch.mv": lambda x=x, w=weight: torch.mv(w, x[0]),
+                         "x @ W.T stored": lambda x=x, w=weight_t: x @ w}
             floor = weight.numel() * weight.element_size() / bandwidth * 1e6
             times = "  ".join(f"{s} {microseconds_per_call(fn):6.1f}" for s, fn in spellings.items())
             print(f"{library:9s} {name:13s} weight-read floor {floor:6.1f} us   {times}", flush=True)

@@ -66,7 +66,7 @@ async def run_workload(url: str, workload: Workload, request_rate: float, seed: 
 
 
 def summarize(results: list[dict], seconds: float, request_rate: float, input_tokens: int) -> dict:
-    ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
+    ms = lambda v: None if v is None else round(v * 1000, 3)
     ttft = [r["stamps"][0] - r["start"] for r in results if r["stamps"]]
     itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
     e2e = [r["stamps"][-1] - r["start"] for r in results if r["stamps"]]

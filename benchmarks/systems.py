@@ -23,7 +23,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
 def synchronize(device: str) -> None:
@@ -44,7 +44,7 @@ def peak_memory(device: str) -> int | None:
 
 def summarize(system: str, workload: Workload, seconds: float, device: str, ttft=(), itl=(), **extra) -> dict:
     """The metrics every system reports (latencies in milliseconds)."""
-    ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
+    ms = lambda v: None if v is None else round(v * 1000, 3)
     return dict(
         system=system,
         workload=workload.name,

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from checkpoints import write_checkpoint  # noqa: E402
+from checkpoints import write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = sorted(p.name for p in ROOT.glob("stage[0-9][0-9]_*") if (p / "__init__.py").exists())

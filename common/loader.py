@@ -18,10 +18,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
-from pathlib import Path
-
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -69,7 +69,7 @@ def _download_from_hub(repo_id: str) -> Path:
 
     try:
         folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"])
-    except Exception as error:  # offline, unknown repo, gated repo: all mean "cannot use this path"
+    except Exception as error:  # noqa: BLE001 - offline, unknown repo, gated repo: all mean "cannot use this path"
         raise ValueError(
             f"model path {repo_id!r} is not a local folder and could not be fetched from the hub ({type(error).__name__}); "
             "check the name, your network, or pass a local folder"
@@ -107,7 +107,12 @@ def convert_gguf(gguf_path: Path) -> Path:
     save_file(state, staging / "model.safetensors")
     (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tokenizer.save_pretrained(staging)
-    staging.rename(target)  # atomic: a half-written folder is never picked up
+    try:
+        staging.rename(target)  # atomic: a half-written folder is never picked up
+    except OSError:  # another process (a parallel test worker) converted it first: keep theirs
+        if not (target / "model.safetensors").exists():
+            raise
+        shutil.rmtree(staging)
     return target
 
 
@@ -123,7 +128,7 @@ def read_checkpoint_tensors(folder: Path, read_slice: Callable | None = None) ->
     tensors = {}
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 tensor = read_slice(name, handle.get_slice(name)) if read_slice else handle.get_tensor(name)
                 if tensor is not None:  # None: this rank holds no part of it
                     tensors[name] = tensor

@@ -20,15 +20,16 @@ class Tokenizer:
     def __init__(self, folder: str | Path):
         try:
             self.hf = AutoTokenizer.from_pretrained(str(folder))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any failure: try the plain tokenizer.json below
             # Some transformers versions insist on the model family's own tokenizer class (e.g.
             # Llama's, which may need sentencepiece); a tokenizer.json alone is enough to run.
+            unusable = ValueError(f"no usable tokenizer in {folder} ({type(error).__name__}: {error})")
+            if not (Path(folder) / "tokenizer.json").exists():
+                raise unusable from None
             try:
-                if not (Path(folder) / "tokenizer.json").exists():
-                    raise error
                 self.hf = PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"))
-            except Exception:
-                raise ValueError(f"no usable tokenizer in {folder} ({type(error).__name__}: {error})") from None
+            except Exception:  # noqa: BLE001 - whatever the reason, the folder has no tokenizer we can use
+                raise unusable from None
         # transformers' decode wraps the Rust tokenizer in Python work that costs more than the
         # decode itself; it only changes the text when it cleans up tokenization spaces.
         cleans_up = getattr(self.hf, "clean_up_tokenization_spaces", False)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # plots.py, beside this file
-import plots  # noqa: E402
-import walkthrough_output  # noqa: E402
+import plots
+import walkthrough_output
 
 ROOT = Path(__file__).resolve().parent.parent
 DIFF_MARKER = re.compile(r"<!--\s*stage-diff:\s*(\S+)\s+(\S+)\s*-->")

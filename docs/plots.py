@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no display: draw to files only
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 plt.rcParams.update({"svg.fonttype": "none", "font.size": 10})  # text stays text: smaller, searchable
 
@@ -44,7 +44,7 @@ def bar_chart(labels: list[str], values: list[float], xlabel: str, groups: list[
     plt.close(fig)
     svg = out.getvalue()
     svg = svg[svg.index("<svg"):]  # drop the XML prologue: the element goes inside the page
-    svg = re.sub(r"\s*<metadata>.*?</metadata>", "", svg, flags=re.S)
+    svg = re.sub(r"\s*<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
     # A <div> makes Markdown pass the block through as HTML (a bare <svg> would be wrapped in <p>).
     return f'<div class="chart" markdown="0">\n{svg.strip()}\n</div>'
 

@@ -53,15 +53,18 @@ def cell_outputs(script: Path, timeout: float = 600) -> list[str]:
         return json.loads(cached.read_text())
     cells = code_cells(script)
     CACHE.mkdir(parents=True, exist_ok=True)
-    cells_file = CACHE / f"{script.stem}.cells.json"
+    # Named per process: parallel test workers (and the site build) may run one script at once.
+    cells_file = CACHE / f"{script.stem}.cells.{os.getpid()}.json"
     cells_file.write_text(json.dumps(cells))
     result = subprocess.run([sys.executable, "-c", DRIVER, str(script), str(cells_file)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, timeout=timeout, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     cells_file.unlink()
     if result.returncode != 0:
         raise RuntimeError(f"{script.name} failed:\n{result.stderr[-3000:]}")
     outputs = result.stdout.split(MARKER + "\n")[: len(cells)]
     if len(outputs) != len(cells):
         raise RuntimeError(f"{script.name}: {len(cells)} code cells but {len(outputs)} outputs")
-    cached.write_text(json.dumps(outputs))
+    staging = cached.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps(outputs))
+    staging.replace(cached)  # atomic: a reader never sees half a file
     return outputs

@@ -4,6 +4,7 @@ keys and values in a contiguous buffer sized for its longest possible life.
 Every later stage is this engine plus one serving technique."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

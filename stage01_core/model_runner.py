@@ -12,6 +12,7 @@ import torch
 
 from common.loader import load_model
 from common.sampling import Sampler
+
 from .kv_cache import ContiguousAttention, ContiguousKVCache
 from .request import Request
 

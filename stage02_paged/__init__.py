@@ -5,6 +5,7 @@ through each request's page table. Memory follows the tokens in use, and the
 pool size, not any request's maximum length, bounds what can be cached."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

@@ -6,6 +6,7 @@ leaves are evicted when the pool runs short. ``--disable-radix-cache`` turns
 it off; ``Engine.flush_cache()`` empties it."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

@@ -15,6 +15,7 @@ import torch
 
 from common.loader import load_model
 from common.sampling import Sampler
+
 from .forward_batch import ForwardBatch
 from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
 from .page_allocator import PageAllocator

@@ -8,6 +8,7 @@ queue and recomputed later. ``add_request`` / ``step`` / ``abort_request`` /
 ``get_output`` expose the loop."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

@@ -6,6 +6,7 @@ prompt no longer stalls the running requests, and no forward holds
 activations for more than a chunk."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

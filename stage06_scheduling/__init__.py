@@ -6,6 +6,7 @@ with one just admitted waits a step to reuse it instead of computing it
 again (in-batch prefix sharing). A request waiting too long jumps every policy."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

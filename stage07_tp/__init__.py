@@ -6,6 +6,7 @@ checkpoint. This process is rank 0: it schedules, broadcasts each step's
 batch, and samples from the gathered logits."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

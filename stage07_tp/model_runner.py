@@ -16,6 +16,7 @@ import torch
 from common.config import ModelConfig
 from common.loader import load_model, resolve_model_path
 from common.sampling import Sampler
+
 from .forward_batch import ForwardBatch
 from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
 from .page_allocator import PageAllocator

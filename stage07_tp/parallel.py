@@ -40,6 +40,7 @@ from torch import nn
 
 from common.config import ModelConfig
 from common.qwen3 import MLP, SparseMoE
+
 from .forward_batch import HEADER_SIZE, ForwardBatch
 
 STOP = -1  # a header of these tells the workers to exit
@@ -162,7 +163,7 @@ class TensorParallelShard:
     def read_slice(self, name: str, lazy) -> torch.Tensor:
         """Read only this rank's rows (column-parallel) or columns (row-parallel) of a tensor."""
         d, r = self.config.head_dim, self.rank
-        rows = lambda start, count: lazy[start : start + count]  # noqa: E731
+        rows = lambda start, count: lazy[start : start + count]
         if name.endswith(("embed_tokens.weight", "lm_head.weight")):
             return rows(r * self.vocab, self.vocab)
         if ".q_proj." in name:
@@ -231,7 +232,7 @@ def worker_main(rank: int, size: int, port: int, reports, make_runner, timeout_s
         if os.environ.get("QWEN3_LADDER_FAIL_RANK") == str(rank):  # fault injection for the tests
             raise RuntimeError(f"rank {rank} was told to fail at start-up")
         runner = make_runner(tp_rank=rank)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - whatever stopped the load, rank 0 must hear of it
         reports.put((rank, traceback.format_exc()))
         return
     reports.put((rank, None))

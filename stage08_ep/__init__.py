@@ -6,6 +6,7 @@ in stage 07 (tensor-parallel with ``--tp-size N``, or replicated).
 ``Engine.expert_token_counts()`` shows how evenly tokens spread."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

@@ -26,6 +26,7 @@ import torch
 from common.memory import out_of_memory_error
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
+
 from .model_runner import ModelRunner
 from .parallel import WorkerFailure, WorkerGroup
 from .request import GenerateOutput, Request

@@ -6,6 +6,7 @@ of ~700. Prefill, mixed and oversized steps run eagerly, as in stage 08.
 ``--disable-cuda-graph`` turns it off; on the CPU the stage runs as stage 08."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

@@ -29,6 +29,7 @@ import torch
 from common.memory import out_of_memory_error
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
+
 from .model_runner import CUDA_GRAPH_MAX_BS, ModelRunner
 from .parallel import WorkerFailure, WorkerGroup
 from .request import GenerateOutput, Request

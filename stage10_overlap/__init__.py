@@ -6,6 +6,7 @@ step N's tokens, appends text, checks stop rules and retires requests while
 the GPU computes step N+1. ``--disable-overlap-schedule`` turns it off."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

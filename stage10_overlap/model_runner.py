@@ -29,6 +29,7 @@ from common.config import ModelConfig
 from common.loader import load_model, resolve_model_path
 from common.memory import is_out_of_memory
 from common.sampling import Sampler
+
 from .cuda_graph_runner import CudaGraphRunner
 from .forward_batch import ForwardBatch
 from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool

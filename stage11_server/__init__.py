@@ -8,6 +8,7 @@ GPU loop never waits on HTTP. ``/v1/completions``, ``/v1/chat/completions``,
 aborts its request. Without ``--serve`` the stage works as stage 10 does."""
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from common.sampling import SamplingParams
+
 from .engine import Engine
 from .request import GenerateOutput
 
@@ -142,7 +143,7 @@ def run_engine_process(conn: Connection, engine_kwargs: dict, max_queued_request
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the front end stops us
     try:
         engine = Engine(**engine_kwargs)
-    except Exception as error:  # a bad model path or flag: the front end reports it and exits
+    except Exception as error:  # noqa: BLE001 - a bad model path or flag: the front end reports it and exits
         conn.send(EngineReady(error=f"{type(error).__name__}: {error}"))
         return
     try:

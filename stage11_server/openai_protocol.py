@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.sampling import SamplingParams
+
 from .request import GenerateOutput
 
 MAX_CHOICES = 128  # n above this is refused (OpenAI's own limit)

@@ -15,8 +15,15 @@ from collections.abc import AsyncIterator
 
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
+
 from .engine_process import (
-    SHUTDOWN, AbortRequest, EngineReady, GenerateRequest, RequestUpdate, UpdateBatch, run_engine_process,
+    SHUTDOWN,
+    AbortRequest,
+    EngineReady,
+    GenerateRequest,
+    RequestUpdate,
+    UpdateBatch,
+    run_engine_process,
 )
 from .metrics import ServerMetrics
 

@@ -1,4 +1,7 @@
-"""Session-wide fixtures: the built-in model folder and the random test checkpoints."""
+"""Session-wide fixtures: the built-in model folder and the random test checkpoints.
+
+(``--stage``, which picks one stage's tests, lives in the repository's top conftest.py.)
+"""
 
 import importlib
 import sys
@@ -11,8 +14,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "ladder"))
 
-from checkpoints import KINDS, write_checkpoint  # noqa: E402
-from common.loader import resolve_model_path  # noqa: E402
+from checkpoints import KINDS, write_checkpoint
+
+from common.loader import resolve_model_path
 
 # Every stage folder present; shared end-to-end tests run once per stage.
 STAGES = sorted(p.name for p in ROOT.glob("stage[0-9][0-9]_*") if (p / "__init__.py").exists())

@@ -2,21 +2,23 @@
 
 import json
 
+import pytest
+from conftest import STAGES
+
 from benchmarks.systems import run_system
 from benchmarks.workloads import Workload, make_workload
 from common.config import ModelConfig
-from conftest import STAGES
 
 
 def tiny_workload() -> Workload:
     return Workload("tiny", "3 short requests", [[5, 6, 7], [8] * 12, [9, 10]], [4, 2, 6])
 
 
-def test_every_stage_and_hf_generate_run_a_workload(checkpoints):
+@pytest.mark.parametrize("system", STAGES + ["hf-generate"])
+def test_every_stage_and_hf_generate_run_a_workload(system, checkpoints):
     folder = checkpoints["dense"]
-    for system in STAGES + ["hf-generate"]:
-        result = run_system(system, str(folder), folder, tiny_workload(), "cpu")
-        assert result["output_tokens"] == 12 and result["output_tokens_per_s"] > 0
+    result = run_system(system, str(folder), folder, tiny_workload(), "cpu")
+    assert result["output_tokens"] == 12 and result["output_tokens_per_s"] > 0
 
 
 def test_workloads_are_seeded():

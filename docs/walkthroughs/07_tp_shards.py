@@ -10,7 +10,6 @@
 # %%
 from common.config import ModelConfig
 from common.loader import load_model, resolve_model_path
-from stage07_tp import Engine
 from stage07_tp.parallel import TensorParallelShard
 
 config = ModelConfig.from_file(resolve_model_path(None))

@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 
-from common.sampling import RowFilters, SamplingParams, Sampler, filter_probabilities
+from common.sampling import RowFilters, Sampler, SamplingParams, filter_probabilities
 
 VOCAB = 50
 

@@ -1,7 +1,6 @@
 """Bad input is refused with a ValueError that names it, and the engine keeps serving."""
 
 import pytest
-
 from conftest import STAGES, stage_engine_class
 
 BAD_REQUESTS = [
@@ -67,8 +66,8 @@ def test_a_shut_down_engine_says_so(stage, checkpoints):
 
 # ----- random input: every call either works or raises ValueError, and the engine serves on -----
 
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.integers(-3, 60),

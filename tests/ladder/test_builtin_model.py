@@ -29,16 +29,8 @@ def test_chat_template_gives_an_answer(builtin_engine):
 def test_command_line_prints_the_continuation(stage, builtin_folder):
     result = subprocess.run(
         [sys.executable, "-m", stage, "The capital of France is", "--max-tokens", "3", "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
-
-
-@pytest.mark.parametrize("stage", STAGES)
-def test_command_line_reports_bad_input_without_a_traceback(stage, builtin_folder):
-    result = subprocess.run(
-        [sys.executable, "-m", stage, "x", "--temperature", "-1", "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 2 and "temperature" in result.stderr and "Traceback" not in result.stderr
+    # (Bad flag values, status 2 and no traceback: test_bad_input.py, through the same main() in-process.)

@@ -12,7 +12,6 @@ import inspect
 
 import pytest
 import torch
-
 from conftest import STAGES, stage_engine_class
 
 LIMIT = 40

@@ -8,7 +8,6 @@ bad requests get 400 and a full queue 503, and the server keeps serving.
 """
 
 import asyncio
-from http.client import HTTPConnection
 import json
 import os
 import re
@@ -20,17 +19,20 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
 from pathlib import Path
 
 import openai
 import pytest
+from conftest import ROOT
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_bad_input import ANY_VALUE  # the Python API's random inputs
+from test_bad_input import PARAMS as RANDOM_PARAMS
+from test_bad_input import PROMPTS as RANDOM_PROMPTS
 
-from conftest import ROOT
 from stage10_overlap import Engine as Stage10Engine
 from stage11_server.__main__ import main
-from test_bad_input import ANY_VALUE, PARAMS as RANDOM_PARAMS, PROMPTS as RANDOM_PROMPTS  # the Python API's random inputs
 
 CONTEXT = 256  # small, so a too-long prompt is cheap to send
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are"]
@@ -55,7 +57,8 @@ class Server:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"stage11-server-{self.port}.log", "w+")
+        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"stage11-server-{self.port}.log"
+        self.log = open(log_path, "w+")  # noqa: SIM115 - open while the server runs; the test process ends with it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "stage11_server", "--serve", "--port", str(self.port), "--device", "cpu", *flags],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
@@ -371,7 +374,7 @@ def test_command_line_needs_a_prompt_or_serve(capsys):
 def test_bad_model_path_fails_at_start_with_a_clear_error(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "stage11_server", "--serve", "--model-path", str(tmp_path / "missing"), "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 2 and re.search(r"error: the engine could not start: .*missing", result.stderr), result.stderr
 
@@ -400,10 +403,11 @@ def test_engine_stats_count_requests_pages_and_tokens(engine_for):
 def test_a_step_out_of_memory_reaches_the_front_end_as_a_500_with_the_reason(checkpoints, monkeypatch):
     """The engine loop turns a request stopped by a failed step into an error update (status 500,
     the engine's message), which the front end answers as an OpenAI error; the next request is served."""
+    from test_out_of_memory import LONG, SHORT, little_memory
+
     from common.sampling import SamplingParams
     from stage11_server import Engine
     from stage11_server.engine_process import EngineLoop, GenerateRequest, RequestUpdate
-    from test_out_of_memory import LONG, SHORT, little_memory
 
     with Engine(model_path=str(checkpoints["dense"]), device="cpu") as engine:
         model = engine.runner.model
