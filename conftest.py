@@ -10,9 +10,15 @@ for tests: otherwise ``--stage stage05_chunked`` reads as a folder to test.
 Fixtures live in tests/conftest.py.
 """
 
+import os
 from pathlib import Path
 
 import pytest
+
+# pytest-xdist runs a worker per core: each (and every process it starts) gets one thread, or
+# torch's thread pools would fight over the cores. Set before anything imports torch.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parent
 STAGES = sorted(p.name for p in ROOT.glob("stage[0-9][0-9]_*") if (p / "__init__.py").exists())

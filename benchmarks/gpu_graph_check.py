@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from checkpoints import write_checkpoint
-
 from benchmarks.checkpoints import random_checkpoint
+from checkpoints import write_checkpoint
 from stage09_cuda_graph import Engine
 from stage09_cuda_graph.forward_batch import ForwardBatch
 from stage10_overlap import Engine as Stage10

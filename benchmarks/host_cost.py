@@ -22,7 +22,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from checkpoints import write_checkpoint
-
 from common.loader import resolve_model_path
 
 SMALL, LARGE = 8, 64

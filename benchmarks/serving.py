@@ -34,13 +34,13 @@ from common.config import ModelConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def one_request(client, prompt: list[int], max_tokens: int, delay: float) -> dict:
+async def one_request(client, model: str, prompt: list[int], max_tokens: int, delay: float) -> dict:
     """Wait ``delay`` seconds, then stream one completion; return its timings (seconds)."""
     await asyncio.sleep(delay)
     start = time.perf_counter()
     stamps, tokens = [], 0
     stream = await client.completions.create(
-        model="default", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
     )
     async for chunk in stream:
@@ -58,9 +58,10 @@ async def run_workload(url: str, workload: Workload, request_rate: float, seed: 
         delays.append(at)
         at += 0 if request_rate == float("inf") else rng.expovariate(request_rate)
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600) as client:
+        model = (await client.models.list()).data[0].id  # the name the server answers to
         begin = time.perf_counter()
         results = await asyncio.gather(
-            *(one_request(client, p, n, d) for p, n, d in zip(workload.prompts, workload.max_tokens, delays))
+            *(one_request(client, model, p, n, d) for p, n, d in zip(workload.prompts, workload.max_tokens, delays))
         )
     return list(results), time.perf_counter() - begin
 

@@ -6,6 +6,12 @@ temperature, then the top-k / top-p / min-p filters, then one random draw.
 ``temperature == 0`` means greedy: plain argmax (so does any temperature below
 ``GREEDY_BELOW``, where dividing the logits would overflow).
 
+Log-probabilities (``return_logprob``) are the model's own: ``log_softmax`` of
+the raw logits, before penalties, temperature and filters, as vLLM returns
+them by default. So they score the text, whatever settings sampled it. They
+stay on the device until the request's output is built: asking for them adds
+no wait to a step.
+
 The whole batch goes through these steps together, as a few tensor calls,
 whatever mix of settings its rows have: a step's sampling costs the same
 handful of GPU launches for 1 request or 256. Work that only some rows need
@@ -19,6 +25,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from common.device_copy import copy_to_device
+
+MAX_TOP_LOGPROBS = 20  # the most alternatives a step reports (OpenAI's and vLLM's limit)
 
 # Temperatures below this sample greedily: logits / 1e-300 is inf, and softmax of inf is NaN.
 # (vLLM draws the line at the same value.)
@@ -41,6 +49,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    # Log-probabilities, as SGLang names them: of each generated token (and of the top
+    # ``top_logprobs_num`` tokens at its step), and of the prompt's tokens from ``logprob_start_len`` on.
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # -1: no prompt log-probabilities
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -101,6 +114,16 @@ class SamplingParams:
             not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64
         ):
             bad("seed", "must be None or an integer that fits in 64 bits")
+        if not isinstance(self.return_logprob, bool):
+            bad("return_logprob", "must be True or False")
+        if not is_int(self.top_logprobs_num) or not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            bad("top_logprobs_num", f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if not is_int(self.logprob_start_len) or self.logprob_start_len < -1:
+            bad("logprob_start_len", "must be -1 (no prompt log-probabilities) or a prompt position >= 0")
+        if not self.return_logprob and (self.top_logprobs_num or self.logprob_start_len >= 0):
+            bad("return_logprob", "must be True to get top_logprobs_num or logprob_start_len")
+        if self.logprob_start_len >= 0 and self.max_tokens == 0:
+            bad("max_tokens", "must be >= 1 with logprob_start_len (the prompt's forward ends with a sampled token)")
 
     @property
     def greedy(self) -> bool:
@@ -111,6 +134,10 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class SamplingState:
     """What the sampler keeps for one request from step to step.
@@ -119,12 +146,79 @@ class SamplingState:
     its tokens do not depend on its batch neighbours), else None (it draws
     from the shared stream). ``penalty_row`` is its row of token counts on
     the device, taken at its first penalized step.
+
+    With ``return_logprob``, ``logprobs`` collects one ``(chosen, top values,
+    top ids)`` of device tensors per sampled token, and ``prompt_logprobs`` the
+    same for prompt tokens; ``next_prompt_row`` is the prompt position whose
+    forward row gives the next prompt log-probability still missing.
     """
 
     params: SamplingParams
     prompt_ids: list[int]
     generator: torch.Generator | None = None
     penalty_row: int | None = None
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+    next_prompt_row: int = 0
+
+    def __post_init__(self):
+        # Row p of a forward scores token p + 1; the first token has no score.
+        start = self.params.logprob_start_len
+        self.next_prompt_row = max(start - 1, 0) if start >= 0 else len(self.prompt_ids)
+
+    def prompt_rows(self, start: int, end: int) -> range:
+        """Of the positions ``[start, end)`` a forward feeds, those whose rows give a
+        prompt log-probability this request still needs."""
+        return range(max(start, self.next_prompt_row), min(end, len(self.prompt_ids) - 1))
+
+    @property
+    def reusable_tokens(self) -> int | None:
+        """How many leading tokens may come from the prefix cache (None: no limit). Cached positions
+        run no forward, so none of them may be a row that a prompt log-probability still needs."""
+        return self.next_prompt_row if self.next_prompt_row < len(self.prompt_ids) - 1 else None
+
+    def take_logprobs(self, num_tokens: int) -> dict:
+        """The log-probabilities gathered so far, as host lists, named as SGLang's meta info.
+
+        ``num_tokens``: the request's generated tokens; the overlap schedule may
+        have sampled one more after the request ended, which is dropped here.
+        """
+        if not self.params.return_logprob:
+            return {}
+        chosen, top = self.output_logprobs(0, num_tokens)
+        out = {"output_token_logprobs": chosen, "output_top_logprobs": top}
+        start = self.params.logprob_start_len
+        if start >= 0:
+            chosen, top = read_logprobs(self.prompt_logprobs, self.params.top_logprobs_num)
+            first = [None] * (start == 0)  # nothing predicts the first token
+            out["input_token_logprobs"], out["input_top_logprobs"] = first + chosen, first + top
+        return out
+
+
+    def output_logprobs(self, start: int, end: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Generated tokens ``start..end``: their log-probabilities and alternatives, read to the host."""
+        return read_logprobs(self.logprobs[start:end], self.params.top_logprobs_num)
+
+
+def read_logprobs(entries: list, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Device ``(chosen, top values, top ids)`` entries -> chosen log-probs, and ``k`` ``(id, logprob)``
+    alternatives per token."""
+    if not entries:
+        return [], []
+    chosen = torch.stack([e[0] for e in entries]).tolist()  # one copy for all of them
+    if not k:
+        return chosen, [[] for _ in entries]
+    values = torch.stack([e[1] for e in entries]).tolist()
+    ids = torch.stack([e[2] for e in entries]).tolist()
+    return chosen, [list(zip(i, v)) for i, v in zip(ids, values)]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
+    """``logits [R, vocab]``, ``tokens [R]`` -> each token's log-probability ``[R]``, and the top ``k``
+    (values, ids) per row (None when ``k`` is 0)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    return chosen, (logprobs.topk(k, dim=-1) if k else None)
 
 
 class PenaltyCounts:
@@ -236,7 +330,14 @@ class Sampler:
         return SamplingState(params, prompt_ids, generator)
 
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """``logits [B, vocab]`` (fp32) -> one token id per row, ``[B]`` on the device."""
+        """``logits [B, vocab]`` (fp32) -> one token id per row, ``[B]`` on the device; rows that
+        asked for log-probabilities keep them (from these raw logits)."""
+        tokens = self.sample(logits, states)
+        self.record_logprobs(logits, tokens, states)
+        return tokens
+
+    def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """penalties -> (temperature -> filters -> one draw) for sampled rows, argmax for greedy ones."""
         params = [s.params for s in states]
         vocab = logits.shape[1]
         penalized = [i for i, p in enumerate(params) if p.uses_penalties]
@@ -272,6 +373,30 @@ class Sampler:
         if penalized:
             self.penalties.count(penalty_rows, tokens[penalized_rows])
         return tokens
+
+    def record_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, states: list[SamplingState]) -> None:
+        """Keep the log-probabilities of the tokens just sampled, for the rows that asked
+        (``logits``: the raw ones, before penalties)."""
+        rows = [i for i, s in enumerate(states) if s.params.return_logprob]
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            self._keep(logits[index], tokens[index], [states[i] for i in rows], "logprobs")
+
+    def record_prompt_logprobs(self, logits: torch.Tensor, scored: list[tuple[SamplingState, int]]) -> None:
+        """Score prompt tokens: row j of ``logits`` is the forward of prompt position ``p`` of
+        ``scored[j] = (state, p)``, so it predicts the prompt's token ``p + 1``."""
+        targets = torch.tensor([state.prompt_ids[p + 1] for state, p in scored], device=logits.device)
+        self._keep(logits, targets, [state for state, _ in scored], "prompt_logprobs")
+        for state, position in scored:
+            state.next_prompt_row = position + 1
+
+    def _keep(self, logits: torch.Tensor, tokens: torch.Tensor, states: list[SamplingState], where: str) -> None:
+        widest = max(s.params.top_logprobs_num for s in states)
+        chosen, top = token_logprobs(logits, tokens, widest)
+        for j, state in enumerate(states):
+            k = state.params.top_logprobs_num
+            entry = (chosen[j], top.values[j, :k], top.indices[j, :k]) if k else (chosen[j], None, None)
+            getattr(state, where).append(entry)
 
     def draw(self, logits: torch.Tensor, states: list[SamplingState], temperature: torch.Tensor, filters: RowFilters) -> torch.Tensor:
         """temperature -> filters -> one draw, for the sampled rows ``logits [S, vocab]``.

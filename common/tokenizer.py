@@ -53,12 +53,15 @@ class Tokenizer:
             return self._backend.decode(token_ids, skip_special_tokens=True)
         return self.decode(token_ids)
 
-    def apply_chat_template(self, prompt: str | list[dict]) -> str:
-        """Wrap a user message (or a list of chat messages) in the model's chat format."""
+    def apply_chat_template(self, prompt: str | list[dict], tools: list[dict] | None = None) -> str:
+        """Wrap a user message (or a list of chat messages) in the model's chat format; ``tools``
+        (OpenAI's function definitions) are rendered by the template, where it knows how."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not self.hf.chat_template:
             raise ValueError("this checkpoint's tokenizer has no chat template; drop --chat")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if tools and "tools" not in self.hf.chat_template:
+            raise ValueError("this model's chat template does not render tools, so the model would never see them")
+        return self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
 class IncrementalDetokenizer:

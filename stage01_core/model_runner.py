@@ -37,8 +37,12 @@ class ModelRunner:
     def step(self, requests: list[Request]) -> list[int]:
         """One forward over every request's uncached tokens; returns the sampled next tokens."""
         input_ids, positions, new_lengths = [], [], []
+        scored, scored_rows = [], []  # prompt rows to score: (its state, position), batch row
         for request in requests:
             new_tokens = request.all_ids[request.num_cached :]
+            for position in request.sampling.prompt_rows(request.num_cached, request.seq_len):  # log-probs asked for
+                scored.append((request.sampling, position))
+                scored_rows.append(len(input_ids) + position - request.num_cached)
             input_ids += new_tokens
             positions += range(request.num_cached, request.seq_len)
             new_lengths.append(len(new_tokens))
@@ -50,6 +54,8 @@ class ModelRunner:
         )
         last_rows = torch.tensor(new_lengths, device=self.device).cumsum(0) - 1  # each request's last token
         logits = self.model.compute_logits(hidden[last_rows])
+        if scored:
+            self.sampler.record_prompt_logprobs(self.model.compute_logits(hidden[scored_rows]), scored)
         for request in requests:
             request.num_cached = request.seq_len
         return self.sampler(logits, [r.sampling for r in requests]).tolist()  # the step's one wait for the GPU

@@ -72,7 +72,7 @@ class ModelRunner:
         pages, node = [], None
         if self.radix_cache is not None:
             # Leave the last prompt token uncached: its forward gives the first output's logits.
-            pages, node = self.radix_cache.match_prefix(request.prompt_ids[:-1])
+            pages, node = self.radix_cache.match_prefix(request.prompt_ids[:-1][: request.sampling.reusable_tokens])
             self.radix_cache.lock(node)
         promised = sum(self.pages_for(r.max_seq_len) - len(r.page_table) for r in running)
         available = self.allocator.num_free + self.evictable_pages() - promised
@@ -131,10 +131,14 @@ class ModelRunner:
         step's one wait for the GPU.
         """
         input_ids, positions, seq_rows, new_lengths, seq_lens = [], [], [], [], []
+        scored, scored_rows = [], []  # prompt rows to score: (its state, position), batch row
         updates = ([], [], [])  # page-table entries the device has not seen yet
         for request in requests:
             self.allocate_cache(request)
             start, end = request.num_cached, request.seq_len
+            for position in request.sampling.prompt_rows(start, end):  # prompt log-probabilities asked for
+                scored.append((request.sampling, position))
+                scored_rows.append(len(input_ids) + position - start)
             input_ids += request.all_ids[start:end]
             positions += range(start, end)
             seq_rows.append(request.table_row)
@@ -143,8 +147,13 @@ class ModelRunner:
             self.page_tables.pending_updates(request, *updates)
             request.num_cached = end
         last_rows = [n - 1 for n in itertools.accumulate(new_lengths)]  # each request's last token
-        batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, last_rows, updates)
+        rows = sorted(last_rows + scored_rows) if scored else last_rows  # batch order, as a decode graph gives them
+        batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, rows, updates)
         logits = self.forward(batch)
+        if scored:
+            where = {row: j for j, row in enumerate(rows)}
+            self.sampler.record_prompt_logprobs(logits[[where[r] for r in scored_rows]], scored)
+            logits = logits[[where[r] for r in last_rows]]
         return self.sampler(logits, [r.sampling for r in requests]).tolist()
 
     @torch.inference_mode()

@@ -74,7 +74,7 @@ class ModelRunner:
         pages, node = [], None
         if self.radix_cache is not None:
             # Leave the last token uncached: its forward gives the next token's logits.
-            pages, node = self.radix_cache.match_prefix(request.all_ids[:-1])
+            pages, node = self.radix_cache.match_prefix(request.all_ids[:-1][: request.sampling.reusable_tokens])
             self.radix_cache.lock(node)
         promised = sum(self.expected_pages(r, len(r.page_table), new_token_ratio) for r in running)
         if self.expected_pages(request, len(pages), new_token_ratio) > self.available_pages() - promised or not self.page_tables.free_rows:
@@ -96,7 +96,7 @@ class ModelRunner:
         """How many tokens of the request the prefix cache holds now (no lock taken)."""
         if self.radix_cache is None:
             return 0
-        return len(self.radix_cache.match_prefix(request.all_ids[:-1])[0]) * self.page_size
+        return len(self.radix_cache.match_prefix(request.all_ids[:-1][: request.sampling.reusable_tokens])[0]) * self.page_size
 
     def available_pages(self) -> int:
         """Free pages plus pages only the prefix cache holds (evictable on demand)."""
@@ -152,10 +152,14 @@ class ModelRunner:
         step's one wait for the GPU.
         """
         input_ids, positions, seq_rows, new_lengths, seq_lens = [], [], [], [], []
+        scored, scored_rows = [], []  # prompt rows to score: (its state, position), batch row
         updates = ([], [], [])  # page-table entries the device has not seen yet
         for request in requests:
             self.allocate_cache(request)
             start, end = request.num_cached, request.seq_len
+            for position in request.sampling.prompt_rows(start, end):  # prompt log-probabilities asked for
+                scored.append((request.sampling, position))
+                scored_rows.append(len(input_ids) + position - start)
             input_ids += request.all_ids[start:end]
             positions += range(start, end)
             seq_rows.append(request.table_row)
@@ -164,8 +168,13 @@ class ModelRunner:
             self.page_tables.pending_updates(request, *updates)
             request.num_cached = end
         last_rows = [n - 1 for n in itertools.accumulate(new_lengths)]  # each request's last token
-        batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, last_rows, updates)
+        rows = sorted(last_rows + scored_rows) if scored else last_rows  # batch order, as a decode graph gives them
+        batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, rows, updates)
         logits = self.forward(batch)
+        if scored:
+            where = {row: j for j, row in enumerate(rows)}
+            self.sampler.record_prompt_logprobs(logits[[where[r] for r in scored_rows]], scored)
+            logits = logits[[where[r] for r in last_rows]]
         return self.sampler(logits, [r.sampling for r in requests]).tolist()
 
     @torch.inference_mode()

@@ -27,6 +27,13 @@ class GenerateOutput:
     cached_tokens: int  # prompt tokens whose KV came from a cache instead of being computed
     completion_tokens: int
     error: str | None = None  # with finish_reason "abort": why the engine stopped it (a failed step)
+    # With return_logprob (SGLang's meta info names): each generated token's log-probability and its
+    # step's top alternatives [(token id, logprob)]; with logprob_start_len, the same for the prompt's
+    # tokens from there on (None for the very first, which nothing predicts).
+    output_token_logprobs: list[float] | None = None
+    output_top_logprobs: list[list[tuple[int, float]]] | None = None
+    input_token_logprobs: list[float | None] | None = None
+    input_top_logprobs: list | None = None
     # perf_counter() stamps for latency metrics: when the request arrived, and each token.
     arrival_time: float = field(default=0.0, repr=False)
     token_times: list[float] = field(default_factory=list, repr=False)
@@ -129,6 +136,7 @@ class Request:
             prompt_tokens=len(self.prompt_ids),
             cached_tokens=min(self.cached_tokens, len(self.prompt_ids)),
             completion_tokens=len(self.output_ids),
+            **self.sampling.take_logprobs(len(self.output_ids)),
             error=self.error,
             arrival_time=self.arrival_time,
             token_times=list(self.token_times),

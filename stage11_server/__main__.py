@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     server.add_argument("--port", type=int, default=30000)
     server.add_argument("--max-queued-requests", type=int, default=None, help="refuse requests (HTTP 503) beyond this many waiting")
+    server.add_argument("--served-model-name", default=None,
+                        help="the model name clients send (default: --model-path, or the built-in model's folder name)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
     return parser
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
         if args.serve:
             from .http_server import serve  # the server's packages load only when serving
 
-            serve(engine_kwargs, args.host, args.port, args.max_queued_requests)
+            serve(engine_kwargs, args.host, args.port, args.max_queued_requests, args.served_model_name)
             return 0
         with Engine(**engine_kwargs) as engine:
             prompt = engine.tokenizer.apply_chat_template(args.prompt) if args.chat else args.prompt

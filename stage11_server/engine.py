@@ -195,6 +195,14 @@ class Engine:
             del self._by_id[request_id]
             return request.output()
 
+    def token_logprobs(self, request_id: int, start: int) -> list[tuple[int, float, list]]:
+        """``(token id, log-probability, [(id, logprob)] alternatives)`` of a running request's generated
+        tokens from ``start`` on, for a server that streams them. Reading them waits for the device."""
+        with self._lock:
+            request = self._by_id[request_id]
+            end = len(request.output_ids)
+            return list(zip(request.output_ids[start:end], *request.sampling.output_logprobs(start, end)))
+
     def expert_token_counts(self) -> list[list[int]]:
         """Tokens routed to each expert so far, one list per MoE layer (load balance across ranks).
 

@@ -60,6 +60,8 @@ class RequestUpdate:
 
     rid: str
     text: str = ""  # new text, safe to stream (no partial stop string)
+    # With return_logprob: (token id, logprob, alternatives) of the tokens generated since the last update.
+    logprobs: list[tuple[int, float, list]] | None = None
     output: GenerateOutput | None = None  # set once, in the update where the request finished
     error: str | None = None
     status: int = 200  # for an error: 400 (the request is invalid), 503 (the queue is full) or 500 (its step failed)
@@ -91,6 +93,7 @@ class EngineLoop:
         self.max_queued_requests = max_queued_requests
         self.live: dict[str, int] = {}  # front-end id -> engine id, for requests not finished yet
         self.front_id: dict[int, str] = {}  # the reverse map
+        self.logprobs_sent: dict[str, int] = {}  # requests that stream log-probabilities: tokens sent so far
 
     def run(self) -> None:
         while True:
@@ -121,6 +124,8 @@ class EngineLoop:
         except ValueError as error:
             return [RequestUpdate(rid, error=str(error), status=400)]
         self.live[rid], self.front_id[engine_id] = engine_id, rid
+        if message.params.return_logprob:
+            self.logprobs_sent[rid] = 0
         return [RequestUpdate(rid)]
 
     def step(self) -> list[RequestUpdate]:
@@ -129,13 +134,27 @@ class EngineLoop:
         updates = {self.front_id[eid]: RequestUpdate(self.front_id[eid], text=piece) for eid, piece in pieces.items()}
         for rid, engine_id in list(self.live.items()):
             output = self.engine.get_output(engine_id)
+            if rid in self.logprobs_sent:
+                self.send_logprobs(rid, engine_id, output, updates)
             if output is not None:
                 update = updates.setdefault(rid, RequestUpdate(rid))
                 update.output = output
                 if output.error is not None:  # a failed step stopped it (out of memory): its caller learns why
                     update.error, update.status = output.error, 500
                 del self.live[rid], self.front_id[engine_id]
+                self.logprobs_sent.pop(rid, None)
         return list(updates.values())
+
+    def send_logprobs(self, rid: str, engine_id: int, output: GenerateOutput | None, updates: dict) -> None:
+        """Attach the log-probabilities of the tokens generated since the request's last update."""
+        sent = self.logprobs_sent[rid]
+        if output is None:
+            new = self.engine.token_logprobs(engine_id, sent)
+        else:
+            new = list(zip(output.token_ids, output.output_token_logprobs, output.output_top_logprobs))[sent:]
+        if new:
+            updates.setdefault(rid, RequestUpdate(rid)).logprobs = new
+            self.logprobs_sent[rid] = sent + len(new)
 
 
 def run_engine_process(conn: Connection, engine_kwargs: dict, max_queued_requests: int | None) -> None:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import openai_protocol as protocol
+from .openai_choices import ChatChoices, CompletionChoices
 from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
 from .tokenizer_manager import EngineError, TokenizerManager
 
@@ -45,7 +46,7 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
 
     @app.exception_handler(BadRequest)
     async def bad_request(_, error: BadRequest):
-        return JSONResponse(protocol.error_body(str(error), 400, error.param), status_code=400)
+        return JSONResponse(protocol.error_body(str(error), error.status, error.param), status_code=error.status)
 
     @app.exception_handler(EngineError)
     async def engine_error(_, error: EngineError):
@@ -66,70 +67,73 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
     async def metrics():
         return Response(manager.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def parse(model: type, http_body: bytes):
+        request = protocol.parse_request(model, http_body)
+        if request.model is not None and request.model != model_name:
+            raise BadRequest(f"the model {request.model!r} does not exist; this server serves {model_name!r} "
+                             "(see /v1/models)", "model", status=404)
+        return request
+
     @app.post("/v1/completions")
     async def completions(http_request: HTTPRequest):
-        request = protocol.parse_request(CompletionRequest, await http_request.body())
+        request = parse(CompletionRequest, await http_request.body())
         prompts = completion_prompts(manager, request.prompt)
-        max_tokens = request.max_tokens
-        return await generate(http_request, request, prompts, [max_tokens] * len(prompts), chat=False)
+        choices = CompletionChoices(request, prompts, manager.token_text, manager.tokenizer.decode)
+        return await generate(http_request, request, prompts, [request.max_tokens] * len(prompts), choices)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: HTTPRequest):
-        request = protocol.parse_request(ChatCompletionRequest, await http_request.body())
+        request = parse(ChatCompletionRequest, await http_request.body())
         if not request.messages:
             raise BadRequest("messages must hold at least one message", "messages")
+        choices = ChatChoices(request, manager.token_text)
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if choices.tools else None
         try:
-            prompt_ids = manager.apply_chat_template([m.as_template_input() for m in request.messages])
+            prompt_ids = manager.apply_chat_template([m.as_template_input() for m in request.messages], tools)
         except ValueError as error:
-            raise BadRequest(str(error), "messages") from None
+            raise BadRequest(str(error), "tools" if tools and "tools" in str(error) else "messages") from None
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        return await generate(http_request, request, [prompt_ids], [max_tokens], chat=True)
+        return await generate(http_request, request, [prompt_ids], [max_tokens], choices)
 
-    async def generate(http_request, request: SamplingFields, prompts, max_tokens, chat: bool):
+    async def generate(http_request, request: SamplingFields, prompts, max_tokens, choices):
         """Run n choices per prompt; answer with one JSON body, or a stream of chunks."""
         params = []
         for prompt_ids, limit in zip(prompts, max_tokens):
             if limit is None:  # up to the context (the engine refuses a prompt that fills it)
                 limit = max(1, manager.context_length - len(prompt_ids))
-            params += request.sampling_params(limit)
+            elif 0 < len(prompt_ids) < manager.context_length < len(prompt_ids) + limit:  # as OpenAI and vLLM answer
+                raise BadRequest(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {limit}, "
+                                 f"{len(prompt_ids) + limit} in all, but the model's context is {manager.context_length} "
+                                 "tokens; lower max_tokens or shorten the prompt", "max_tokens")
+            params += request.sampling_params(choices.engine_max_tokens(limit), **choices.logprobs)
         group_prompts = [ids for ids in prompts for _ in range(request.n)]
         group = manager.generate(group_prompts, params)
-        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        rid = protocol.new_id("chatcmpl" if isinstance(choices, ChatChoices) else "cmpl")
         if request.stream:
             first = await anext(group)  # waits for acceptance: a refusal still gets its status code
-            events = stream_events(group, first, rid, request, len(group_prompts), chat)
+            events = stream_events(group, first, rid, request, choices, len(group_prompts))
             return StreamingResponse(events, media_type="text/event-stream")
         outputs = await collect_unless_disconnected(http_request, group, len(group_prompts))
         if outputs is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        build = protocol.chat_response if chat else protocol.completion_response
-        return build(rid, model_name, outputs, protocol.usage(outputs, request.n))
+        build = protocol.chat_response if isinstance(choices, ChatChoices) else protocol.completion_response
+        answers = [choices.final(i, output) for i, output in enumerate(outputs)]
+        return build(rid, model_name, answers, protocol.usage(choices.usage_outputs(outputs), request.n))
 
-    async def stream_events(group, first, rid: str, request: SamplingFields, count: int, chat: bool):
+    async def stream_events(group, first, rid: str, request: SamplingFields, choices, count: int):
         """The Server-Sent Events of one streamed request; closing it aborts what still runs."""
         outputs = [None] * count
-
-        def chunk(index: int, text: str | None, finish_reason: str | None) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-                body = protocol.chat_chunk(rid, model_name, index, delta, finish_reason)
-            else:
-                body = protocol.completion_chunk(rid, model_name, index, text or "", finish_reason)
-            return sse(body)
-
         try:
-            if chat:  # OpenAI's chat streams open each choice with the assistant role
-                for index in range(count):
-                    yield chunk(index, None, None)
+            for body in choices.opening(rid, model_name):
+                yield sse(body)
             async for index, update in prepend(first, group):
-                if update.text:
-                    yield chunk(index, update.text, None)
                 if update.output is not None:
                     outputs[index] = update.output
-                    yield chunk(index, "", update.output.finish_reason)
+                for body in choices.chunks(rid, model_name, index, update):
+                    yield sse(body)
             if request.include_usage:
-                kind = "chat.completion.chunk" if chat else "text_completion"
-                yield sse(protocol.usage_chunk(rid, model_name, kind, protocol.usage(outputs, request.n)))
+                usage = protocol.usage(choices.usage_outputs(outputs), request.n)
+                yield sse(protocol.usage_chunk(rid, model_name, choices.object_kind, usage))
             yield "data: [DONE]\n\n"
         except EngineError as error:  # the engine failed mid-stream: the status line is already sent
             yield sse(protocol.error_body(str(error), error.status))
@@ -185,11 +189,13 @@ def sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-def serve(engine_kwargs: dict, host: str, port: int, max_queued_requests: int | None = None) -> None:
-    """Start the engine process, then serve HTTP until interrupted (Ctrl-C or SIGTERM)."""
+def serve(engine_kwargs: dict, host: str, port: int, max_queued_requests: int | None = None,
+          served_model_name: str | None = None) -> None:
+    """Start the engine process, then serve HTTP until interrupted (Ctrl-C or SIGTERM).
+    Requests must name the served model (``served_model_name``, else the model path)."""
     manager = TokenizerManager(engine_kwargs, max_queued_requests)
     try:
-        model_name = engine_kwargs.get("model_path") or Path(manager.model_folder).name
+        model_name = served_model_name or engine_kwargs.get("model_path") or Path(manager.model_folder).name
         print(f"serving {model_name} on http://{host}:{port} (OpenAI API under /v1)", flush=True)
         uvicorn.run(build_app(manager, model_name), host=host, port=port, log_level="warning")
     finally:

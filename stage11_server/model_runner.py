@@ -136,7 +136,7 @@ class ModelRunner:
         pages, node = [], None
         if self.radix_cache is not None:
             # Leave the last token uncached: its forward gives the next token's logits.
-            pages, node = self.radix_cache.match_prefix(request.all_ids[:-1])
+            pages, node = self.radix_cache.match_prefix(request.all_ids[:-1][: request.sampling.reusable_tokens])
             self.radix_cache.lock(node)
         promised = sum(self.expected_pages(r, len(r.page_table), new_token_ratio) for r in running)
         if self.expected_pages(request, len(pages), new_token_ratio) > self.available_pages() - promised or not self.page_tables.free_rows:
@@ -158,7 +158,7 @@ class ModelRunner:
         """How many tokens of the request the prefix cache holds now (no lock taken)."""
         if self.radix_cache is None:
             return 0
-        return len(self.radix_cache.match_prefix(request.all_ids[:-1])[0]) * self.page_size
+        return len(self.radix_cache.match_prefix(request.all_ids[:-1][: request.sampling.reusable_tokens])[0]) * self.page_size
 
     def available_pages(self) -> int:
         """Free pages plus pages only the prefix cache holds (evictable on demand)."""
@@ -238,10 +238,14 @@ class ModelRunner:
         one copy.
         """
         input_ids, positions, seq_rows, seq_lens, complete = [], [], [], [], []
+        scored, scored_rows = [], []  # prompt rows to score: (its state, position), batch row
         updates = ([], [], [])  # page-table entries the device has not seen yet
         placeholders = False
         for i, (request, n) in enumerate(zip(requests, new_lengths)):
             start, end = request.num_cached, request.num_cached + n
+            for position in request.sampling.prompt_rows(start, end):  # prompt log-probabilities asked for
+                scored.append((request.sampling, position))
+                scored_rows.append(len(input_ids) + position - start)
             self.allocate_cache(request, end)
             known = request.all_ids[start:end]
             input_ids += known
@@ -258,13 +262,18 @@ class ModelRunner:
                 request.pending_tokens += 1
         ends = list(itertools.accumulate(new_lengths))
         last_rows = [ends[i] - 1 for i in complete]  # each complete request's last token
-        batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, last_rows, updates)
+        rows = sorted(last_rows + scored_rows) if scored else last_rows  # batch order, as a decode graph gives them
+        batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, rows, updates)
         if placeholders:  # in place, on the device: the packed tensor other ranks receive is resolved too
             ids = batch.input_ids
             ids.copy_(torch.where(ids < 0, self.last_sampled[(-1 - ids).clamp(min=0)], ids))
         if tp_group_active():
             broadcast_batch(batch, self.device)  # the other ranks run the same forward on their shards
         logits = self.forward(batch)
+        if scored:
+            where = {row: j for j, row in enumerate(rows)}
+            self.sampler.record_prompt_logprobs(logits[[where[r] for r in scored_rows]], scored)
+            logits = logits[[where[r] for r in last_rows]]
         sampled = self.sampler(logits, [requests[i].sampling for i in complete]) if complete else None
         self.last_sampled = sampled
         self.last_sampled_index = {requests[i].id: j for j, i in enumerate(complete)}

@@ -89,8 +89,12 @@ class TokenizerManager:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text) if text else []  # the engine refuses an empty prompt
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as log-probability entries name it."""
+        return self.tokenizer.decode([token_id])
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, tools))
 
     async def generate(
         self, prompts: list[list[int]], params: list[SamplingParams]
@@ -119,7 +123,7 @@ class TokenizerManager:
                 if update.error is not None:
                     unfinished.discard(update.rid)
                     raise EngineError(update.status, update.error)
-                accepted += update.text == "" and update.output is None  # an acceptance
+                accepted += not (update.text or update.logprobs or update.output)  # an acceptance
                 early.append((index, update))  # the first accepted requests may already have text
             while unfinished:
                 index, update = early.pop(0) if early else await queue.get()
@@ -127,7 +131,7 @@ class TokenizerManager:
                     raise EngineError(update.status, update.error)
                 if update.output is not None:
                     unfinished.discard(update.rid)
-                if update.text or update.output is not None:
+                if update.text or update.logprobs or update.output is not None:
                     yield index, update
         finally:
             for rid in rids:

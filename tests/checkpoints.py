@@ -5,6 +5,7 @@ tokenizer files), and compare against transformers' models on the same files.
 They borrow the built-in model's tokenizer (SmolLM2's 49k BPE vocab).
 """
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -73,4 +74,66 @@ def write_checkpoint(kind: str, folder: Path, tokenizer_folder: Path, seed: int 
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_folder / name).exists():
             shutil.copy(tokenizer_folder / name, folder / name)
+    return folder
+
+
+# A Hermes-style chat template that renders tools, tool calls and tool results (the built-in
+# model's template knows none of them).
+TOOLS_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}You may call these functions:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+Call one as <tool_call>{"name": <name>, "arguments": <arguments object>}</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.role == 'assistant' %}<|im_start|>assistant
+{{ message.content }}{% for call in message.tool_calls or [] %}<tool_call>{"name": "{{ call.function.name }}", \
+"arguments": {{ call.function.arguments }}}</tool_call>{% endfor %}<|im_end|>
+{% elif message.role != 'system' %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def write_scripted_checkpoint(folder: Path, tokenizer_folder: Path, script: list[int]) -> Path:
+    """A random Qwen3 checkpoint whose next token depends only on the current one, and that,
+    from ``script[0]`` on, greedily says ``script[1:]``; elsewhere its logits are random.
+
+    Every layer's output projections are zero, so the logits are the current token's
+    embedding through the final norm and the head. The script's tokens get embeddings
+    on dimensions of their own (zero in every other embedding) and the head maps each to
+    the next one. A token may occur twice in the script only with the same successor.
+    """
+    successor = {}
+    for token, following in itertools.pairwise(script):
+        assert successor.setdefault(token, following) == following, f"token {token} needs two successors"
+    config_class, model_class, extra = KINDS["dense"]
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**COMMON, **extra})).eval()
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed[:, : len(successor)] = 0.0  # the script's own dimensions
+        for dim, (token, following) in enumerate(successor.items()):
+            embed[token] = 0.0
+            embed[token, dim] = 1.0
+            head[following, dim] = 30.0
+    model.save_pretrained(folder)
+    shutil.copy(tokenizer_folder / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copy(tokenizer_folder / "tokenizer_config.json", folder / "tokenizer_config.json")
+    (folder / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
     return folder

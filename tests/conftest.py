@@ -15,7 +15,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "ladder"))
 
 from checkpoints import KINDS, write_checkpoint
-
 from common.loader import resolve_model_path
 
 # Every stage folder present; shared end-to-end tests run once per stage.

@@ -3,11 +3,11 @@
 import json
 
 import pytest
-from conftest import STAGES
 
 from benchmarks.systems import run_system
 from benchmarks.workloads import Workload, make_workload
 from common.config import ModelConfig
+from conftest import STAGES
 
 
 def tiny_workload() -> Workload:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import ROOT, STAGES
 
 sys.path.insert(0, str(ROOT / "docs"))

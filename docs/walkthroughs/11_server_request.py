@@ -41,11 +41,13 @@ print("server up at", url)
 
 # %%
 client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
-response = client.completions.create(model="builtin", prompt="The capital of France is", max_tokens=8, temperature=0)
+model = client.models.list().data[0].id  # requests name the served model (--served-model-name); others get 404
+print("model:", model)
+response = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
 print(repr(response.choices[0].text), response.choices[0].finish_reason, response.usage)
 
 pieces = [chunk.choices[0].text for chunk in client.completions.create(
-    model="builtin", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True) if chunk.choices]
+    model=model, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True) if chunk.choices]
 print(pieces)
 print("stream == plain:", "".join(pieces) == response.choices[0].text)
 
@@ -54,7 +56,7 @@ print("stream == plain:", "".join(pieces) == response.choices[0].text)
 # Chat requests go through the model's chat template, then the same path.
 
 # %%
-chat = client.chat.completions.create(model="builtin", messages=[{"role": "user", "content": "Say hello."}],
+chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello."}],
                                       max_tokens=10, temperature=0)
 print(repr(chat.choices[0].message.content))
 

@@ -1,9 +1,9 @@
 """The built-in offline model (SmolLM2-135M-Instruct from GGUF) loads and matches transformers."""
 
 import torch
-from reference import DictCache
 
 from common.loader import builtin_gguf_path, load_model
+from reference import DictCache
 
 
 @torch.no_grad()

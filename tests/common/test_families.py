@@ -9,12 +9,12 @@ import warnings
 
 import pytest
 import torch
-from checkpoints import write_checkpoint
-from conftest import STAGES, stage_engine_class
-from reference import DictCache, load_hf
 
+from checkpoints import write_checkpoint
 from common.config import ModelConfig
 from common.loader import load_model
+from conftest import STAGES, stage_engine_class
+from reference import DictCache, load_hf
 
 
 def test_each_family_switches_on_its_own_parts(checkpoints):

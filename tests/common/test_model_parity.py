@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from reference import DictCache, load_hf
 
 from common.loader import load_model
+from reference import DictCache, load_hf
 
 KINDS = ["dense", "moe", "llama", "qwen2", "qwen2_moe", "mistral"]
 

@@ -4,9 +4,9 @@ import json
 import shutil
 
 import pytest
-from conftest import STAGES, stage_engine_class
 
 from common.sampling import SamplingParams
+from conftest import STAGES, stage_engine_class
 
 
 @pytest.fixture(params=STAGES)

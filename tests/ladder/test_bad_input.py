@@ -1,6 +1,7 @@
 """Bad input is refused with a ValueError that names it, and the engine keeps serving."""
 
 import pytest
+
 from conftest import STAGES, stage_engine_class
 
 BAD_REQUESTS = [

@@ -12,6 +12,7 @@ import inspect
 
 import pytest
 import torch
+
 from conftest import STAGES, stage_engine_class
 
 LIMIT = 40

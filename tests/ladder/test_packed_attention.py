@@ -9,6 +9,7 @@ the GPU uses, with prefixes served from the cache and prompts fed in chunks.
 import importlib
 
 import pytest
+
 from conftest import STAGES
 from test_parity import mixed_prompts
 

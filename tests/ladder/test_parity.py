@@ -5,6 +5,7 @@ Runs once per stage folder, so each stage keeps the promises of the ones before 
 
 import pytest
 import torch
+
 from conftest import STAGES
 from reference import hf_greedy, load_hf
 

@@ -17,9 +17,9 @@ import random
 
 import pytest
 import torch
-from conftest import STAGES, stage_engine_class
 
 from common.sampling import SamplingParams
+from conftest import STAGES, stage_engine_class
 
 STORM_STAGES = [s for s in STAGES if s >= "stage04"]
 PAGE = 4

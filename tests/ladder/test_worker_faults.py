@@ -13,6 +13,7 @@ import signal
 import time
 
 import pytest
+
 from conftest import STAGES, stage_engine_class
 
 PARALLEL_STAGES = [s for s in STAGES if "tp_size" in inspect.signature(stage_engine_class(s)).parameters]

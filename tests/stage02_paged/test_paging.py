@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_parity import mixed_prompts
 
 from stage02_paged import Engine
 from stage02_paged.page_allocator import PageAllocator
+from test_parity import mixed_prompts
 
 KINDS = ["dense", "moe", "llama"]
 GREEDY = dict(temperature=0, ignore_eos=True)

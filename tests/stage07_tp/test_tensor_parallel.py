@@ -8,8 +8,8 @@ at least 1e-3 apart. The logits test below checks the 1e-5 closeness directly.
 
 import pytest
 import torch
-from reference import RecordingSampler
 
+from reference import RecordingSampler
 from stage07_tp import Engine
 
 pytestmark = pytest.mark.distributed

@@ -8,8 +8,8 @@ tokens on these checkpoints.
 
 import pytest
 import torch
-from reference import RecordingSampler
 
+from reference import RecordingSampler
 from stage08_ep import Engine
 
 pytestmark = pytest.mark.distributed

@@ -24,17 +24,18 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import ROOT
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
+from conftest import ROOT
+from stage10_overlap import Engine as Stage10Engine
+from stage11_server.__main__ import main
 from test_bad_input import ANY_VALUE  # the Python API's random inputs
 from test_bad_input import PARAMS as RANDOM_PARAMS
 from test_bad_input import PROMPTS as RANDOM_PROMPTS
 
-from stage10_overlap import Engine as Stage10Engine
-from stage11_server.__main__ import main
-
 CONTEXT = 256  # small, so a too-long prompt is cheap to send
+LONG_ANSWER = CONTEXT - 16  # max_tokens of a request that runs for seconds (prompt + max_tokens must fit the context)
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are"]
 STARTUP_TIMEOUT_S = 180
 
@@ -60,7 +61,8 @@ class Server:
         log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"stage11-server-{self.port}.log"
         self.log = open(log_path, "w+")  # noqa: SIM115 - open while the server runs; the test process ends with it
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stage11_server", "--serve", "--port", str(self.port), "--device", "cpu", *flags],
+            [sys.executable, "-m", "stage11_server", "--serve", "--port", str(self.port), "--device", "cpu",
+             "--served-model-name", "m", *flags],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -236,7 +238,7 @@ def abort_count(samples) -> float:
 
 def test_stream_disconnect_aborts_the_request_and_frees_its_pages(server):
     before = server.metrics()
-    body = {"prompt": PROMPTS[0], "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"prompt": PROMPTS[0], "max_tokens": LONG_ANSWER, "temperature": 0, "ignore_eos": True, "stream": True}
     connection = HTTPConnection("127.0.0.1", server.port, timeout=60)
     connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
@@ -244,14 +246,14 @@ def test_stream_disconnect_aborts_the_request_and_frees_its_pages(server):
     assert response.readline().startswith(b"data: {")  # the stream has begun
     busy = server.metrics()
     assert busy["ladder:num_running_reqs"] == 1 and busy["ladder:kv_pages_used"] > 0
-    connection.close()  # the client goes away long before 2000 tokens
+    connection.close()  # the client goes away long before LONG_ANSWER tokens
     samples = server.wait_for_metrics(lambda s: idle(s) and abort_count(s) == abort_count(before) + 1)
-    assert samples["ladder:generation_tokens_total"] - before["ladder:generation_tokens_total"] < 2000
+    assert samples["ladder:generation_tokens_total"] - before["ladder:generation_tokens_total"] < LONG_ANSWER
 
 
 def test_plain_request_disconnect_aborts_too(server):
     before = abort_count(server.metrics())
-    body = {"prompt": PROMPTS[0], "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    body = {"prompt": PROMPTS[0], "max_tokens": LONG_ANSWER, "temperature": 0, "ignore_eos": True}
     with pytest.raises(TimeoutError):
         http("POST", f"{server.url}/v1/completions", json.dumps(body).encode(), timeout=1.5)
     server.wait_for_metrics(lambda s: idle(s) and abort_count(s) == before + 1)
@@ -273,7 +275,8 @@ BAD_BODIES = {
     "empty prompt": b'{"prompt": ""}',
     "token id outside the vocabulary": b'{"prompt": [1, 99999999]}',
     "prompt longer than the context": json.dumps({"prompt": "hello " * (CONTEXT + 10)}).encode(),
-    "logprobs": b'{"prompt": "hi", "logprobs": 2}',
+    "logprobs beyond 20": b'{"prompt": "hi", "logprobs": 21}',
+    "an unimplemented field": b'{"prompt": "hi", "best_of": 2}',
 }
 
 
@@ -403,11 +406,10 @@ def test_engine_stats_count_requests_pages_and_tokens(engine_for):
 def test_a_step_out_of_memory_reaches_the_front_end_as_a_500_with_the_reason(checkpoints, monkeypatch):
     """The engine loop turns a request stopped by a failed step into an error update (status 500,
     the engine's message), which the front end answers as an OpenAI error; the next request is served."""
-    from test_out_of_memory import LONG, SHORT, little_memory
-
     from common.sampling import SamplingParams
     from stage11_server import Engine
     from stage11_server.engine_process import EngineLoop, GenerateRequest, RequestUpdate
+    from test_out_of_memory import LONG, SHORT, little_memory
 
     with Engine(model_path=str(checkpoints["dense"]), device="cpu") as engine:
         model = engine.runner.model
