@@ -1,6 +1,6 @@
 """Micro benchmarks of the memory-management pieces (pytest-benchmark; not part of the test suite).
 
-    python -m pytest benchmarks/test_micro.py --benchmark-only
+    python -m pytest -n0 benchmarks/test_micro.py --benchmark-only
 """
 
 import random

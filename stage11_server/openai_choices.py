@@ -35,6 +35,7 @@ class CompletionChoices:
         self.prompts = [ids for ids in prompts for _ in range(request.n)]  # one per choice
         self.logprobs = request.logprob_params()
         self.score_only = request.echo and request.max_tokens == 0 and bool(self.logprobs)
+        self.offsets = [len(decode(ids)) if request.echo else 0 for ids in self.prompts]  # streams: text_offset so far
         if request.echo and request.stream and self.logprobs:
             raise BadRequest("echo with logprobs is not supported on a stream; drop stream", "echo")
 
@@ -67,7 +68,10 @@ class CompletionChoices:
         return [protocol.completion_chunk(rid, model, i, self.decode(ids), None) for i, ids in enumerate(self.prompts)]
 
     def chunks(self, rid: str, model: str, index: int, update: RequestUpdate) -> list[dict]:
-        logprobs = protocol.completion_logprobs(self.token_text, update.logprobs) if update.logprobs else None
+        logprobs = None
+        if update.logprobs:
+            logprobs = protocol.completion_logprobs(self.token_text, update.logprobs, self.offsets[index])
+            self.offsets[index] += sum(len(token) for token in logprobs["tokens"])
         out = []
         if update.text or logprobs:
             out.append(protocol.completion_chunk(rid, model, index, update.text, None, logprobs))

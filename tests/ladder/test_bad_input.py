@@ -82,6 +82,7 @@ PLAUSIBLE = {  # values a careful user might send
     "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=2)),
     "stop_token_ids": st.lists(st.integers(0, 49151), max_size=3), "ignore_eos": st.booleans(),
     "seed": st.one_of(st.none(), st.integers(0, 2**31)),
+    "return_logprob": st.booleans(), "top_logprobs_num": st.integers(0, 20), "logprob_start_len": st.integers(-1, 12),
 }
 # Plausible keywords, then up to two of them (or unknown names) replaced by anything at all.
 PARAMS = st.builds(lambda plausible, absurd: {**plausible, **absurd}, st.fixed_dictionaries({}, optional=PLAUSIBLE),

@@ -100,6 +100,24 @@ def test_echo_puts_the_prompt_before_the_completion(server, scripted):
     assert echoed.choices[0].logprobs.text_offset[len(PROMPT)] == len(prompt_text)
 
 
+def test_a_streamed_echo_begins_with_the_prompt(server, scripted):
+    plain = server.client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
+    chunks = list(server.client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                                   stream=True))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert texts[0] == scripted[1].decode(PROMPT) and "".join(texts) == plain.choices[0].text
+
+
+def test_completion_logprobs_stream_chunk_by_chunk(server):
+    ask = dict(model="m", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    plain = server.client.completions.create(**ask).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in server.client.completions.create(**ask, stream=True) if c.choices]
+    streamed = [lp for lp in chunks if lp is not None]
+    assert [t for lp in streamed for t in lp.tokens] == plain.tokens
+    assert [v for lp in streamed for v in lp.token_logprobs] == pytest.approx(plain.token_logprobs, abs=1e-5)
+    assert [o for lp in streamed for o in lp.text_offset] == plain.text_offset
+
+
 def test_chat_logprobs_stream_as_they_come_and_equal_the_plain_response(server):
     ask = dict(model="m", prompt=None, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
     ask.pop("prompt")
