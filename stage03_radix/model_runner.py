@@ -147,7 +147,7 @@ class ModelRunner:
             self.page_tables.pending_updates(request, *updates)
             request.num_cached = end
         last_rows = [n - 1 for n in itertools.accumulate(new_lengths)]  # each request's last token
-        rows = sorted(last_rows + scored_rows) if scored else last_rows  # batch order, as a decode graph gives them
+        rows = sorted(last_rows + scored_rows) if scored else last_rows  # every logits row, in batch order
         batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, rows, updates)
         logits = self.forward(batch)
         if scored:

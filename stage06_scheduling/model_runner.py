@@ -193,7 +193,7 @@ class ModelRunner:
                 complete.append(i)
         ends = list(itertools.accumulate(new_lengths))
         last_rows = [ends[i] - 1 for i in complete]  # each complete request's last token
-        rows = sorted(last_rows + scored_rows) if scored else last_rows  # batch order, as a decode graph gives them
+        rows = sorted(last_rows + scored_rows) if scored else last_rows  # every logits row, in batch order
         batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, rows, updates)
         logits = self.forward(batch)
         if scored:

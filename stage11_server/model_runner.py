@@ -262,7 +262,9 @@ class ModelRunner:
                 request.pending_tokens += 1
         ends = list(itertools.accumulate(new_lengths))
         last_rows = [ends[i] - 1 for i in complete]  # each complete request's last token
-        rows = sorted(last_rows + scored_rows) if scored else last_rows  # batch order, as a decode graph gives them
+        # Every logits row, in batch order: a one-token prompt chunk that is scored looks like a decode row,
+        # and a decode graph returns its rows in batch order.
+        rows = sorted(last_rows + scored_rows) if scored else last_rows
         batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, rows, updates)
         if placeholders:  # in place, on the device: the packed tensor other ranks receive is resolved too
             ids = batch.input_ids
