@@ -88,8 +88,9 @@ def render_benchmark_results() -> str:
             notes = "; ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("longest_decode_gap_ms", "prefix_cache_hit_rate") if r.get(k))
             rows.append(f"| {r['system']} | {r['output_tokens_per_s']} | {r['total_tokens_per_s']} | {r['ttft_median_ms'] or ''} "
                         f"| {r['itl_median_ms'] or ''} | {r['itl_p99_ms'] or ''} | {peak} | {notes} |")
+        runs = [r.get("output_tokens_per_s_runs") for r in report["results"]]
         chart = plots.bar_chart([r["system"] for r in report["results"]], [r["output_tokens_per_s"] for r in report["results"]],
-                                "output tokens / s")
+                                "output tokens / s", [plots.spread(v) for v in runs])
         note = f"\n_{env['note']}_\n" if env.get("note") else ""
         kwargs = f"; engine options `{json.dumps(report['engine_kwargs'])}`" if report.get("engine_kwargs") else ""
         sections.append(f"### {path.stem}\n\n{report.get('workload', '')}; model `{report.get('model', '')}`{kwargs}. "

@@ -1,5 +1,6 @@
 """The course site builds cleanly, every stage has a page, and every walkthrough runs."""
 
+import json
 import os
 import re
 import subprocess
@@ -73,3 +74,25 @@ def test_every_benchmark_result_renders_on_the_results_page():
     files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
     page = hooks.render_benchmark_results()
     assert files and all(f"### {f.stem}" in page for f in files)
+
+
+def test_each_comparison_run_gets_a_chart_of_its_own(tmp_path):
+    """Two runs of the same systems are two charts (bars of separate runs are not comparable), each
+    titled with its GPU and torch; a repeated run shows its median with whiskers."""
+    import plots
+
+    def write(name: str, systems: dict, runs: dict | None = None):
+        results = [{"system": s, "output_tokens_per_s": v, **({"output_tokens_per_s_runs": runs[s]} if runs else {})}
+                   for s, v in systems.items()]
+        environment = {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130"}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"environment": environment, "results": results}))
+
+    write("h100-random256-a", {"stage10_overlap": 6000.0, "hf-generate": 600.0})
+    write("h100-random256-b", {"stage10_overlap": 6100.0, "stage11_server": 6200.0},
+          runs={"stage10_overlap": [5900.0, 6100.0, 6300.0], "stage11_server": [6000.0, 6200.0, 6400.0]})
+    page = plots.summary_charts(tmp_path)
+    assert page.count("<svg") == 2
+    assert "h100-random256-a: NVIDIA H200, torch 2.11.0+cu130, one run" in page
+    assert "h100-random256-b: NVIDIA H200, torch 2.11.0+cu130, median of 3 interleaved runs" in page
+    first, second = page.split("h100-random256-b")
+    assert "hf-generate" in first and "stage11_server" not in first and "hf-generate" not in second
