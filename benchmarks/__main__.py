@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one workload on one or more systems, side by side")
-    run.add_argument("--stage", help="one system (a stage folder name, hf-generate, hf-generate-batch)")
+    run.add_argument("--stage", help="one system (a stage folder name, hf-generate, hf-generate-batch, hf-continuous-batching)")
     run.add_argument("--compare", help="comma-separated systems, run in this order in one process")
     run.add_argument("--workload", default="single", choices=sorted(WORKLOADS))
     run.add_argument("--model", default="builtin", help=f"builtin, {', '.join(SHAPES)}, or a checkpoint path")

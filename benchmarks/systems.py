@@ -1,8 +1,10 @@
 """Run one workload on one system and measure it.
 
 Systems: any stage folder (``stage01_core`` ...), ``hf-generate`` (transformers'
-``generate`` with a static cache, the whole workload as one left-padded batch)
-and ``hf-generate-batch`` (transformers' continuous-batching ``generate_batch``).
+``generate`` with a static cache, the whole workload as one left-padded batch),
+``hf-generate-batch`` (transformers' continuous-batching ``generate_batch``, which
+gives every request the longest max_new_tokens) and ``hf-continuous-batching``
+(the same engine fed as ours are: each request its own max_new_tokens).
 Every run starts with a small warm-up so one-time costs (allocator, kernels) are not timed.
 """
 
@@ -176,6 +178,42 @@ def run_hf_generate_batch(model_folder, workload: Workload, device: str) -> dict
     return summarize("hf-generate-batch", workload, time.perf_counter() - start, device)
 
 
+@torch.no_grad()  # as above
+def run_hf_continuous_batching(model_folder, workload: Workload, device: str, timeout_s: float = 3600) -> dict:
+    """transformers' continuous batching fed fairly: every request added through
+    ``ContinuousBatchingManager.add_request`` with its own max_new_tokens, as our engines get them."""
+    from transformers import GenerationConfig
+
+    model = _load_hf(model_folder, device, attn_implementation="paged|sdpa")
+    config = GenerationConfig(max_new_tokens=max(workload.max_tokens), do_sample=False, eos_token_id=None, pad_token_id=0)
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    try:
+        _collect(manager, [manager.add_request(workload.prompts[0][:8], max_new_tokens=4)], timeout_s)  # warm-up
+        reset_peak_memory(device)
+        synchronize(device)
+        start = time.perf_counter()
+        ids = [manager.add_request(p, max_new_tokens=m) for p, m in zip(workload.prompts, workload.max_tokens)]
+        produced = _collect(manager, ids, timeout_s)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    finally:
+        manager.stop(block=True, timeout=10)
+    if [produced.get(i) for i in ids] != workload.max_tokens:
+        raise RuntimeError(f"hf continuous batching produced {sum(produced.values())} of {workload.output_tokens} tokens")
+    return summarize("hf-continuous-batching", workload, seconds, device)
+
+
+def _collect(manager, request_ids: list[str], timeout_s: float) -> dict[str, int]:
+    """Wait for the manager's requests; how many tokens each generated."""
+    produced, deadline = {}, time.monotonic() + timeout_s
+    while len(produced) < len(request_ids) and time.monotonic() < deadline:
+        result = manager.get_result(timeout=1)
+        if result is not None and result.is_finished():
+            produced[result.request_id] = len(result.generated_tokens)
+    return produced
+
+
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -202,7 +240,10 @@ def run_system(system: str, model_path, model_folder, workload: Workload, device
         return run_hf_generate(model_folder, workload, device)
     if system == "hf-generate-batch":
         return run_hf_generate_batch(model_folder, workload, device)
+    if system == "hf-continuous-batching":
+        return run_hf_continuous_batching(model_folder, workload, device)
     if system.startswith("stage") and system[5:7].isdigit():
         run = run_long_prompt if workload.name == "long-prompt" else run_stage
         return run(system, model_path, workload, device, accepted_kwargs(system, engine_kwargs))
-    raise ValueError(f"unknown system {system!r}: a stage folder name, hf-generate or hf-generate-batch")
+    raise ValueError(f"unknown system {system!r}: a stage folder name, hf-generate, hf-generate-batch "
+                     "or hf-continuous-batching")

@@ -14,7 +14,7 @@ def tiny_workload() -> Workload:
     return Workload("tiny", "3 short requests", [[5, 6, 7], [8] * 12, [9, 10]], [4, 2, 6])
 
 
-@pytest.mark.parametrize("system", STAGES + ["hf-generate"])
+@pytest.mark.parametrize("system", STAGES + ["hf-generate", "hf-continuous-batching"])
 def test_every_stage_and_hf_generate_run_a_workload(system, checkpoints):
     folder = checkpoints["dense"]
     result = run_system(system, str(folder), folder, tiny_workload(), "cpu")
