@@ -20,7 +20,7 @@ plt.rcParams.update({"svg.fonttype": "none", "font.size": 10})  # text stays tex
 # Each file is one comparison run (its systems interleaved): it gets a chart of its own, since
 # figures from separate runs on a shared machine are not comparable bar to bar.
 SUMMARY = [
-    ("Throughput on nano-vllm's workload (256 requests)", "h100-random256-*.json", "output_tokens_per_s",
+    ("Throughput on nano-vllm's workload (256 requests)", "h[0-9]*-random256-*.json", "output_tokens_per_s",
      "output tokens / s (higher is better)"),
     ("Time to first token with 90% of each prompt shared: stage 02 has no prefix cache, stage 03 has one",
      "h100-shared-prefix.json", "ttft_median_ms", "TTFT p50, ms (lower is better)"),
