@@ -9,8 +9,8 @@ temperature, then the top-k / top-p / min-p filters, then one random draw.
 Log-probabilities (``return_logprob``) are the model's own: ``log_softmax`` of
 the raw logits, before penalties, temperature and filters, as vLLM returns
 them by default. So they score the text, whatever settings sampled it. They
-stay on the device until the request's output is built: asking for them adds
-no wait to a step.
+stay on the device until they are read (once, when the request's output is
+built, unless a server streams them): asking for them adds no wait to a step.
 
 The whole batch goes through these steps together, as a few tensor calls,
 whatever mix of settings its rows have: a step's sampling costs the same
@@ -159,7 +159,7 @@ class SamplingState:
     penalty_row: int | None = None
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
-    next_prompt_row: int = 0
+    next_prompt_row: int = field(init=False, default=0)
 
     def __post_init__(self):
         # Row p of a forward scores token p + 1; the first token has no score.
@@ -193,7 +193,6 @@ class SamplingState:
             first = [None] * (start == 0)  # nothing predicts the first token
             out["input_token_logprobs"], out["input_top_logprobs"] = first + chosen, first + top
         return out
-
 
     def output_logprobs(self, start: int, end: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
         """Generated tokens ``start..end``: their log-probabilities and alternatives, read to the host."""
@@ -391,6 +390,7 @@ class Sampler:
             state.next_prompt_row = position + 1
 
     def _keep(self, logits: torch.Tensor, tokens: torch.Tensor, states: list[SamplingState], where: str) -> None:
+        """Append each row's (chosen, top values, top ids) to its state's list named ``where``."""
         widest = max(s.params.top_logprobs_num for s in states)
         chosen, top = token_logprobs(logits, tokens, widest)
         for j, state in enumerate(states):

@@ -96,7 +96,8 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
         return await generate(http_request, request, [prompt_ids], [max_tokens], choices)
 
     async def generate(http_request, request: SamplingFields, prompts, max_tokens, choices):
-        """Run n choices per prompt; answer with one JSON body, or a stream of chunks."""
+        """Run n choices per prompt; answer with one JSON body, or a stream of chunks, which
+        ``choices`` (openai_choices.py) shapes for its endpoint."""
         params = []
         for prompt_ids, limit in zip(prompts, max_tokens):
             if limit is None:  # up to the context (the engine refuses a prompt that fills it)
@@ -108,7 +109,7 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
             params += request.sampling_params(choices.engine_max_tokens(limit), **choices.logprobs)
         group_prompts = [ids for ids in prompts for _ in range(request.n)]
         group = manager.generate(group_prompts, params)
-        rid = protocol.new_id("chatcmpl" if isinstance(choices, ChatChoices) else "cmpl")
+        rid = protocol.new_id(choices.id_prefix)
         if request.stream:
             first = await anext(group)  # waits for acceptance: a refusal still gets its status code
             events = stream_events(group, first, rid, request, choices, len(group_prompts))
@@ -116,9 +117,8 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
         outputs = await collect_unless_disconnected(http_request, group, len(group_prompts))
         if outputs is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        build = protocol.chat_response if isinstance(choices, ChatChoices) else protocol.completion_response
         answers = [choices.final(i, output) for i, output in enumerate(outputs)]
-        return build(rid, model_name, answers, protocol.usage(choices.usage_outputs(outputs), request.n))
+        return choices.response(rid, model_name, answers, protocol.usage(choices.usage_outputs(outputs), request.n))
 
     async def stream_events(group, first, rid: str, request: SamplingFields, choices, count: int):
         """The Server-Sent Events of one streamed request; closing it aborts what still runs."""

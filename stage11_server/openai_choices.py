@@ -28,7 +28,8 @@ from .tool_parser import parse_tool_calls, streamable_length
 class CompletionChoices:
     """``/v1/completions``: ``n`` choices for each prompt."""
 
-    object_kind = "text_completion"
+    id_prefix, object_kind = "cmpl", "text_completion"
+    response = staticmethod(protocol.completion_response)
 
     def __init__(self, request: CompletionRequest, prompts: list[list[int]], token_text, decode):
         self.request, self.token_text, self.decode = request, token_text, decode
@@ -83,7 +84,8 @@ class CompletionChoices:
 class ChatChoices:
     """``/v1/chat/completions``: ``n`` choices for one conversation."""
 
-    object_kind = "chat.completion.chunk"
+    id_prefix, object_kind = "chatcmpl", "chat.completion.chunk"
+    response = staticmethod(protocol.chat_response)
 
     def __init__(self, request: ChatCompletionRequest, token_text):
         self.request, self.token_text = request, token_text
