@@ -172,10 +172,15 @@ class SamplingState:
         return range(max(start, self.next_prompt_row), min(end, len(self.prompt_ids) - 1))
 
     @property
+    def prompt_scored(self) -> bool:
+        """Every prompt log-probability asked for is computed (or none was asked for)."""
+        return self.next_prompt_row >= len(self.prompt_ids) - 1
+
+    @property
     def reusable_tokens(self) -> int | None:
         """How many leading tokens may come from the prefix cache (None: no limit). Cached positions
         run no forward, so none of them may be a row that a prompt log-probability still needs."""
-        return self.next_prompt_row if self.next_prompt_row < len(self.prompt_ids) - 1 else None
+        return None if self.prompt_scored else self.next_prompt_row
 
     def take_logprobs(self, num_tokens: int) -> dict:
         """The log-probabilities gathered so far, as host lists, named as SGLang's meta info.

@@ -203,6 +203,16 @@ class Engine:
             end = len(request.output_ids)
             return list(zip(request.output_ids[start:end], *request.sampling.output_logprobs(start, end)))
 
+    def prompt_logprobs(self, request_id: int) -> list[float | None] | None:
+        """A running request's prompt log-probabilities (SGLang's input_token_logprobs, with their
+        alternatives), once its prefill has computed them all; None before."""
+        with self._lock:
+            state = self._by_id[request_id].sampling
+            if not state.prompt_scored:
+                return None
+            scores = state.take_logprobs(0)
+            return list(zip(scores["input_token_logprobs"], scores["input_top_logprobs"]))
+
     def expert_token_counts(self) -> list[list[int]]:
         """Tokens routed to each expert so far, one list per MoE layer (load balance across ranks).
 

@@ -60,8 +60,10 @@ class RequestUpdate:
 
     rid: str
     text: str = ""  # new text, safe to stream (no partial stop string)
-    # With return_logprob: (token id, logprob, alternatives) of the tokens generated since the last update.
+    # With return_logprob: (token id, logprob, alternatives) of the tokens generated since the last update,
+    # and once, with logprob_start_len, the same for the prompt's tokens from there on.
     logprobs: list[tuple[int, float, list]] | None = None
+    prompt_logprobs: list[tuple[int, float | None, list | None]] | None = None
     output: GenerateOutput | None = None  # set once, in the update where the request finished
     error: str | None = None
     status: int = 200  # for an error: 400 (the request is invalid), 503 (the queue is full) or 500 (its step failed)
@@ -94,6 +96,7 @@ class EngineLoop:
         self.live: dict[str, int] = {}  # front-end id -> engine id, for requests not finished yet
         self.front_id: dict[int, str] = {}  # the reverse map
         self.logprobs_sent: dict[str, int] = {}  # requests that stream log-probabilities: tokens sent so far
+        self.prompt_scores_due: dict[str, list[int]] = {}  # ... and the prompt tokens whose scores are not sent yet
 
     def run(self) -> None:
         while True:
@@ -126,6 +129,8 @@ class EngineLoop:
         self.live[rid], self.front_id[engine_id] = engine_id, rid
         if message.params.return_logprob:
             self.logprobs_sent[rid] = 0
+        if message.params.logprob_start_len >= 0:
+            self.prompt_scores_due[rid] = message.prompt_ids[message.params.logprob_start_len :]
         return [RequestUpdate(rid)]
 
     def step(self) -> list[RequestUpdate]:
@@ -134,6 +139,8 @@ class EngineLoop:
         updates = {self.front_id[eid]: RequestUpdate(self.front_id[eid], text=piece) for eid, piece in pieces.items()}
         for rid, engine_id in list(self.live.items()):
             output = self.engine.get_output(engine_id)
+            if rid in self.prompt_scores_due:
+                self.send_prompt_logprobs(rid, engine_id, output, updates)
             if rid in self.logprobs_sent:
                 self.send_logprobs(rid, engine_id, output, updates)
             if output is not None:
@@ -143,7 +150,18 @@ class EngineLoop:
                     update.error, update.status = output.error, 500
                 del self.live[rid], self.front_id[engine_id]
                 self.logprobs_sent.pop(rid, None)
+                self.prompt_scores_due.pop(rid, None)
         return list(updates.values())
+
+    def send_prompt_logprobs(self, rid: str, engine_id: int, output: GenerateOutput | None, updates: dict) -> None:
+        """Attach the prompt's log-probabilities, once the prefill has computed them all."""
+        if output is None:
+            scores = self.engine.prompt_logprobs(engine_id)
+        else:
+            scores = list(zip(output.input_token_logprobs or [], output.input_top_logprobs or []))
+        if scores is not None:
+            tokens = self.prompt_scores_due.pop(rid)
+            updates.setdefault(rid, RequestUpdate(rid)).prompt_logprobs = [(t, *s) for t, s in zip(tokens, scores)]
 
     def send_logprobs(self, rid: str, engine_id: int, output: GenerateOutput | None, updates: dict) -> None:
         """Attach the log-probabilities of the tokens generated since the request's last update."""

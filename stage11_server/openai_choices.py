@@ -20,7 +20,7 @@ import dataclasses
 
 from . import openai_protocol as protocol
 from .engine_process import RequestUpdate
-from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest
+from .openai_protocol import ChatCompletionRequest, CompletionRequest
 from .request import GenerateOutput
 from .tool_parser import parse_tool_calls, streamable_length
 
@@ -37,8 +37,6 @@ class CompletionChoices:
         self.logprobs = request.logprob_params()
         self.score_only = request.echo and request.max_tokens == 0 and bool(self.logprobs)
         self.offsets = [len(decode(ids)) if request.echo else 0 for ids in self.prompts]  # streams: text_offset so far
-        if request.echo and request.stream and self.logprobs:
-            raise BadRequest("echo with logprobs is not supported on a stream; drop stream", "echo")
 
     def engine_max_tokens(self, max_tokens: int) -> int:
         return 1 if self.score_only else max_tokens
@@ -64,20 +62,26 @@ class CompletionChoices:
         return [self._generated(o) for o in outputs]
 
     def opening(self, rid: str, model: str) -> list[dict]:
-        if not self.request.echo:
+        """The echoed prompts; with log-probabilities they wait for their scores (``chunks``)."""
+        if not self.request.echo or self.logprobs:
             return []
         return [protocol.completion_chunk(rid, model, i, self.decode(ids), None) for i, ids in enumerate(self.prompts)]
 
     def chunks(self, rid: str, model: str, index: int, update: RequestUpdate) -> list[dict]:
+        out = []
+        if update.prompt_logprobs:  # echo with logprobs: the prompt, scored, before anything generated
+            echo = protocol.completion_logprobs(self.token_text, update.prompt_logprobs)
+            out.append(protocol.completion_chunk(rid, model, index, self.decode(self.prompts[index]), None, echo))
+        if self.score_only:  # the one token asked for only to run the prefill is not shown
+            update = dataclasses.replace(update, text="", logprobs=None)
         logprobs = None
         if update.logprobs:
             logprobs = protocol.completion_logprobs(self.token_text, update.logprobs, self.offsets[index])
             self.offsets[index] += sum(len(token) for token in logprobs["tokens"])
-        out = []
         if update.text or logprobs:
             out.append(protocol.completion_chunk(rid, model, index, update.text, None, logprobs))
         if update.output is not None:
-            out.append(protocol.completion_chunk(rid, model, index, "", update.output.finish_reason))
+            out.append(protocol.completion_chunk(rid, model, index, "", self._generated(update.output).finish_reason))
         return out
 
 

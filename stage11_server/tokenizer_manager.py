@@ -123,7 +123,7 @@ class TokenizerManager:
                 if update.error is not None:
                     unfinished.discard(update.rid)
                     raise EngineError(update.status, update.error)
-                accepted += not (update.text or update.logprobs or update.output)  # an acceptance
+                accepted += not (update.text or update.logprobs or update.prompt_logprobs or update.output)  # an acceptance
                 early.append((index, update))  # the first accepted requests may already have text
             while unfinished:
                 index, update = early.pop(0) if early else await queue.get()
@@ -131,7 +131,7 @@ class TokenizerManager:
                     raise EngineError(update.status, update.error)
                 if update.output is not None:
                     unfinished.discard(update.rid)
-                if update.text or update.logprobs or update.output is not None:
+                if update.text or update.logprobs or update.prompt_logprobs or update.output is not None:
                     yield index, update
         finally:
             for rid in rids:

@@ -108,14 +108,18 @@ def test_a_streamed_echo_begins_with_the_prompt(server, scripted):
     assert texts[0] == scripted[1].decode(PROMPT) and "".join(texts) == plain.choices[0].text
 
 
-def test_completion_logprobs_stream_chunk_by_chunk(server):
-    ask = dict(model="m", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
-    plain = server.client.completions.create(**ask).choices[0].logprobs
-    chunks = [c.choices[0].logprobs for c in server.client.completions.create(**ask, stream=True) if c.choices]
-    streamed = [lp for lp in chunks if lp is not None]
-    assert [t for lp in streamed for t in lp.tokens] == plain.tokens
-    assert [v for lp in streamed for v in lp.token_logprobs] == pytest.approx(plain.token_logprobs, abs=1e-5)
-    assert [o for lp in streamed for o in lp.text_offset] == plain.text_offset
+@pytest.mark.parametrize(("echo", "max_tokens"), [(False, 5), (True, 5), (True, 0)], ids=["plain", "echo", "score"])
+def test_completion_logprobs_stream_chunk_by_chunk(server, echo, max_tokens):
+    """Streamed log-probabilities join to the plain response's; with echo the scored prompt comes first."""
+    ask = dict(model="m", prompt=PROMPT, max_tokens=max_tokens, temperature=0, logprobs=2, echo=echo)
+    plain = server.client.completions.create(**ask).choices[0]
+    chunks = [c.choices[0] for c in server.client.completions.create(**ask, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == plain.text
+    streamed = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert [t for lp in streamed for t in lp.tokens] == plain.logprobs.tokens
+    assert [v for lp in streamed for v in lp.token_logprobs] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert [o for lp in streamed for o in lp.text_offset] == plain.logprobs.text_offset
+    assert chunks[-1].finish_reason == plain.finish_reason
 
 
 def test_chat_logprobs_stream_as_they_come_and_equal_the_plain_response(server):
