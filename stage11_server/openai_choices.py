@@ -104,8 +104,13 @@ class ChatChoices:
     def usage_outputs(self, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
         return outputs
 
+    def tool_calls(self, text: str) -> tuple[str | None, list[dict]]:
+        """The reply's content and calls; ``parallel_tool_calls: false`` keeps the first call only."""
+        content, calls = parse_tool_calls(text)
+        return content, calls if self.request.parallel_tool_calls else calls[:1]
+
     def final(self, index: int, output: GenerateOutput) -> dict:
-        content, calls = parse_tool_calls(output.text) if self.tools else (output.text, [])
+        content, calls = self.tool_calls(output.text) if self.tools else (output.text, [])
         message = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = calls
@@ -123,7 +128,7 @@ class ChatChoices:
             self.text[index] += text
             reply = self.text[index]
             if update.output is not None:
-                calls = parse_tool_calls(reply)[1]
+                calls = self.tool_calls(reply)[1]
             end = len(reply) if update.output is not None and not calls else streamable_length(reply)
             end = max(end, self.streamed[index])
             text, self.streamed[index] = reply[self.streamed[index] : end], end

@@ -251,3 +251,17 @@ def test_lm_eval_scores_through_the_server_equal_its_own_hf_model(server, script
     for ours, theirs in zip(server_loglikelihoods, hf_loglikelihoods):
         assert ours == pytest.approx(theirs, abs=1e-3)
     assert server_scores["acc,none"] == hf_scores["acc,none"] and server_scores["acc_norm,none"] == hf_scores["acc_norm,none"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    from stage11_server.openai_choices import ChatChoices
+    from stage11_server.openai_protocol import ChatCompletionRequest
+    from stage11_server.request import GenerateOutput
+
+    text = TOOL_CALL + '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    output = GenerateOutput(text=text, token_ids=[], finish_reason="stop", prompt_tokens=1, cached_tokens=0,
+                            completion_tokens=0)
+    for parallel, count in [(True, 2), (False, 1)]:
+        request = ChatCompletionRequest.model_validate({"messages": ASK, "tools": [WEATHER], "parallel_tool_calls": parallel})
+        answer = ChatChoices(request, str).final(0, output)
+        assert len(answer["message"]["tool_calls"]) == count and answer["finish_reason"] == "tool_calls"
