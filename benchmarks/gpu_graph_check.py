@@ -1,6 +1,9 @@
 """Stage 09 on the GPU: replayed graphs compute what the eager forward computes.
 
-    python -m benchmarks.gpu_graph_check TOKENIZER_FOLDER    (needs CUDA; tp=2 runs when 2 GPUs are present)
+    python -m benchmarks.gpu_graph_check TOKENIZER_FOLDER [--stage STAGE]    (needs CUDA; tp=2 runs when 2 GPUs are present)
+
+``--stage`` checks a later stage's graphs the same way (default stage 09;
+stage 12's decode graphs read page runs in place).
 
 For random tiny dense / MoE / Llama checkpoints in bf16, on one decode batch
 (teacher-forced: the same inputs every way), the logits of the graph replay
@@ -15,6 +18,9 @@ reported as the share of requests with identical tokens. Last, the start-up figu
 seconds, device memory.
 """
 
+import argparse
+import importlib
+import inspect
 import sys
 import tempfile
 from pathlib import Path
@@ -47,6 +53,9 @@ def decode_batch(runner, running) -> ForwardBatch:
         seq_lens.append(r.num_cached + 1)
         runner.page_tables.pending_updates(r, *updates)
     n = len(running)
+    if getattr(runner, "attention_backend", None) == "runs":  # stage 12: where each sequence's keys lie
+        return ForwardBatch.build(runner.device, input_ids, positions, rows, [1] * n, seq_lens, list(range(n)), updates,
+                                  runner.decode_runs(running, seq_lens))
     return ForwardBatch.build(runner.device, input_ids, positions, rows, [1] * n, seq_lens, list(range(n)), updates)
 
 
@@ -116,7 +125,9 @@ def check_kind(kind: str, folder: Path) -> int:
         ok = engine.runner.graphs is None
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {kind:<6} fp32 runs eagerly (the flash kernel is bf16/fp16 only)", flush=True)
-    with Engine(model_path=str(folder), device="cuda", dtype="bfloat16", cuda_graph_max_bs=32) as engine:
+    # Teacher-forced steps read each step's tokens before building the next (no overlap schedule).
+    serial = {"disable_overlap_schedule": True} if "disable_overlap_schedule" in inspect.signature(Engine).parameters else {}
+    with Engine(model_path=str(folder), device="cuda", dtype="bfloat16", cuda_graph_max_bs=32, **serial) as engine:
         for batch_size in (1, 5, 32):
             ok, detail = teacher_forced(engine, batch_size)
             failures += not ok
@@ -129,7 +140,15 @@ def check_kind(kind: str, folder: Path) -> int:
     return failures
 
 
-def main(tokenizer_folder: str) -> int:
+def main(argv=None) -> int:
+    global Engine, ForwardBatch
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_graph_check")
+    parser.add_argument("tokenizer_folder")
+    parser.add_argument("--stage", default="stage09_cuda_graph")
+    args = parser.parse_args(argv)
+    tokenizer_folder = args.tokenizer_folder
+    Engine = importlib.import_module(args.stage).Engine
+    ForwardBatch = importlib.import_module(f"{args.stage}.forward_batch").ForwardBatch
     failures = 0
     with tempfile.TemporaryDirectory() as root:
         for kind in ("dense", "moe", "llama"):
@@ -149,4 +168,4 @@ def main(tokenizer_folder: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Where a stage's GPU decode step goes: wall time, GPU time, and how busy the GPU is.
 
-    python -m benchmarks.step_profile STAGE [--requests 256] [--temperature 0.6] [--table]
+    python -m benchmarks.step_profile STAGE [--requests 256] [--temperature 0.6] [--table] [--option NAME=VALUE ...]
 
 Queues nano-vllm's workload (input and output lengths uniform in 100..1024)
 on a random Qwen3-0.6B, steps until every prompt is prefilled, then times 20
@@ -44,8 +44,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--table", action="store_true", help="also print the profiler's top ops")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an engine keyword, e.g. attention_backend=gather (repeatable)")
     args = parser.parse_args(argv)
-    engine = importlib.import_module(args.stage).Engine(model_path=str(random_checkpoint(args.model, device="cuda")), device="cuda")
+    options = dict(option.split("=", 1) for option in args.option)
+    engine = importlib.import_module(args.stage).Engine(model_path=str(random_checkpoint(args.model, device="cuda")), device="cuda",
+                                                        **options)
     rng = random.Random(0)
     vocab = engine.config.vocab_size
     for _ in range(args.requests):
@@ -72,7 +76,7 @@ def main(argv=None) -> dict:
         wall = time.perf_counter() - start
     events = prof.key_averages()
     gpu_us = kernel_time_us(prof)
-    result = dict(stage=args.stage, batch=batch, temperature=args.temperature,
+    result = dict(stage=args.stage, options=options, batch=batch, temperature=args.temperature,
                   step_ms=round(step_s * 1000, 2), decode_tok_per_s=round(batch / step_s, 1),
                   profiled_step_ms=round(wall * 100, 2), gpu_ms_per_step=round(gpu_us / 10 / 1000, 2),
                   gpu_busy=round(gpu_us / 10 / 1e6 / step_s, 3))

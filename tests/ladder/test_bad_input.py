@@ -129,6 +129,7 @@ BAD_FLAGS = [
     (["--kv-cache-bytes", "10"], "kv_cache_bytes"), (["--max-prefill-tokens", "0"], "max_prefill_tokens"),
     (["--chunked-prefill-size", "0"], "chunked_prefill_size"), (["--tp-size", "0"], "tp_size"),
     (["--ep-size", "0"], "ep_size"), (["--cuda-graph-max-bs", "0"], "cuda_graph_max_bs"),
+    (["--attention-backend", "flash"], "invalid choice"),
     (["--temperature", "hot"], "invalid float value"), (["--dtype", "int8"], "invalid choice"),
 ]
 

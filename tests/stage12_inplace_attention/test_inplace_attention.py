@@ -1,0 +1,157 @@
+"""Stage 12 end to end: decode over page runs gives the gather path's tokens.
+
+``attention_backend="gather"`` is stage 11's attention (keys copied out of
+their pages first), so it is the oracle here; the shared suite checks stage 12
+against transformers and stage 11 as well. Each test also checks that the
+case it is about really happened: steps ran over runs, sequences had several
+runs, graphs were replayed, steps with too many runs ran eagerly.
+"""
+
+import random
+
+import pytest
+import torch
+
+from common.sampling import SamplingParams
+from stage12_inplace_attention import Engine, cuda_graph_runner, page_runs
+from stage12_inplace_attention.__main__ import build_parser
+from stage12_inplace_attention.cuda_graph_runner import CudaGraphRunner
+
+KINDS = ["dense", "moe", "llama"]
+
+
+def tokens(n, seed):
+    return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def prompts(count=8, seed=3, longest=40):
+    rng = random.Random(seed)
+    return [tokens(rng.randint(2, longest), seed * 100 + i) for i in range(count)]
+
+
+def greedy(max_tokens):
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+class RunLog:
+    """Wraps ``runner.forward``: the run slots of every step (0: no runs) and of every graph replay."""
+
+    def __init__(self, engine):
+        self.slots, self.replayed = [], []
+        forward = engine.runner.forward
+
+        def logged(batch):
+            self.slots.append(batch.run_slots)
+            return forward(batch)
+
+        engine.runner.forward = logged
+
+
+def serve_rounds(engine, kind_seed=0):
+    """Two rounds of a batch: the second extends the first's prompts, so prefixes come from the cache."""
+    first = prompts(6, seed=7 + kind_seed)
+    second = [p + q for p, q in zip(first, prompts(6, seed=8 + kind_seed))]
+    return [[o.token_ids for o in engine.generate_batch(batch, greedy(12))] for batch in (first, second)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_runs_give_the_gather_tokens_with_prefixes_from_the_cache(kind, checkpoints, monkeypatch):
+    monkeypatch.setattr(page_runs, "MIN_TOKENS_PER_RUN", 0)  # these short runs too are read in place
+    kwargs = dict(model_path=str(checkpoints[kind]), device="cpu", page_size=4, chunked_prefill_size=16)
+    with Engine(attention_backend="gather", **kwargs) as engine:
+        expected = serve_rounds(engine)
+    with Engine(**kwargs) as engine:
+        log = RunLog(engine)
+        assert serve_rounds(engine) == expected
+        assert max(log.slots) >= 2  # cached prefix pages and a request's own pages: two runs, merged
+        assert 0 in log.slots  # prompt steps still gather
+        engine.flush_cache()
+        assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages
+
+
+def fragment(engine) -> list[int]:
+    """Take every other page of the pool, so every request's pages are one-page runs."""
+    allocator = engine.runner.allocator
+    held = allocator.alloc_pages(allocator.num_pages)
+    allocator.free_pages(held[::2])
+    return held[1::2]
+
+
+@pytest.mark.parametrize("short_runs", ["read in place", "gathered"])
+def test_a_fragmented_pool_gives_the_same_tokens(short_runs, checkpoints, monkeypatch):
+    """One-page runs, read one by one and merged; by default such short runs are gathered instead."""
+    if short_runs == "read in place":
+        monkeypatch.setattr(page_runs, "MIN_TOKENS_PER_RUN", 0)
+    kwargs = dict(model_path=str(checkpoints["dense"]), device="cpu", page_size=4, kv_cache_bytes=1 << 20)
+    with Engine(attention_backend="gather", **kwargs) as engine:
+        expected = [o.token_ids for o in engine.generate_batch(prompts(5), greedy(16))]
+    with Engine(**kwargs) as engine:
+        held = fragment(engine)
+        log = RunLog(engine)
+        assert [o.token_ids for o in engine.generate_batch(prompts(5), greedy(16))] == expected
+        if short_runs == "read in place":
+            assert max(log.slots) >= 8  # sequences of 9 or more one-page runs
+        else:
+            assert set(log.slots) == {0}  # every step gathered
+        engine.runner.allocator.free_pages(held)
+        engine.flush_cache()
+        assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages
+
+
+def test_a_request_is_one_run_when_the_pool_allows(checkpoints):
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", page_size=4, disable_radix_cache=True) as engine:
+        for prompt in prompts(8, longest=30):
+            engine.add_request(prompt, max_tokens=40, temperature=0, ignore_eos=True)
+        steps = 0
+        while engine.scheduler.running or engine.scheduler.waiting:
+            engine.step()
+            tables = engine.runner.page_tables
+            assert all(len(tables.runs[r.table_row]) == 1 for r in engine.scheduler.running)
+            steps += 1
+        assert steps > 40
+
+
+def attach_graphs(engine, max_bs: int) -> list[tuple[int, int, int]]:
+    """Uncaptured decode graphs over runs (the CPU runs their forward directly); returns the buckets replayed."""
+    runner = engine.runner
+    runner.graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages,
+                                    max_bs, runner.config.max_position_embeddings, capture=False, runs=True)
+    runner.graphs.run_inputs.fill_(5)  # junk in the buffers: run() must overwrite what it uses
+    used, run = [], runner.graphs.run
+
+    def counting_run(batch, bucket):
+        used.append(bucket)
+        return run(batch, bucket)
+
+    runner.graphs.run = counting_run
+    return used
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_graphs_over_runs_give_the_eager_tokens(kind, checkpoints, monkeypatch):
+    """Graphs keyed by run slots, with padding rows; rows with more runs than a graph has slots run eagerly."""
+    monkeypatch.setattr(cuda_graph_runner, "MAX_RUN_SLOTS", 4)
+    monkeypatch.setattr(page_runs, "MIN_TOKENS_PER_RUN", 0)  # short runs too are read in place
+    kwargs = dict(model_path=str(checkpoints[kind]), device="cpu", page_size=4, kv_cache_bytes=1 << 20)
+    params = [greedy(m) for m in (3, 5, 8, 12, 10, 2, 11)]
+    with Engine(attention_backend="gather", **kwargs) as engine:
+        expected = [o.token_ids for o in engine.generate_batch(prompts(7, longest=12), params)]
+    with Engine(**kwargs) as engine:
+        held = fragment(engine)  # runs grow a page at a time: 1, 2, 4, then more than 4 run slots
+        log, used = RunLog(engine), attach_graphs(engine, max_bs=4)
+        assert [o.token_ids for o in engine.generate_batch(prompts(7, longest=12), params)] == expected
+        slots = {bucket[2] for bucket in used}
+        assert {1, 2, 4} & slots and not slots - {0, 1, 2, 4}  # never more slots than the graphs have
+        assert any(s > 4 for s in log.slots)  # those steps ran eagerly
+        assert any(bucket[0] == 1 and bucket[2] == 0 for bucket in used)  # one sequence keeps its gather graph
+        engine.runner.allocator.free_pages(held)
+
+
+def test_the_flag_is_validated_and_reaches_the_runner(checkpoints):
+    with pytest.raises(ValueError, match="attention_backend"):
+        Engine(model_path=str(checkpoints["dense"]), device="cpu", attention_backend="flash")
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", attention_backend="gather") as engine:
+        assert engine.runner.attention_backend == "gather"
+    args = build_parser().parse_args(["hi", "--attention-backend", "gather"])
+    assert args.attention_backend == "gather"
+    assert build_parser().parse_args(["hi"]).attention_backend == "runs"  # SGLang's flag; runs by default
