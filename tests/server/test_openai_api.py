@@ -7,6 +7,7 @@ transformers' forward on the same files; its tool call goes through the
 server's parser and back through the chat template.
 """
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from checkpoints import write_scripted_checkpoint
 from common.tokenizer import Tokenizer
 from reference import load_hf
-from test_server import Server, http
+from test_server import SERVER_STAGES, Server, http
 
 CONTEXT = 256
 TOOL_CALL = '<tool_call>{"name":"weather","arguments":{}}</tool_call>'
@@ -26,6 +27,11 @@ WEATHER = {"type": "function", "function": {"name": "weather", "description": "T
                                            "parameters": {"type": "object", "properties": {}}}}
 ASK = [{"role": "user", "content": "What is the weather like?"}]
 PROMPT = [5, 900, 31, 4077, 12, 88, 3050, 7]
+
+
+@pytest.fixture(scope="module", params=SERVER_STAGES)
+def server_stage(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +44,8 @@ def scripted(tmp_path_factory, builtin_folder):
 
 
 @pytest.fixture(scope="module")
-def server(scripted):
-    server = Server("--model-path", str(scripted[0]), "--context-length", str(CONTEXT))
+def server(server_stage, scripted):
+    server = Server(server_stage, "--model-path", str(scripted[0]), "--context-length", str(CONTEXT))
     yield server
     server.stop()
 
@@ -253,10 +259,10 @@ def test_lm_eval_scores_through_the_server_equal_its_own_hf_model(server, script
     assert server_scores["acc,none"] == hf_scores["acc,none"] and server_scores["acc_norm,none"] == hf_scores["acc_norm,none"]
 
 
-def test_parallel_tool_calls_false_keeps_the_first_call():
-    from stage11_server.openai_choices import ChatChoices
-    from stage11_server.openai_protocol import ChatCompletionRequest
-    from stage11_server.request import GenerateOutput
+def test_parallel_tool_calls_false_keeps_the_first_call(server_stage):
+    ChatChoices = importlib.import_module(f"{server_stage}.openai_choices").ChatChoices
+    ChatCompletionRequest = importlib.import_module(f"{server_stage}.openai_protocol").ChatCompletionRequest
+    GenerateOutput = importlib.import_module(f"{server_stage}.request").GenerateOutput
 
     text = TOOL_CALL + '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>'
     output = GenerateOutput(text=text, token_ids=[], finish_reason="stop", prompt_tokens=1, cached_tokens=0,

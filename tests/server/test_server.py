@@ -8,6 +8,7 @@ bad requests get 400 and a full queue 503, and the server keeps serving.
 """
 
 import asyncio
+import importlib
 import json
 import os
 import re
@@ -27,9 +28,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT
-from stage10_overlap import Engine as Stage10Engine
-from stage11_server.__main__ import main
+from conftest import ROOT, STAGES
 from test_bad_input import ANY_VALUE  # the Python API's random inputs
 from test_bad_input import PARAMS as RANDOM_PARAMS
 from test_bad_input import PROMPTS as RANDOM_PROMPTS
@@ -38,6 +37,13 @@ CONTEXT = 256  # small, so a too-long prompt is cheap to send
 LONG_ANSWER = CONTEXT - 16  # max_tokens of a request that runs for seconds (prompt + max_tokens must fit the context)
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are"]
 STARTUP_TIMEOUT_S = 180
+SERVER_STAGES = [s for s in STAGES if (ROOT / s / "http_server.py").exists()]  # stage 11 on
+
+
+@pytest.fixture(scope="module", params=SERVER_STAGES)
+def server_stage(request) -> str:
+    """Every test here runs once for each stage that serves HTTP."""
+    return request.param
 
 
 def http(method: str, url: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, bytes]:
@@ -51,17 +57,17 @@ def http(method: str, url: str, body: bytes | None = None, timeout: float = 30) 
 
 
 class Server:
-    """``python -m stage11_server --serve`` in a subprocess, on a free port."""
+    """``python -m STAGE --serve`` in a subprocess, on a free port."""
 
-    def __init__(self, *flags: str):
+    def __init__(self, stage: str, *flags: str):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"stage11-server-{self.port}.log"
+        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{stage}-server-{self.port}.log"
         self.log = open(log_path, "w+")  # noqa: SIM115 - open while the server runs; the test process ends with it
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stage11_server", "--serve", "--port", str(self.port), "--device", "cpu",
+            [sys.executable, "-m", stage, "--serve", "--port", str(self.port), "--device", "cpu",
              "--served-model-name", "m", *flags],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
@@ -119,16 +125,16 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(builtin_folder):
-    server = Server("--context-length", str(CONTEXT))
+def server(server_stage, builtin_folder):
+    server = Server(server_stage, "--context-length", str(CONTEXT))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def reference(builtin_folder):
-    """Stage 10's engine in this process: what the server must answer."""
-    with Stage10Engine(device="cpu", context_length=CONTEXT) as engine:
+def reference(server_stage, builtin_folder):
+    """The same stage's engine in this process: what the server must answer."""
+    with importlib.import_module(server_stage).Engine(device="cpu", context_length=CONTEXT) as engine:
         yield engine
 
 
@@ -145,7 +151,7 @@ def test_health_and_models_list_the_served_model(server):
     assert model.id and model.max_model_len == CONTEXT
 
 
-def test_completion_equals_stage10_engine(server, reference):
+def test_completion_equals_the_engine_in_process(server, reference):
     response = server.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=12, temperature=0)
     expected = reference.generate(PROMPTS[0], max_tokens=12, temperature=0)
     (choice,) = response.choices
@@ -339,9 +345,9 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_full_queue_gets_503_then_serves_and_shuts_down_cleanly(builtin_folder):
+def test_full_queue_gets_503_then_serves_and_shuts_down_cleanly(server_stage, builtin_folder):
     # One waiting request at most, and prompts prefilled 16 tokens a step: a burst must overflow.
-    server = Server("--max-queued-requests", "1", "--chunked-prefill-size", "16", "--context-length", str(CONTEXT))
+    server = Server(server_stage, "--max-queued-requests", "1", "--chunked-prefill-size", "16", "--context-length", str(CONTEXT))
     try:
         body = json.dumps({"prompt": "The history of the printing press " * 12, "max_tokens": 4, "temperature": 0}).encode()
         with ThreadPoolExecutor(12) as pool:
@@ -367,16 +373,16 @@ def test_full_queue_gets_503_then_serves_and_shuts_down_cleanly(builtin_folder):
 # ----- the command line ---------------------------------------------------------------------------
 
 
-def test_command_line_needs_a_prompt_or_serve(capsys):
+def test_command_line_needs_a_prompt_or_serve(server_stage, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([])
+        importlib.import_module(f"{server_stage}.__main__").main([])
     assert exit_info.value.code == 2
     assert "--serve" in capsys.readouterr().err
 
 
-def test_bad_model_path_fails_at_start_with_a_clear_error(tmp_path):
+def test_bad_model_path_fails_at_start_with_a_clear_error(server_stage, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "stage11_server", "--serve", "--model-path", str(tmp_path / "missing"), "--device", "cpu"],
+        [sys.executable, "-m", server_stage, "--serve", "--model-path", str(tmp_path / "missing"), "--device", "cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 2 and re.search(r"error: the engine could not start: .*missing", result.stderr), result.stderr
@@ -385,11 +391,8 @@ def test_bad_model_path_fails_at_start_with_a_clear_error(tmp_path):
 # ----- the engine's counts behind /metrics -------------------------------------------------------
 
 
-def test_engine_stats_count_requests_pages_and_tokens(engine_for):
-    from stage11_server import Engine
-
-    engine = engine_for("stage11_server", "dense")
-    assert isinstance(engine, Engine)
+def test_engine_stats_count_requests_pages_and_tokens(server_stage, engine_for):
+    engine = engine_for(server_stage, "dense")
     before = engine.stats()["generated_tokens"]
     rid = engine.add_request(list(range(3, 40)), max_tokens=5, temperature=0, ignore_eos=True)
     engine.step()
@@ -403,15 +406,15 @@ def test_engine_stats_count_requests_pages_and_tokens(engine_for):
     assert stats["pages_cached"] > 0  # the finished request's pages went to the prefix cache
 
 
-def test_a_step_out_of_memory_reaches_the_front_end_as_a_500_with_the_reason(checkpoints, monkeypatch):
+def test_a_step_out_of_memory_reaches_the_front_end_as_a_500_with_the_reason(server_stage, checkpoints, monkeypatch):
     """The engine loop turns a request stopped by a failed step into an error update (status 500,
     the engine's message), which the front end answers as an OpenAI error; the next request is served."""
     from common.sampling import SamplingParams
-    from stage11_server import Engine
-    from stage11_server.engine_process import EngineLoop, GenerateRequest, RequestUpdate
     from test_out_of_memory import LONG, SHORT, little_memory
 
-    with Engine(model_path=str(checkpoints["dense"]), device="cpu") as engine:
+    engine_process = importlib.import_module(f"{server_stage}.engine_process")
+    EngineLoop, GenerateRequest, RequestUpdate = engine_process.EngineLoop, engine_process.GenerateRequest, engine_process.RequestUpdate
+    with importlib.import_module(server_stage).Engine(model_path=str(checkpoints["dense"]), device="cpu") as engine:
         model = engine.runner.model
         monkeypatch.setattr(model, "forward", little_memory(engine, model.forward))
         loop = EngineLoop(engine, conn=None, max_queued_requests=None)
