@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "ladder"))
+sys.path.insert(0, str(ROOT / "tests" / "server"))
 
 from checkpoints import KINDS, write_checkpoint
 from common.loader import resolve_model_path
