@@ -4,6 +4,7 @@
 """
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "ladder"))
 sys.path.insert(0, str(ROOT / "tests" / "server"))
+# ``python -m exercises check`` points the tests at a scratch copy of a stage (exercises/): its folder
+# comes first, so ``import stage03_radix`` finds the copy.
+if os.environ.get("QWEN3_LADDER_SCRATCH"):
+    sys.path.insert(0, os.environ["QWEN3_LADDER_SCRATCH"])
 
 from checkpoints import KINDS, write_checkpoint
 from common.loader import resolve_model_path

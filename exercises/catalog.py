@@ -1,0 +1,141 @@
+"""Every exercise: which stage file it changes, how, and which tests judge it.
+
+``find`` is text that occurs exactly once in the stage's file; the scratch
+copy gets ``replace`` instead. The answer is the stage's own code, so putting
+``find`` back solves the exercise (CI checks both ways: with the change the
+tests fail, without it they pass).
+"""
+
+from dataclasses import dataclass
+
+BREAK, BUILD = "break it", "build it"
+
+
+@dataclass(frozen=True)
+class Exercise:
+    stage: str
+    number: int
+    kind: str
+    title: str
+    task: str
+    file: str  # inside the stage folder
+    find: str
+    replace: str
+    tests: tuple[str, ...]  # pytest node ids, run against the scratch copy
+
+
+PAGING = "tests/stage02_paged/test_paging.py::"
+RADIX = "tests/stage03_radix/test_radix_tree.py::"
+GRAPHS = "tests/stage09_cuda_graph/test_cuda_graph.py::"
+RUNS = "tests/stage12_inplace_attention/test_page_runs.py::"
+RUN_ALLOCATOR = "tests/stage12_inplace_attention/test_page_allocator.py::"
+
+EXERCISES = [
+    Exercise(
+        "stage02_paged", 1, BREAK, "a page that never comes back",
+        "Freed pages are no longer returned to the pool. Run the check: which test fails, and what "
+        "invariant does it state? Find the line in page_allocator.py and put it right.",
+        "page_allocator.py",
+        "            self.in_use.remove(page)\n            self.free_list.append(page)\n",
+        "            self.in_use.remove(page)\n",
+        (PAGING + "test_allocator_never_hands_out_a_page_twice_and_gets_every_page_back",),
+    ),
+    Exercise(
+        "stage02_paged", 2, BUILD, "hand out pages",
+        "PageAllocator.alloc_pages has lost its body. Take `count` pages from the free list (low ids "
+        "first), mark them in use and return them; the check says when the allocator is whole again.",
+        "page_allocator.py",
+        "        pages = [self.free_list.pop() for _ in range(count)]\n        self.in_use.update(pages)\n        return pages\n",
+        '        raise NotImplementedError("exercise: take count pages from the free list and mark them in use")\n',
+        (PAGING + "test_allocator_never_hands_out_a_page_twice_and_gets_every_page_back",
+         PAGING + "test_freeing_a_page_twice_is_caught"),
+    ),
+    Exercise(
+        "stage03_radix", 1, BREAK, "evicting a prefix someone is using",
+        "Eviction now looks at every leaf. Which test catches it? What would a running request see "
+        "if the pages under its prefix were handed to another request?",
+        "radix_cache.py",
+        "if not n.children and n.lock_ref == 0]",
+        "if not n.children]",
+        (RADIX + "test_eviction_never_frees_a_locked_node",),
+    ),
+    Exercise(
+        "stage03_radix", 2, BREAK, "evicting the newest prefix first",
+        "Eviction now frees the most recently used leaves first. Which test catches it? Which "
+        "requests would lose their cached prefix, and what would that cost?",
+        "radix_cache.py",
+        "        leaves = [(n.last_access, id(n), n)",
+        "        leaves = [(-n.last_access, id(n), n)",
+        (RADIX + "test_evicts_least_recently_used_unlocked_leaf",),
+    ),
+    Exercise(
+        "stage09_cuda_graph", 1, BUILD, "the batch sizes that get a graph",
+        "batch_buckets has lost its body. Return SGLang's sizes: 1, 2, 4, 8, then every 8 up to "
+        "max_bs, and max_bs itself always.",
+        "cuda_graph_runner.py",
+        "    sizes = [bs for bs in (1, 2, 4, 8) if bs <= max_bs] + list(range(16, max_bs + 1, 8))\n"
+        "    return sizes if sizes[-1] == max_bs else sizes + [max_bs]\n",
+        '    raise NotImplementedError("exercise: 1, 2, 4, 8, then every 8 up to max_bs")\n',
+        (GRAPHS + "test_batch_buckets_follow_sglang",),
+    ),
+    Exercise(
+        "stage09_cuda_graph", 2, BREAK, "a key bucket twice too big",
+        "key_bucket still holds every key, yet a test fails. Which one, and what would the bigger "
+        "buckets cost on a GPU?",
+        "cuda_graph_runner.py",
+        "1 << (num_keys - 1).bit_length()",
+        "1 << num_keys.bit_length()",
+        (GRAPHS + "test_key_buckets_are_powers_of_two_that_hold_every_key",),
+    ),
+    Exercise(
+        "stage12_inplace_attention", 1, BREAK, "a merge that forgets the log-sum-exps",
+        "merge_runs now weighs every run the same. Which layouts still give the right answer, and "
+        "why? Put the weights right.",
+        "page_runs.py",
+        '    weights = lse.to(wide).masked_fill(empty, float("-inf")).softmax(dim=1)\n',
+        '    weights = torch.zeros_like(lse, dtype=wide).masked_fill(empty, float("-inf")).softmax(dim=1)\n',
+        (RUNS + "test_runs_and_merge_equal_attention_over_gathered_keys",),
+    ),
+    Exercise(
+        "stage12_inplace_attention", 2, BUILD, "a page table read as runs",
+        "extend_runs has lost its body. Append each page to the last run when it follows that run's "
+        "last page, else start a new run [page, 1].",
+        "page_runs.py",
+        "    for page in pages:\n        if runs and runs[-1][0] + runs[-1][1] == page:\n"
+        "            runs[-1][1] += 1\n        else:\n            runs.append([page, 1])\n",
+        '    raise NotImplementedError("exercise: extend the last run or start a new one, page by page")\n',
+        (RUNS + "test_a_page_table_reads_as_runs_of_consecutive_pages",
+         RUNS + "test_runs_and_merge_equal_attention_over_gathered_keys"),
+    ),
+    Exercise(
+        "stage12_inplace_attention", 3, BREAK, "new runs at the start of a free stretch",
+        "New runs now start at the beginning of the largest free stretch. Which tests fail? Serve "
+        "eight requests and print their runs: what happens to them as they grow?",
+        "page_allocator.py",
+        "        return start + max(length - wanted, 0) // 2\n",
+        "        return start\n",
+        (RUN_ALLOCATOR + "test_new_runs_start_in_the_middle_of_the_largest_free_stretch",
+         RUN_ALLOCATOR + "test_a_request_grows_in_one_run_while_others_grow_beside_it"),
+    ),
+    Exercise(
+        "stage13_structured", 1, BREAK, "a grammar nobody enforces",
+        "The masks are no longer applied before sampling. Run the check: where does it fail, and "
+        "why there rather than at a validator?",
+        "model_runner.py",
+        "            apply_grammar_masks(logits, [requests[i].grammar for i in complete])\n",
+        "            pass\n",
+        ("tests/stage13_structured/test_structured.py::test_one_batch_mixes_constrained_and_free_requests[greedy]",),
+    ),
+]
+
+
+def exercises_of(stage: str) -> list[Exercise]:
+    return [e for e in EXERCISES if e.stage == stage]
+
+
+def find(stage: str, number: int) -> Exercise:
+    for exercise in EXERCISES:
+        if exercise.stage == stage and exercise.number == number:
+            return exercise
+    known = ", ".join(f"{e.stage} {e.number}" for e in EXERCISES)
+    raise ValueError(f"no exercise {stage} {number}; there are: {known}")
