@@ -32,6 +32,15 @@ RUN_ALLOCATOR = "tests/stage12_inplace_attention/test_page_allocator.py::"
 
 EXERCISES = [
     Exercise(
+        "stage01_core", 1, BREAK, "attention that misses the newest key",
+        "Each sequence now attends over all its keys but the newest. Which test catches it, and "
+        "against what? Why does a decode step need its own token's key?",
+        "kv_cache.py",
+        "q[offset : offset + n], cache.k[layer_index, :end], cache.v[layer_index, :end]",
+        "q[offset : offset + n], cache.k[layer_index, : end - 1], cache.v[layer_index, : end - 1]",
+        ("tests/ladder/test_parity.py::test_batch_greedy_equals_transformers[stage01_core-dense]",),
+    ),
+    Exercise(
         "stage02_paged", 1, BREAK, "a page that never comes back",
         "Freed pages are no longer returned to the pool. Run the check: which test fails, and what "
         "invariant does it state? Find the line in page_allocator.py and put it right.",
@@ -69,6 +78,35 @@ EXERCISES = [
         (RADIX + "test_evicts_least_recently_used_unlocked_leaf",),
     ),
     Exercise(
+        "stage04_batching", 1, BREAK, "an abort that keeps its pages",
+        "Aborting a running request no longer releases its pages. Which test notices, and how would "
+        "a server with clients that disconnect end up?",
+        "scheduler.py",
+        "            self.running.remove(request)\n            self.runner.free_cache(request)\n",
+        "            self.running.remove(request)\n",
+        ("tests/stage04_batching/test_continuous_batching.py::test_abort_by_id_releases_pages_and_others_continue",),
+    ),
+    Exercise(
+        "stage05_chunked", 1, BREAK, "a new prompt fed whole",
+        "A newly admitted prompt is no longer cut to what is left of the chunk budget. Which test "
+        "fails, and what does chunking bound that this loses?",
+        "scheduler.py",
+        "                for request in self._admit_prefill(budget, whole_prompts=False):\n"
+        "                    n = min(request.seq_len - request.num_cached, budget)\n",
+        "                for request in self._admit_prefill(budget, whole_prompts=False):\n"
+        "                    n = request.seq_len - request.num_cached\n",
+        ("tests/stage05_chunked/test_chunked_prefill.py::test_peak_activation_of_a_prefill_step_is_bounded_by_the_chunk",),
+    ),
+    Exercise(
+        "stage06_scheduling", 1, BREAK, "longest output last",
+        "The lof policy now sorts the wrong way. Which test catches it? Why would anyone run the "
+        "longest outputs first?",
+        "schedule_policy.py",
+        "key=lambda r: -r.params.max_tokens",
+        "key=lambda r: r.params.max_tokens",
+        ("tests/stage06_scheduling/test_schedule_policy.py::test_lof_puts_the_longest_output_first_and_keeps_ties_in_order",),
+    ),
+    Exercise(
         "stage09_cuda_graph", 1, BUILD, "the batch sizes that get a graph",
         "batch_buckets has lost its body. Return SGLang's sizes: 1, 2, 4, 8, then every 8 up to "
         "max_bs, and max_bs itself always.",
@@ -86,6 +124,24 @@ EXERCISES = [
         "1 << (num_keys - 1).bit_length()",
         "1 << num_keys.bit_length()",
         (GRAPHS + "test_key_buckets_are_powers_of_two_that_hold_every_key",),
+    ),
+    Exercise(
+        "stage10_overlap", 1, BREAK, "a placeholder one token off",
+        "The device now resolves placeholder -1 - j to the sampled token j + 1. Which test fails? "
+        "What would a user see?",
+        "model_runner.py",
+        "self.last_sampled[(-1 - ids).clamp(min=0)]",
+        "self.last_sampled[(-ids).clamp(min=0, max=len(self.last_sampled) - 1)]",
+        ("tests/stage10_overlap/test_overlap.py::test_overlap_gives_stage09_tokens[dense]",),
+    ),
+    Exercise(
+        "stage11_server", 1, BREAK, "parallel_tool_calls ignored",
+        "A reply keeps every tool call even when the request says parallel_tool_calls: false. "
+        "Which test catches it? Where else would a client notice?",
+        "openai_choices.py",
+        "return content, calls if self.request.parallel_tool_calls else calls[:1]",
+        "return content, calls",
+        ("tests/server/test_openai_api.py::test_parallel_tool_calls_false_keeps_the_first_call[stage11_server]",),
     ),
     Exercise(
         "stage12_inplace_attention", 1, BREAK, "a merge that forgets the log-sum-exps",
