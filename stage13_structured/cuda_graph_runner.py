@@ -206,7 +206,6 @@ class CudaGraphRunner:
         self.runs = runs
         self.run_inputs = torch.zeros(2, self.max_bs * MAX_RUN_SLOTS, dtype=torch.int64, device=device)
         self.run_starts, self.run_lens = self.run_inputs
-        self.padding_run = torch.tensor([[self.padding_slot], [1]], device=device)
         self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
@@ -270,7 +269,7 @@ class CudaGraphRunner:
         lens = self.run_lens[n * run_slots : bs * run_slots].view(bs - n, run_slots)
         starts = self.run_starts[n * run_slots : bs * run_slots].view(bs - n, run_slots)
         lens.zero_()
-        starts[:, :1], lens[:, :1] = self.padding_run
+        starts[:, 0], lens[:, 0] = self.padding_slot, 1
 
     def run(self, batch: ForwardBatch, bucket: tuple[int, int, int]) -> torch.Tensor:
         """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.

@@ -120,9 +120,6 @@ class RequestGrammar:
             raise RuntimeError(f"forced tokens broke the grammar: {self.matcher.get_error()}")
         return forced
 
-    def fill_mask(self, row: torch.Tensor) -> None:
-        """Write the allowed-token bits into ``row`` (int32, one bit per token id, on the host)."""
-        self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
 
 def fill_masks(grammars: list[RequestGrammar], masks: torch.Tensor) -> None:

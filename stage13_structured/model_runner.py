@@ -39,7 +39,7 @@ from common.loader import load_model, resolve_model_path
 from common.memory import is_out_of_memory
 from common.sampling import Sampler
 
-from . import page_runs
+from . import page_runs  # its thresholds are read as page_runs.X, so a test can change them
 from .cuda_graph_runner import CudaGraphRunner
 from .forward_batch import ForwardBatch
 from .grammar import apply_grammar_masks

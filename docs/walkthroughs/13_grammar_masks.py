@@ -14,7 +14,7 @@ import json
 import torch
 
 from stage13_structured import Engine
-from stage13_structured.grammar import mask_words
+from stage13_structured.grammar import fill_masks, mask_words
 
 schema = {
     "type": "object",
@@ -29,7 +29,7 @@ vocab = engine.config.vocab_size
 def allowed_tokens(grammar) -> list[int]:
     """The token ids the grammar allows next: the set bits of its mask row."""
     row = torch.zeros(1, mask_words(vocab), dtype=torch.int32)
-    grammar.fill_mask(row[0])
+    fill_masks([grammar], row)
     bits = (row[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
     return bits.flatten()[:vocab].nonzero().flatten().tolist()
 

@@ -62,11 +62,13 @@ def test_random_alloc_and_free_never_hands_a_page_out_twice():
         assert all(0 <= p < 300 for p in held)
 
 
-def test_freeing_a_free_page_is_a_bug():
+def test_freeing_a_free_page_is_a_bug_and_changes_nothing():
     allocator = PageAllocator(8)
     pages = allocator.alloc_pages(2)
     allocator.free_pages(pages)
     with pytest.raises(RuntimeError, match="not allocated"):
         allocator.free_pages(pages[:1])
-    with pytest.raises(RuntimeError, match="not allocated"):
-        allocator.free_pages([3, 3])
+    allocator.alloc_pages(8)
+    with pytest.raises(RuntimeError, match="page 3 is freed but was not allocated"):
+        allocator.free_pages([1, 3, 3])  # all in use, but page 3 twice
+    assert allocator.num_free == 0 and allocator.in_use == set(range(8))

@@ -181,7 +181,7 @@ def test_an_abort_mid_grammar_frees_everything(engine):
     assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages
 
 
-def test_the_flags_reach_the_engine():
+def test_the_command_line_has_the_grammar_flags():
     args = build_parser().parse_args(["hi", "--regex", r"\d+", "--disable-jump-forward"])
     assert args.regex == r"\d+" and args.disable_jump_forward
     assert build_parser().parse_args(["hi"]).json_schema is None
