@@ -25,6 +25,32 @@ from common.loader import resolve_model_path
 
 # Every stage folder present; shared end-to-end tests run once per stage.
 STAGES = sorted(p.name for p in ROOT.glob("stage[0-9][0-9]_*") if (p / "__init__.py").exists())
+SERVER_STAGES = [s for s in STAGES if (ROOT / s / "http_server.py").exists()]  # stage 11 on
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "every_serving_stage: a server test that runs for every serving stage, "
+                                       "not only the newest")
+
+
+@pytest.hookimpl(trylast=True)  # after --stage has picked its tests
+def pytest_collection_modifyitems(config, items):
+    """Every serving stage runs a few server tests; the newest runs them all.
+
+    The server files change little from one stage to the next, so this keeps
+    the suite's time flat as the ladder grows: each earlier serving stage runs
+    the tests marked ``every_serving_stage`` (a request of each kind: plain,
+    streamed, chat, aborted, scored, a tool call, refused). With ``--stage
+    stage11_server`` a learner still gets all of stage 11's server tests.
+    """
+    if config.getoption("stage"):
+        return
+    older = {item for item in items
+             if item.get_closest_marker("every_serving_stage") is None
+             and getattr(item, "callspec", None) and item.callspec.params.get("server_stage", SERVER_STAGES[-1]) != SERVER_STAGES[-1]}
+    if older:
+        config.hook.pytest_deselected(items=list(older))
+        items[:] = [item for item in items if item not in older]
 
 
 def stage_engine_class(stage: str):

@@ -18,8 +18,9 @@ import torch
 
 from checkpoints import write_scripted_checkpoint
 from common.tokenizer import Tokenizer
+from conftest import SERVER_STAGES
 from reference import load_hf
-from test_server import SERVER_STAGES, Server, http
+from test_server import Server, http
 
 CONTEXT = 256
 TOOL_CALL = '<tool_call>{"name":"weather","arguments":{}}</tool_call>'
@@ -65,6 +66,7 @@ def hf_logprobs(scripted):
 # ----- log-probabilities ---------------------------------------------------------------------
 
 
+@pytest.mark.every_serving_stage
 def test_completion_logprobs_equal_transformers(server, scripted, hf_logprobs):
     tokenizer = scripted[1]
     response = server.client.completions.create(model="m", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3)
@@ -146,6 +148,7 @@ def test_chat_logprobs_stream_as_they_come_and_equal_the_plain_response(server):
 # ----- tool calls ----------------------------------------------------------------------------
 
 
+@pytest.mark.every_serving_stage
 def test_a_tool_call_is_parsed_into_tool_calls(server, scripted):
     response = server.client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], max_tokens=scripted[2],
                                                      temperature=0)
@@ -210,6 +213,7 @@ REFUSED = {
 }
 
 
+@pytest.mark.every_serving_stage
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_what_the_server_does_not_do_is_refused_at_once_naming_the_field(server_stage, server, case):
     serves_grammars = "response_format" in importlib.import_module(f"{server_stage}.openai_protocol").SamplingFields.model_fields

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, STAGES
+from conftest import ROOT, SERVER_STAGES
 from test_bad_input import ANY_VALUE  # the Python API's random inputs
 from test_bad_input import PARAMS as RANDOM_PARAMS
 from test_bad_input import PROMPTS as RANDOM_PROMPTS
@@ -37,12 +37,11 @@ CONTEXT = 256  # small, so a too-long prompt is cheap to send
 LONG_ANSWER = CONTEXT - 16  # max_tokens of a request that runs for seconds (prompt + max_tokens must fit the context)
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are"]
 STARTUP_TIMEOUT_S = 180
-SERVER_STAGES = [s for s in STAGES if (ROOT / s / "http_server.py").exists()]  # stage 11 on
 
 
 @pytest.fixture(scope="module", params=SERVER_STAGES)
 def server_stage(request) -> str:
-    """Every test here runs once for each stage that serves HTTP."""
+    """Each stage that serves HTTP (which tests run for which: tests/conftest.py)."""
     return request.param
 
 
@@ -145,12 +144,14 @@ def idle(samples) -> bool:
 # ----- answers ----------------------------------------------------------------------------
 
 
+@pytest.mark.every_serving_stage
 def test_health_and_models_list_the_served_model(server):
     assert http("GET", f"{server.url}/health")[0] == 200
     (model,) = server.client.models.list().data
     assert model.id and model.max_model_len == CONTEXT
 
 
+@pytest.mark.every_serving_stage
 def test_completion_equals_the_engine_in_process(server, reference):
     response = server.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=12, temperature=0)
     expected = reference.generate(PROMPTS[0], max_tokens=12, temperature=0)
@@ -209,6 +210,7 @@ def test_completion_stream_equals_plain_response(server):
     assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 1  # it really came in pieces
 
 
+@pytest.mark.every_serving_stage
 def test_chat_stream_equals_plain_response(server):
     ask = dict(model="m", messages=[{"role": "user", "content": "Name three fruits."}], max_tokens=20, temperature=0)
     plain = server.client.chat.completions.create(**ask)
@@ -242,6 +244,7 @@ def abort_count(samples) -> float:
     return samples.get('ladder:num_requests_total{finish_reason="abort"}', 0.0)
 
 
+@pytest.mark.every_serving_stage
 def test_stream_disconnect_aborts_the_request_and_frees_its_pages(server):
     before = server.metrics()
     body = {"prompt": PROMPTS[0], "max_tokens": LONG_ANSWER, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -286,6 +289,7 @@ BAD_BODIES = {
 }
 
 
+@pytest.mark.every_serving_stage
 @pytest.mark.parametrize("case", sorted(BAD_BODIES))
 def test_bad_completion_request_gets_400_with_an_openai_error(server, case):
     status, body = http("POST", f"{server.url}/v1/completions", BAD_BODIES[case])
@@ -373,6 +377,7 @@ def test_full_queue_gets_503_then_serves_and_shuts_down_cleanly(server_stage, bu
 # ----- the command line ---------------------------------------------------------------------------
 
 
+@pytest.mark.every_serving_stage
 def test_command_line_needs_a_prompt_or_serve(server_stage, capsys):
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(f"{server_stage}.__main__").main([])
