@@ -1,0 +1,179 @@
+"""Stage 14: speculative decoding gives stage 13's output in fewer target forwards.
+
+The oracles: stage 13's engine token for token (greedy, every model kind,
+alone and in batches, with stop strings, grammars and tensor parallelism);
+for sampling, the target model's exact next-token distributions computed
+with transformers on a tiny vocabulary (a chi-square test that fails when
+rejection sampling is replaced by accepting the target's favourite); and the
+storm of the ladder's tests with speculation on: nothing lost, no page leaked.
+"""
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from checkpoints import KINDS, write_checkpoint
+from stage13_structured import Engine as Stage13Engine
+from stage14_speculative import Engine, SamplingParams
+from stage14_speculative.__main__ import build_parser
+from test_request_storm import PAGE, POOL_PAGES, STEPS, VOCAB, alone, drive_storm, storm_checkpoint  # noqa: F401
+
+# Text that repeats itself, so n-gram guesses are often right (token ids of the built-in tokenizer's range).
+REPEATING = [[17, 230, 4012, 88, 17, 230, 4012, 88, 17, 230], [5, 6, 7, 8, 9, 5, 6, 7], [901, 12, 901, 12, 901]]
+GREEDY = dict(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def outputs(engine, prompts, **kwargs):
+    return engine.generate_batch(prompts, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def draft_folder(tmp_path_factory, builtin_folder):
+    """Another random dense model with the same vocabulary: its guesses are mostly wrong."""
+    return write_checkpoint("dense", tmp_path_factory.mktemp("draft") / "dense", builtin_folder, seed=7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ngram_greedy_tokens_equal_stage13_alone_and_in_a_batch(kind, checkpoints):
+    with Stage13Engine(model_path=str(checkpoints[kind]), device="cpu") as before:
+        expected = outputs(before, REPEATING, **GREEDY)
+    with Engine(model_path=str(checkpoints[kind]), device="cpu", speculative_algorithm="NGRAM") as engine:
+        batch = outputs(engine, REPEATING, **GREEDY)
+        single = engine.generate(REPEATING[0], **GREEDY)
+    assert [o.token_ids for o in batch] == [o.token_ids for o in expected]
+    assert single.token_ids == expected[0].token_ids
+    assert sum(o.spec_verify_ct for o in batch) > 0, "no draft was verified"
+    # Each verify gave at least one token; fewer forwards than tokens when a guess was kept.
+    for out in batch:
+        assert out.spec_verify_ct == 0 or 1 <= out.spec_accept_length <= 4
+
+
+@pytest.mark.parametrize("draft", ["itself", "another model"])
+def test_standalone_draft_greedy_equals_stage13_and_gives_its_pages_back(draft, checkpoints, draft_folder):
+    target = str(checkpoints["dense"])
+    with Stage13Engine(model_path=target, device="cpu") as before:
+        expected = outputs(before, REPEATING, **GREEDY)
+    draft_path = target if draft == "itself" else str(draft_folder)
+    with Engine(model_path=target, device="cpu", speculative_algorithm="STANDALONE",
+                speculative_draft_model_path=draft_path, speculative_num_steps=3) as engine:
+        got = outputs(engine, REPEATING, **GREEDY)
+        worker = engine.drafter
+        assert not worker.sequences and worker.runner.allocator.num_free == worker.runner.allocator.num_pages
+        assert len(worker.runner.page_tables.free_rows) == worker.runner.page_tables.table.shape[0]
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    accept = sum(o.completion_tokens for o in got) / sum(o.spec_verify_ct for o in got)
+    if draft == "itself":  # every guess is right: each verify gives the newest token's successor and 3 guesses
+        assert accept > 3.5
+    else:
+        assert accept < 2
+
+
+def test_stop_strings_and_max_tokens_are_never_overshot(builtin_folder):
+    prompt = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
+    with Stage13Engine(device="cpu") as before:
+        free = before.generate(prompt, max_tokens=48, temperature=0)
+        stop = free.text[20:26]  # a stop string in the middle of what guesses will cover
+        cases = [dict(stop=[stop])] + [dict(max_tokens=n) for n in (1, 2, 3, 5)]
+        expected = [before.generate(prompt, **{**dict(max_tokens=48, temperature=0), **c}) for c in cases]
+    with Engine(device="cpu", speculative_algorithm="NGRAM", speculative_num_draft_tokens=6) as engine:
+        got = [engine.generate(prompt, **{**dict(max_tokens=48, temperature=0), **c}) for c in cases]
+        assert engine.spec_verify_ct > 0
+        assert engine.runner.allocator.num_free + engine.runner.evictable_pages() == engine.runner.allocator.num_pages
+    for g, e, case in zip(got, expected, cases):
+        assert (g.text, g.token_ids, g.finish_reason) == (e.text, e.token_ids, e.finish_reason), case
+        assert g.completion_tokens <= case.get("max_tokens", 48)
+
+
+def test_an_abort_between_verifies_frees_the_target_and_draft_pages(checkpoints):
+    target = str(checkpoints["dense"])
+    with Engine(model_path=target, device="cpu", speculative_algorithm="STANDALONE",
+                speculative_draft_model_path=target, disable_radix_cache=True) as engine:
+        rid = engine.add_request(REPEATING[0], max_tokens=200, temperature=0, ignore_eos=True)
+        other = engine.add_request(REPEATING[1], max_tokens=12, temperature=0, ignore_eos=True)
+        while engine.spec_verify_ct < 4:
+            engine.step()
+        assert engine.drafter.sequences and engine.runner.allocator.num_free < engine.runner.allocator.num_pages
+        engine.abort_request(rid)
+        while engine.get_output(other) is None:
+            engine.step()
+        assert engine.get_output(rid).finish_reason == "abort"
+        assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages
+        assert not engine.drafter.sequences
+        assert engine.drafter.runner.allocator.num_free == engine.drafter.runner.allocator.num_pages
+
+
+def test_constrained_requests_check_guesses_against_their_grammar(builtin_folder):
+    schema = {"type": "object", "properties": {"items": {"type": "array", "items": {"enum": ["apple", "pear"]},
+                                                         "minItems": 6, "maxItems": 6}},
+              "required": ["items"], "additionalProperties": False}
+    requests = [("List six fruits as JSON:", SamplingParams(json_schema=schema, max_tokens=60, temperature=0)),
+                ("Count: 1, 2, 3, 1, 2, 3,", SamplingParams(regex=r"( [123],){6}", max_tokens=30, temperature=0)),
+                ("Once upon a time", SamplingParams(max_tokens=30, temperature=0))]
+    prompts, params = [p for p, _ in requests], [s for _, s in requests]
+    with Stage13Engine(device="cpu") as before:
+        expected = before.generate_batch(prompts, params)
+    with Engine(device="cpu", speculative_algorithm="NGRAM") as engine:
+        got = engine.generate_batch(prompts, params)
+    jsonschema.validate(json.loads(got[0].text), schema)
+    assert re.fullmatch(r"( [123],){6}", got[1].text), got[1].text
+    assert [g.text for g in got] == [e.text for e in expected]
+    assert got[0].spec_verify_ct > 0 and got[0].spec_accept_length > 1, "repeated items should be guessed"
+
+
+def test_requests_with_penalties_or_logprobs_decode_one_token_at_a_time(checkpoints):
+    kinds = [dict(repetition_penalty=1.3), dict(return_logprob=True, top_logprobs_num=2)]
+    with Stage13Engine(model_path=str(checkpoints["dense"]), device="cpu") as before:
+        expected = [before.generate(REPEATING[0], **GREEDY, **k) for k in kinds]
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", speculative_algorithm="NGRAM") as engine:
+        got = [engine.generate(REPEATING[0], **GREEDY, **k) for k in kinds]
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert all(g.spec_verify_ct == 0 for g in got)
+    assert got[1].output_token_logprobs == pytest.approx(expected[1].output_token_logprobs, abs=1e-4)
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_verify_equals_stage13(checkpoints):
+    with Stage13Engine(model_path=str(checkpoints["dense"]), device="cpu") as before:
+        expected = outputs(before, REPEATING, **GREEDY)
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", tp_size=2, speculative_algorithm="NGRAM") as engine:
+        got = outputs(engine, REPEATING, **GREEDY)
+        assert engine.spec_verify_ct > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+
+
+# ----- settings -----------------------------------------------------------------------------------
+
+BAD = {
+    "an unknown algorithm": dict(speculative_algorithm="MEDUSA"),
+    "EAGLE without a head": dict(speculative_algorithm="EAGLE"),
+    "STANDALONE without a draft": dict(speculative_algorithm="STANDALONE"),
+    "a draft path without STANDALONE": dict(speculative_algorithm="NGRAM", speculative_draft_model_path="x"),
+    "settings without an algorithm": dict(speculative_num_steps=3),
+    "a tree": dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4),
+    "steps and tokens that disagree": dict(speculative_algorithm="NGRAM", speculative_num_steps=3,
+                                           speculative_num_draft_tokens=5),
+    "no guess": dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=1),
+    "zero steps": dict(speculative_algorithm="NGRAM", speculative_num_steps=0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_speculative_settings_are_refused_naming_them(case):
+    with pytest.raises(ValueError, match="speculative"):
+        Engine(device="cpu", **BAD[case])
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(checkpoints, storm_checkpoint):  # noqa: F811
+    with pytest.raises(ValueError, match="vocabulary"):
+        Engine(model_path=str(checkpoints["dense"]), device="cpu", speculative_algorithm="STANDALONE",
+               speculative_draft_model_path=str(storm_checkpoint))
+
+
+def test_command_line_flags_are_sglangs():
+    args = build_parser().parse_args(["p", "--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", "d",
+                                      "--speculative-num-steps", "3", "--speculative-num-draft-tokens", "4",
+                                      "--speculative-eagle-topk", "1"])
+    assert (args.speculative_algorithm, args.speculative_draft_model_path, args.speculative_num_steps,
+            args.speculative_num_draft_tokens, args.speculative_eagle_topk) == ("STANDALONE", "d", 3, 4, 1)
