@@ -42,6 +42,12 @@ allocator aims for); more slots are recorded when a step first needs them,
 up to ``MAX_RUN_SLOTS``; a batch with more runs than that runs eagerly. One
 sequence keeps stage 11's graph: its gather is tiny, and SDPA spreads its
 keys over every SM.
+
+Stage 14: a verify step feeds every sequence its newest token and the same
+number of guesses (the engine pads short drafts with guesses that are never
+kept), so it has a fixed **width** too: ``(batch bucket, key bucket, 0,
+width)``. Its graph gathers the keys as a decode graph does, writes ``width``
+new tokens per sequence, and attends them causally; every row gets logits.
 """
 
 import sys
@@ -127,6 +133,23 @@ class StaticAttention(PagedAttention):
         return out[0].transpose(0, 1)
 
 
+class StaticVerifyAttention(StaticAttention):
+    """A verify graph's attention: ``width`` new tokens per sequence, the last of its keys,
+    attended causally over the gathered keys (one varlen call, even for one sequence)."""
+
+    def __init__(self, pool: PagedKVPool, page_tables: DevicePageTables, rows: torch.Tensor, seq_lens: torch.Tensor,
+                 num_keys: int, max_k: int, padding_slot: int, width: int):
+        super().__init__(pool, page_tables, rows, seq_lens, num_keys, max_k, padding_slot)
+        self.width, self.max_q, self.single_sequence = width, width, False
+        self.cu_seqlens_q = self.cu_seqlens_q * width
+        self.newest = torch.arange(width, device=rows.device) - width  # offsets from a sequence's end
+
+    def begin_step(self) -> None:
+        super().begin_step()
+        ends = self.cu_seqlens_k[1:].long()
+        self.slots = self.key_slots[(ends[:, None] + self.newest).flatten()]
+
+
 class StaticRunsAttention(PagedAttention):
     """The attention backend inside a graph over page runs: each sequence's runs come from
     fixed buffers (``CudaGraphRunner.run`` fills them), its keys are read in place.
@@ -200,13 +223,15 @@ class CudaGraphRunner:
         # page-table row, sequence length. Columns past a batch's size are padding rows.
         self.inputs = torch.zeros(4, self.max_bs, dtype=torch.int64, device=device)
         self.input_ids, self.positions, self.seq_rows, self.seq_lens = self.inputs
+        # A verify graph's token ids and positions, ``width`` (at most a page) per sequence.
+        self.verify_inputs = torch.zeros(2, self.max_bs * pool.page_size, dtype=torch.int64, device=device)
         self.padding_inputs = torch.tensor([[0], [0], [self.padding_row], [1]], device=device)  # token 0 at position 0
         # Page runs: each sequence's run starts and lengths, ``run slots`` per sequence. A padding
         # row has one run, the padding slot's single key, and empty ones after it.
         self.runs = runs
         self.run_inputs = torch.zeros(2, self.max_bs * MAX_RUN_SLOTS, dtype=torch.int64, device=device)
         self.run_starts, self.run_lens = self.run_inputs
-        self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}
+        self.graphs: dict[tuple[int, int, int, int], DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
         self.replays = 0  # decode steps run through a graph
@@ -216,36 +241,47 @@ class CudaGraphRunner:
         reuse the memory of larger ones in the shared pool)."""
         for i, bs in enumerate(reversed(self.batch_sizes)):
             if self.runs and bs > 1:
-                self.graph_for(bs, 0, 1)
+                self.graph_for(bs, 0, 1, 1)
             else:
-                self.graph_for(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE), 0)
+                self.graph_for(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE), 0, 1)
             if progress:
                 print(f"\rcapturing CUDA graphs: {i + 1}/{len(self.batch_sizes)} (bs {bs})", end="", file=sys.stderr)
         if progress:
             print(f" in {self.capture_seconds:.1f} s", file=sys.stderr)
 
-    def bucket(self, batch: ForwardBatch) -> tuple[int, int, int] | None:
+    def bucket(self, batch: ForwardBatch) -> tuple[int, int, int, int] | None:
         """The graph key for a batch, or None when it must run eagerly.
 
         Only pure decode batches qualify: one new token and one logits row per
         sequence, at most ``max_bs`` sequences (and, with runs, at most
-        ``MAX_RUN_SLOTS`` runs per sequence).
+        ``MAX_RUN_SLOTS`` runs per sequence). Stage 14: so do verify batches,
+        where every sequence feeds the same ``width`` tokens (at most a page:
+        padding rows write within the padding page) and every row is scored.
         """
         tokens, seqs, logits_rows = batch.header[:3]
-        if not (tokens == seqs == logits_rows) or seqs > self.max_bs:
+        width = batch.max_new_length
+        if tokens != seqs * width or logits_rows != tokens or width > self.pool.page_size or seqs > self.max_bs:
             return None
         bs = next(size for size in self.batch_sizes if size >= seqs)
+        if width > 1:
+            return bs, key_bucket(batch.total_keys + (bs - seqs) * width), 0, width  # a padding row reads its own
         if batch.run_slots and bs > 1:
-            return (bs, 0, batch.run_slots) if batch.run_slots <= MAX_RUN_SLOTS else None
-        return bs, key_bucket(batch.total_keys + bs - seqs), 0  # each padding row reads one key
+            return (bs, 0, batch.run_slots, 1) if batch.run_slots <= MAX_RUN_SLOTS else None
+        return bs, key_bucket(batch.total_keys + bs - seqs), 0, 1  # each padding row reads one key
 
-    def graph_for(self, bs: int, keys: int, run_slots: int) -> DecodeGraph:
+    def graph_for(self, bs: int, keys: int, run_slots: int, width: int = 1) -> DecodeGraph:
         """The graph of this bucket, recorded now if this is its first use."""
-        if (bs, keys, run_slots) not in self.graphs:
+        if (bs, keys, run_slots, width) not in self.graphs:
             start, reserved = time.perf_counter(), self._reserved()
             # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
             self.inputs[:, :bs] = self.padding_inputs
-            if run_slots:
+            input_ids, positions = self.input_ids[:bs], self.positions[:bs]
+            if width > 1:
+                input_ids, positions = self._pad_verify(0, bs, width)
+                attention = StaticVerifyAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs], keys,
+                                                  max_k=min(keys, self.max_context), padding_slot=self.padding_slot,
+                                                  width=width)
+            elif run_slots:
                 self._pad_runs(0, bs, run_slots)
                 attention = StaticRunsAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs],
                                                 self.run_starts[: bs * run_slots], self.run_lens[: bs * run_slots],
@@ -256,13 +292,23 @@ class CudaGraphRunner:
 
             def forward():
                 attention.begin_step()
-                return self.model(self.input_ids[:bs], self.positions[:bs], attention)
+                return self.model(input_ids, positions, attention)
 
-            self.graphs[bs, keys, run_slots] = DecodeGraph(forward, self.capture, self.memory_pool)
-            self.graphs[bs, keys, run_slots].attention = attention  # its plan, for inspection
+            graph = self.graphs[bs, keys, run_slots, width] = DecodeGraph(forward, self.capture, self.memory_pool)
+            graph.attention = attention  # its plan, for inspection
             self.capture_seconds += time.perf_counter() - start
             self.memory_bytes += self._reserved() - reserved
-        return self.graphs[bs, keys, run_slots]
+        return self.graphs[bs, keys, run_slots, width]
+
+    def _pad_verify(self, n: int, bs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verify rows ``n .. bs - 1`` are padding: tokens 0 at positions ``0 .. width - 1`` of the
+        padding row (so they write within the padding page). Returns the verify graph's token id
+        and position buffers for ``bs`` sequences."""
+        input_ids, positions = self.verify_inputs[:, : bs * width]
+        input_ids[n * width :] = 0
+        positions[n * width :] = torch.arange(width, device=positions.device).repeat(bs - n)
+        self.seq_rows[n:bs], self.seq_lens[n:bs] = self.padding_row, width
+        return input_ids, positions
 
     def _pad_runs(self, n: int, bs: int, run_slots: int) -> None:
         """Rows ``n .. bs - 1`` are padding: one run of one key at the padding slot, then empty runs."""
@@ -279,13 +325,19 @@ class CudaGraphRunner:
         computes the rest.
         Page-table updates were applied by the caller.
         """
-        bs, keys, run_slots = bucket
-        graph = self.graph_for(bs, keys, run_slots)
+        bs, keys, run_slots, width = bucket
+        graph = self.graph_for(bs, keys, run_slots, width)
         n = batch.header[1]
-        self.input_ids[:n] = batch.input_ids
-        self.positions[:n] = batch.positions
         self.seq_rows[:n] = batch.seq_rows
         self.seq_lens[:n] = batch.seq_lens
+        if width > 1:  # a verify step
+            input_ids, positions = self._pad_verify(n, bs, width)
+            input_ids[: n * width] = batch.input_ids
+            positions[: n * width] = batch.positions
+            self.replays += 1
+            return graph.run()[: n * width]
+        self.input_ids[:n] = batch.input_ids
+        self.positions[:n] = batch.positions
         if run_slots:
             self.run_starts[: n * run_slots] = batch.run_starts
             self.run_lens[: n * run_slots] = batch.run_lens

@@ -510,6 +510,12 @@ class Engine:
                                   self.context_length - request.seq_len - 1))
         for request, draft in zip(ready, self.drafter.propose(ready, limits) if ready else []):
             request.draft = request.grammar.valid_prefix(draft) if request.grammar is not None else draft
+        # A verify replays a CUDA graph when every row has the same width: pad the drafts with
+        # guesses that are never kept (-1), as long as each fits below the context.
+        if (self.runner.graphs is not None and any(r.draft for r in ready)
+                and all(r.seq_len + self.num_guesses < self.context_length for r in ready)):
+            for request in ready:
+                request.draft += [-1] * (self.num_guesses - len(request.draft))
 
     def _keep_verified(self, request: Request, gained: int) -> None:
         """After a verify: the request's K/V is trusted up to its newest token and the ``gained - 1``

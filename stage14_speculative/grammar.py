@@ -130,12 +130,14 @@ class RequestGrammar:
 
     def fill_masks_along(self, draft: list[int], masks: torch.Tensor) -> None:
         """Row ``j`` of ``masks``: the tokens allowed after the first ``j`` guesses of a valid
-        draft (``len(draft) + 1`` rows); the matcher steps through the draft and back."""
+        draft (``len(draft) + 1`` rows; padding guesses, -1, repeat the row before them); the
+        matcher steps through the draft and back."""
+        guesses = [t for t in draft if t >= 0]
         for j in range(len(draft) + 1):
             fill_masks([self], masks[j : j + 1])
-            if j < len(draft):
-                self.accept(draft[j])
-        self.matcher.rollback(len(draft))
+            if j < len(guesses):
+                self.accept(guesses[j])
+        self.matcher.rollback(len(guesses))
 
 
 def fill_masks(grammars: list[RequestGrammar], masks: torch.Tensor) -> None:

@@ -282,7 +282,9 @@ class ModelRunner:
                 scored.append((request.sampling, position))
                 scored_rows.append(len(input_ids) + position - start)
             self.allocate_cache(request, end)
-            known = request.all_ids[start:end] + request.draft  # stage 14: its guesses follow its newest token
+            known = request.all_ids[start:end]
+            if request.draft:  # stage 14: its guesses follow its newest token (-1: padding, fed as token 0)
+                known = known + [max(t, 0) for t in request.draft]
             input_ids += known
             if len(known) < n:  # its newest token is pending: the step in flight samples it
                 input_ids.append(-1 - self.last_sampled_index[request.id])

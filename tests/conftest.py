@@ -41,9 +41,10 @@ def pytest_collection_modifyitems(config, items):
     the suite's time flat as the ladder grows: each earlier serving stage runs
     the tests marked ``every_serving_stage`` (a request of each kind: plain,
     streamed, chat, aborted, scored, a tool call, refused). With ``--stage
-    stage11_server`` a learner still gets all of stage 11's server tests.
+    stage11_server`` a learner still gets all of stage 11's server tests, and a
+    test named on the command line (``path::test[stage11_server]``) always runs.
     """
-    if config.getoption("stage"):
+    if config.getoption("stage") or any("::" in arg for arg in config.args):
         return
     older = {item for item in items
              if item.get_closest_marker("every_serving_stage") is None

@@ -18,6 +18,7 @@ from checkpoints import KINDS, write_checkpoint
 from stage13_structured import Engine as Stage13Engine
 from stage14_speculative import Engine, SamplingParams
 from stage14_speculative.__main__ import build_parser
+from stage14_speculative.cuda_graph_runner import CudaGraphRunner
 from test_request_storm import PAGE, POOL_PAGES, STEPS, VOCAB, alone, drive_storm, storm_checkpoint  # noqa: F401
 
 # Text that repeats itself, so n-gram guesses are often right (token ids of the built-in tokenizer's range).
@@ -68,6 +69,27 @@ def test_standalone_draft_greedy_equals_stage13_and_gives_its_pages_back(draft, 
         assert accept > 3.5
     else:
         assert accept < 2
+
+
+def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
+    """Drafts padded to one width replay the verify graph of their batch bucket (the CPU runs its
+    forward directly): padding rows, padding guesses and junk in the buffers change nothing."""
+    prompts = REPEATING + [[40, 41, 40, 41, 40]]
+    batches = [(prompts, 20), (prompts[:3], 19), (prompts[:1], 17)]  # 4, 3 (a padding row) and 1 sequences
+    with Stage13Engine(model_path=str(checkpoints["dense"]), device="cpu") as before:
+        expected = [outputs(before, batch, **{**GREEDY, "max_tokens": n}) for batch, n in batches]
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", speculative_algorithm="NGRAM") as engine:
+        runner = engine.runner
+        runner.graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 4,
+                                        runner.config.max_position_embeddings, capture=False, runs=True)
+        runner.graphs.verify_inputs.fill_(5)  # junk: run() must overwrite what it uses
+        used, run = [], runner.graphs.run
+        runner.graphs.run = lambda batch, bucket: used.append((bucket, batch.header[1])) or run(batch, bucket)
+        got = [outputs(engine, batch, **{**GREEDY, "max_tokens": n}) for batch, n in batches]
+    assert [[o.token_ids for o in out] for out in got] == [[o.token_ids for o in out] for out in expected]
+    verified = [(bucket, n) for bucket, n in used if bucket[3] > 1]
+    assert verified and {bucket[3] for bucket, _ in verified} == {engine.num_guesses + 1}
+    assert any(n < bucket[0] for bucket, n in verified), "a verify graph ran with padding rows"
 
 
 def test_stop_strings_and_max_tokens_are_never_overshot(builtin_folder):
