@@ -41,6 +41,7 @@ import torch
 
 from common.attention import FLASH_DTYPES, varlen_attn
 from common.config import ModelConfig
+from common.device_copy import copy_to_device
 from common.loader import load_model, resolve_model_path
 from common.memory import is_out_of_memory
 from common.sampling import Sampler
@@ -311,17 +312,23 @@ class ModelRunner:
         if self.parallel and tp_group_active():
             broadcast_batch(batch, self.device)  # the other ranks run the same forward on their shards
         logits = self.forward(batch)
-        where = {row: j for j, row in enumerate(rows)} if scored or verifying else None
         verified = None
-        if verifying:
-            drafted = logits[[where[r] for r in verify_rows]]
-            apply_draft_masks(drafted, [requests[i].grammar for i in verifying], [requests[i].draft for i in verifying])
-            verified = verify(drafted, [requests[i].draft for i in verifying], [requests[i].sampling for i in verifying],
-                              self.sampler)
-        if scored:
-            self.sampler.record_prompt_logprobs(logits[[where[r] for r in scored_rows]], scored)
         if scored or verifying:
-            logits = logits[[where[r] for r in last_rows]]
+            # Whose rows are whose: the index lists go over in one copy that does not wait for the forward
+            # (indexing with a Python list would). A batch of verifies alone needs no index at all.
+            if len(verify_rows) == len(rows):
+                drafted, logits = logits, None
+            else:
+                where = {row: j for j, row in enumerate(rows)}
+                drafted_at, scored_at, last_at = copy_to_device(
+                    [[where[r] for r in verify_rows], [where[r] for r in scored_rows], [where[r] for r in last_rows]], self.device)
+                if scored:
+                    self.sampler.record_prompt_logprobs(logits[scored_at], scored)
+                drafted, logits = logits[drafted_at], logits[last_at]
+            if verifying:
+                drafts = [requests[i].draft for i in verifying]
+                apply_draft_masks(drafted, [requests[i].grammar for i in verifying], drafts)
+                verified = verify(drafted, drafts, [requests[i].sampling for i in verifying], self.sampler)
         if complete:
             apply_grammar_masks(logits, [requests[i].grammar for i in complete])
         sampled = self.sampler(logits, [requests[i].sampling for i in complete]) if complete else None
