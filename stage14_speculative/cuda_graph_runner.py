@@ -135,12 +135,13 @@ class StaticAttention(PagedAttention):
 
 class StaticVerifyAttention(StaticAttention):
     """A verify graph's attention: ``width`` new tokens per sequence, the last of its keys,
-    attended causally over the gathered keys (one varlen call, even for one sequence)."""
+    attended causally over the gathered keys: one varlen call, or for one sequence SDPA with
+    a mask (for the same reason as a one-sequence decode graph: it spreads the keys over the SMs)."""
 
     def __init__(self, pool: PagedKVPool, page_tables: DevicePageTables, rows: torch.Tensor, seq_lens: torch.Tensor,
                  num_keys: int, max_k: int, padding_slot: int, width: int):
         super().__init__(pool, page_tables, rows, seq_lens, num_keys, max_k, padding_slot)
-        self.width, self.max_q, self.single_sequence = width, width, False
+        self.width, self.max_q = width, width
         self.cu_seqlens_q = self.cu_seqlens_q * width
         self.newest = torch.arange(width, device=rows.device) - width  # offsets from a sequence's end
 
@@ -148,6 +149,21 @@ class StaticVerifyAttention(StaticAttention):
         super().begin_step()
         ends = self.cu_seqlens_k[1:].long()
         self.slots = self.key_slots[(ends[:, None] + self.newest).flatten()]
+        if self.single_sequence:  # query i sees the keys up to its own position: [width, num_keys]
+            zero = torch.zeros((), dtype=self.pool.k.dtype, device=ends.device)
+            key = torch.arange(self.num_keys, device=ends.device)
+            self.key_bias = torch.where(key[None, :] <= ends[0] + self.newest[:, None], zero, float("-inf"))
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self.single_sequence:
+            return PagedAttention.__call__(self, layer_index, q, k, v)
+        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
+        k_pool.index_copy_(0, self.slots, k)
+        v_pool.index_copy_(0, self.slots, v)
+        keys, values = k_pool[self.key_slots].transpose(0, 1), v_pool[self.key_slots].transpose(0, 1)  # [kv_heads, K, d]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                             attn_mask=self.key_bias[None, None], enable_gqa=True)  # [1, heads, width, d]
+        return out[0].transpose(0, 1)
 
 
 class StaticRunsAttention(PagedAttention):

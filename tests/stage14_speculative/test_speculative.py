@@ -75,7 +75,7 @@ def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
     """Drafts padded to one width replay the verify graph of their batch bucket (the CPU runs its
     forward directly): padding rows, padding guesses and junk in the buffers change nothing."""
     prompts = REPEATING + [[40, 41, 40, 41, 40]]
-    batches = [(prompts, 20), (prompts[:3], 19), (prompts[:1], 17)]  # 4, 3 (a padding row) and 1 sequences
+    batches = [(prompts, 20), (prompts[:3], 19), (prompts[2:3], 17)]  # 4, 3 (a padding row) and 1 sequences
     with Stage13Engine(model_path=str(checkpoints["dense"]), device="cpu") as before:
         expected = [outputs(before, batch, **{**GREEDY, "max_tokens": n}) for batch, n in batches]
     with Engine(model_path=str(checkpoints["dense"]), device="cpu", speculative_algorithm="NGRAM") as engine:
@@ -90,6 +90,7 @@ def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
     verified = [(bucket, n) for bucket, n in used if bucket[3] > 1]
     assert verified and {bucket[3] for bucket, _ in verified} == {engine.num_guesses + 1}
     assert any(n < bucket[0] for bucket, n in verified), "a verify graph ran with padding rows"
+    assert any(bucket[0] == 1 for bucket, _ in verified), "a one-sequence verify graph ran (SDPA with a causal mask)"
 
 
 def test_stop_strings_and_max_tokens_are_never_overshot(builtin_folder):
