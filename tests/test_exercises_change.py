@@ -1,6 +1,7 @@
 """Every exercise's change is caught: on a scratch copy with it, the tests that judge it fail.
 
-(``test_exercises_answer.py`` checks the other way: without it they pass.) Each case runs pytest
+(Without it, the stage as it is, the main suite runs the same tests and they pass;
+``test_exercises_answer.py`` checks that a scratch copy is judged like the stage.) Each case runs pytest
 in a process of its own, pointed at the scratch copy; the stage folders never change.
 """
 

@@ -266,6 +266,7 @@ def test_lm_eval_scores_through_the_server_equal_its_own_hf_model(server, script
     assert server_scores["acc,none"] == hf_scores["acc,none"] and server_scores["acc_norm,none"] == hf_scores["acc_norm,none"]
 
 
+@pytest.mark.every_serving_stage  # an exercise of stage 11 names it
 def test_parallel_tool_calls_false_keeps_the_first_call(server_stage):
     ChatChoices = importlib.import_module(f"{server_stage}.openai_choices").ChatChoices
     ChatCompletionRequest = importlib.import_module(f"{server_stage}.openai_protocol").ChatCompletionRequest
