@@ -26,9 +26,13 @@ class Exercise:
 
 PAGING = "tests/stage02_paged/test_paging.py::"
 RADIX = "tests/stage03_radix/test_radix_tree.py::"
+TENSOR_PARALLEL = "tests/stage07_tp/test_tensor_parallel.py::"
+EXPERTS = "tests/stage08_ep/test_expert_parallel.py::"
 GRAPHS = "tests/stage09_cuda_graph/test_cuda_graph.py::"
 RUNS = "tests/stage12_inplace_attention/test_page_runs.py::"
 RUN_ALLOCATOR = "tests/stage12_inplace_attention/test_page_allocator.py::"
+SPECULATIVE = "tests/stage14_speculative/test_speculative.py::"
+SPEC_SAMPLING = "tests/stage14_speculative/test_spec_sampling_and_storm.py::"
 
 EXERCISES = [
     Exercise(
@@ -107,6 +111,25 @@ EXERCISES = [
         ("tests/stage06_scheduling/test_schedule_policy.py::test_lof_puts_the_longest_output_first_and_keeps_ties_in_order",),
     ),
     Exercise(
+        "stage07_tp", 1, BREAK, "row-parallel layers that forget to add up",
+        "RowParallelLinear no longer sums its partial outputs across ranks. With tp_size=2, what "
+        "does each rank's o_proj and down_proj now return? Which test catches it, and how far off "
+        "are the logits?",
+        "parallel.py",
+        "        if self.reduce:\n            all_reduce(out)\n",
+        "",
+        (TENSOR_PARALLEL + "test_tp2_gives_tp1_tokens_and_close_logits[dense]",),
+    ),
+    Exercise(
+        "stage08_ep", 1, BREAK, "experts that stay on their rank",
+        "The routed experts' outputs are no longer summed across the expert-parallel ranks. Each "
+        "rank now adds only the experts it holds. Which test fails? Why are the dense layers fine?",
+        "parallel.py",
+        "                    layer.mlp.reduce_routed = all_reduce\n",
+        "",
+        (EXPERTS + "test_ep2_gives_the_same_tokens_with_experts_busy_on_both_ranks[1-2-moe]",),
+    ),
+    Exercise(
         "stage09_cuda_graph", 1, BUILD, "the batch sizes that get a graph",
         "batch_buckets has lost its body. Return SGLang's sizes: 1, 2, 4, 8, then every 8 up to "
         "max_bs, and max_bs itself always.",
@@ -181,6 +204,30 @@ EXERCISES = [
         "            apply_grammar_masks(logits, [requests[i].grammar for i in complete])\n",
         "            pass\n",
         ("tests/stage13_structured/test_structured.py::test_one_batch_mixes_constrained_and_free_requests[greedy]",),
+    ),
+    Exercise(
+        "stage14_speculative", 1, BREAK, "greedy acceptance",
+        "A guess is now kept exactly when it is the target's favourite token. Greedy requests still "
+        "give stage 13's tokens. Which test fails, and what happens to the sampling distribution?",
+        "spec_verify.py",
+        "    return chance < probs.gather(-1, guess[..., None])[..., 0]\n",
+        "    return probs.argmax(dim=-1) == guess\n",
+        (SPEC_SAMPLING + "test_rejection_sampling_keeps_the_target_distribution",),
+    ),
+    Exercise(
+        "stage14_speculative", 2, BUILD, "give back the rejected guesses' pages",
+        "ModelRunner.truncate_cache has lost its body. After a verify, free the pages past the "
+        "request's first num_cached tokens (never below its shared prefix pages), and make sure the "
+        "device page table sends those entries again.",
+        "model_runner.py",
+        "        keep = max(self.pages_for(request.num_cached), request.shared_pages)\n"
+        "        if len(request.page_table) > keep:\n"
+        "            self.allocator.free_pages(request.page_table[keep:])\n"
+        "            del request.page_table[keep:]\n"
+        "            request.pages_on_device = min(request.pages_on_device, keep)\n",
+        '        raise NotImplementedError("exercise: free the pages past num_cached")\n',
+        (SPECULATIVE + "test_an_abort_between_verifies_frees_the_target_and_draft_pages",
+         SPECULATIVE + "test_stop_strings_and_max_tokens_are_never_overshot"),
     ),
 ]
 
