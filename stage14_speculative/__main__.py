@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--speculative-num-steps", type=int, default=None, help="guesses per request per step")
     engine.add_argument("--speculative-num-draft-tokens", type=int, default=None,
                         help="tokens a verify feeds per request: the newest and the guesses (num-steps + 1; default 4)")
-    engine.add_argument("--speculative-eagle-topk", type=int, default=None, help="guesses per draft step (only 1: a chain)")
+    engine.add_argument("--speculative-eagle-topk", type=int, default=None,
+                        help="tokens kept per draft step: 1 a chain; more a tree of alternatives (STANDALONE)")
     engine.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: 512 MiB on CPU, 80%% of free GPU memory)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=128)

@@ -12,6 +12,10 @@ times, the whole batch per forward. Its guesses past what the target kept
 are rolled back the next time: the sequence keeps the K/V of its longest
 common prefix with the request and frees the pages beyond it.
 
+With ``topk`` above 1 each draft step also keeps the draft model's next
+``topk - 1`` best tokens: alternatives to the chain's guess at that depth,
+which the engine verifies as the leaves of a draft tree.
+
 A trained EAGLE head would take the draft model's place (it reads the
 target's hidden states instead of running a model of its own); the draft
 worker is shaped so that it can: ``propose(requests, limits)`` in,
@@ -48,13 +52,16 @@ class DraftSequence:
 class DraftModelWorker:
     """Greedy guesses from a draft model for a batch of requests."""
 
-    def __init__(self, runner: ModelRunner, context_length: int):
-        self.runner, self.context_length = runner, context_length
+    def __init__(self, runner: ModelRunner, context_length: int, topk: int = 1):
+        self.runner, self.context_length, self.topk = runner, context_length, topk
         self.sequences: dict[int, DraftSequence] = {}  # target request id -> its draft sequence
-        self.greedy = SamplingParams(temperature=0.0)
+        # Greedy; with a tree, each step's best tokens come with it (as log-probability alternatives).
+        self.greedy = SamplingParams(temperature=0.0, return_logprob=topk > 1, top_logprobs_num=topk if topk > 1 else 0)
+        self.alternatives: dict[int, list[list[int]]] = {}  # request id -> the latest draft's alternatives per depth
 
     def propose(self, requests: list, limits: list[int]) -> list[list[int]]:
         drafts = [[] for _ in requests]
+        self.alternatives = {request.id: [] for request in requests}
         active = [i for i, (request, limit) in enumerate(zip(requests, limits)) if limit > 0 and self._sync(request)]
         for _ in range(max((limits[i] for i in active), default=0)):
             active = [i for i in active if len(drafts[i]) < limits[i]]
@@ -66,6 +73,10 @@ class DraftModelWorker:
                 seq.pending_tokens -= 1
                 seq.all_ids.append(token)
                 drafts[i].append(token)
+                if self.topk > 1:
+                    _, (top,) = seq.sampling.output_logprobs(0, 1)
+                    seq.sampling.logprobs.clear()
+                    self.alternatives[requests[i].id].append([t for t, _ in top if t != token][: self.topk - 1])
         return drafts
 
     def _sync(self, request) -> bool:

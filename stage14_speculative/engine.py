@@ -135,6 +135,9 @@ class Engine:
             raise ValueError(f"cuda_graph_max_bs={cuda_graph_max_bs!r} must be a positive integer")
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r} is not one of {list(ATTENTION_BACKENDS)}")
+        self.topk = speculative_eagle_topk or 1
+        if self.topk > 1 and max(tp_size, ep_size) > 1:
+            raise ValueError("speculative_eagle_topk above 1 (draft trees) runs on one rank; use tp_size=1 and ep_size=1")
         self.num_guesses = speculative_guesses(speculative_algorithm, speculative_draft_model_path, speculative_num_steps,
                                                speculative_num_draft_tokens, speculative_eagle_topk)
         world = max(tp_size, ep_size)  # the expert-parallel ranks are the tensor-parallel ranks
@@ -160,7 +163,7 @@ class Engine:
                 raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the target's "
                                  f"({self.runner.config.vocab_size}); a draft model must share the target's tokenizer")
             draft.init_cuda_graphs(progress=False)
-            self.drafter = DraftModelWorker(draft, self.runner.config.max_position_embeddings)
+            self.drafter = DraftModelWorker(draft, self.runner.config.max_position_embeddings, self.topk)
         self.workers, self.worker_failure = None, None  # worker_failure: why a worker failed, once one has
         if world > 1:  # ranks 1.. load their shards in their own processes, with rank 0's pool size
             self.workers = WorkerGroup(world, self.device, functools.partial(make_runner, num_pages=self.runner.allocator.num_pages),
@@ -300,7 +303,7 @@ class Engine:
         if getattr(self, "workers", None) is not None:
             self.workers.shutdown(graceful=self.worker_failure is None)
             self.workers = None
-        self.runner = self.scheduler = None
+        self.runner = self.scheduler = self.drafter = None
         if self.device.type == "cuda":
             gc.collect()  # recorded graphs and the closures they replay form cycles that hold the KV pool
             torch.cuda.empty_cache()
@@ -469,12 +472,12 @@ class Engine:
         A request that finished on an earlier token (a stop token or string
         the host saw only after launching this step) drops its token here.
         """
-        for request, tokens in zip(launched.requests, launched.tokens()):
+        for i, (request, tokens) in enumerate(zip(launched.requests, launched.tokens())):
             if tokens is None:  # only a chunk of its prompt ran
                 continue
             request.pending_tokens -= 1
             if request.draft:
-                self._keep_verified(request, len(tokens))
+                self._keep_verified(request, len(tokens), launched.in_place.get(i))
             for j, token in enumerate(tokens):
                 if request.finished:  # a stop rule ended it on an earlier token: the rest are dropped
                     break
@@ -502,7 +505,7 @@ class Engine:
         """
         ready, limits = [], []
         for request in self.scheduler.running:
-            request.draft = []
+            request.draft, request.draft_parents = [], None
             if (request.num_cached == request.seq_len - 1 and request.num_generated and not request.finished
                     and not request.params.uses_penalties and not request.params.return_logprob):
                 ready.append(request)
@@ -510,18 +513,34 @@ class Engine:
                                   self.context_length - request.seq_len - 1))
         for request, draft in zip(ready, self.drafter.propose(ready, limits) if ready else []):
             request.draft = request.grammar.valid_prefix(draft) if request.grammar is not None else draft
+            if self.topk > 1 and request.grammar is None and request.draft:
+                self._grow_tree(request)
         # A verify replays a CUDA graph when every row has the same width: pad the drafts with
         # guesses that are never kept (-1), as long as each fits below the context.
-        if (self.runner.graphs is not None and any(r.draft for r in ready)
+        if (self.runner.graphs is not None and self.topk == 1 and any(r.draft for r in ready)
                 and all(r.seq_len + self.num_guesses < self.context_length for r in ready)):
             for request in ready:
                 request.draft += [-1] * (self.num_guesses - len(request.draft))
 
-    def _keep_verified(self, request: Request, gained: int) -> None:
-        """After a verify: the request's K/V is trusted up to its newest token and the ``gained - 1``
-        guesses kept; the pages of the rest go back to the pool."""
-        request.num_cached -= len(request.draft) + 1 - gained
-        request.draft = []
+    def _grow_tree(self, request: Request) -> None:
+        """Turn the request's chain of guesses into a draft tree: after the chain, each depth's
+        alternatives (the draft model's next best tokens there), each following the chain's guess
+        before it. A tree's guesses never overshoot: at most one token per depth is kept."""
+        chain = request.draft
+        alternatives = self.drafter.alternatives.get(request.id, [])[: len(chain)]
+        request.draft_parents = list(range(-1, len(chain) - 1))
+        for depth, tokens in enumerate(alternatives):
+            request.draft = request.draft + tokens
+            request.draft_parents += [depth - 1] * len(tokens)
+
+    def _keep_verified(self, request: Request, gained: int, in_place: int | None) -> None:
+        """After a verify: the request's K/V is trusted up to its newest token and the guesses kept
+        in place (a chain's kept guesses, ``gained - 1``; of a tree's, those on its chain). The
+        pages of the rest go back to the pool. A kept alternative and the token after it are fed
+        again next step, as a chunk."""
+        kept = gained - 1 if in_place is None else in_place
+        request.num_cached -= len(request.draft) - kept
+        request.draft, request.draft_parents = [], None
         self.runner.truncate_cache(request)
         request.spec_verify_ct += 1
         request.spec_tokens += gained
@@ -562,7 +581,9 @@ def speculative_guesses(algorithm, draft_model_path, num_steps, num_draft_tokens
 
     As in SGLang, ``num_draft_tokens`` counts every token a verify feeds per
     request, the newest real one included: a chain of ``num_steps`` draft
-    steps feeds ``num_steps + 1``. Give either, or both when they agree.
+    steps feeds ``num_steps + 1``; a tree (``eagle_topk`` above 1: each step's
+    guess and its ``topk - 1`` alternatives) feeds ``num_steps * topk + 1``.
+    Give either, or both when they agree.
     """
     if algorithm is None:
         if any(v is not None for v in (draft_model_path, num_steps, num_draft_tokens, eagle_topk)):
@@ -580,15 +601,17 @@ def speculative_guesses(algorithm, draft_model_path, num_steps, num_draft_tokens
                         ("speculative_eagle_topk", eagle_topk)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name}={value!r} must be a positive integer")
-    if eagle_topk not in (None, 1):
-        raise ValueError(f"speculative_eagle_topk={eagle_topk}: draft trees are not built in this stage; "
-                         "each request verifies one chain of guesses (topk 1)")
-    if num_steps is not None and num_draft_tokens is not None and num_draft_tokens != num_steps + 1:
-        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be speculative_num_steps + 1 = "
-                         f"{num_steps + 1} for a chain of guesses (it counts the newest token too)")
-    if num_draft_tokens is not None and num_draft_tokens < 2:
-        raise ValueError("speculative_num_draft_tokens must be at least 2: the newest token and one guess")
-    return num_steps if num_steps is not None else (num_draft_tokens or DEFAULT_DRAFT_TOKENS) - 1
+    topk = eagle_topk or 1
+    if topk > 1 and algorithm != "STANDALONE":
+        raise ValueError(f"speculative_eagle_topk={topk}: draft trees come from a draft model (STANDALONE); "
+                         "NGRAM guesses one chain")
+    if num_steps is not None and num_draft_tokens is not None and num_draft_tokens != num_steps * topk + 1:
+        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be speculative_num_steps x "
+                         f"speculative_eagle_topk + 1 = {num_steps * topk + 1} (it counts the newest token too)")
+    if num_draft_tokens is not None and (num_draft_tokens < 2 or (num_draft_tokens - 1) % topk):
+        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be 1 + a positive multiple of "
+                         f"speculative_eagle_topk ({topk}): the newest token and topk guesses per step")
+    return num_steps if num_steps is not None else ((num_draft_tokens or DEFAULT_DRAFT_TOKENS) - 1) // topk
 
 
 def _is_batch(prompt) -> bool:

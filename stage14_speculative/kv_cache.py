@@ -114,14 +114,17 @@ class PagedAttention:
     packed: bool | None = None  # None: packed on CUDA, padded/per-sequence on the CPU
     runs: RunAttention | None = None  # a decode batch's page runs, when it carries them
 
-    def __init__(self, pool: PagedKVPool, tables: DevicePageTables, batch):
+    def __init__(self, pool: PagedKVPool, tables: DevicePageTables, batch, tree_masks: dict | None = None):
         self.pool = pool
+        # Stage 14: sequence i -> the mask of its draft tree [new tokens, keys]; such a batch attends
+        # sequence by sequence, as the CPU does.
+        self.tree_masks = tree_masks or {}
         page_size = pool.page_size
         positions = batch.positions
         token_rows = batch.seq_rows.repeat_interleave(batch.new_lengths, output_size=batch.num_tokens)
         # Where each new token's K/V goes: its page (from the table) and its offset in the page.
         self.slots = tables.table[token_rows, positions // page_size] * page_size + positions % page_size
-        packed = self.packed if self.packed is not None else positions.is_cuda
+        packed = self.packed if self.packed is not None else positions.is_cuda and not self.tree_masks
         if batch.run_slots:
             self.runs = RunAttention(batch.run_starts, batch.run_lens, batch.header[1], batch.max_run_len)
         elif packed:
@@ -149,16 +152,18 @@ class PagedAttention:
         self.decode_queries = torch.tensor([starts[i] for i in decode], dtype=torch.long)
         if decode:
             longest = max(seq_lens[i] for i in decode)
-            offsets = torch.arange(longest)
+            offsets = torch.arange(longest, device=pages.device)  # (on the device: a tree batch plans this way on CUDA too)
             padded_slots = pages[decode][:, offsets // page_size] * page_size + offsets % page_size
-            self.key_mask = offsets[None, :] < torch.tensor([seq_lens[i] for i in decode])[:, None]
+            self.key_mask = offsets[None, :] < torch.tensor([seq_lens[i] for i in decode], device=pages.device)[:, None]
             # Padding reads the row's first key (always written): a never-written slot may hold NaN,
             # and a masked NaN still poisons the output (its weight is 0, but 0 * NaN = NaN).
             self.padded_slots = torch.where(self.key_mask, padded_slots, padded_slots[:, :1])
-        self.prompts = [
-            (starts[i], starts[i + 1], pages[i, torch.arange(seq_lens[i]) // page_size] * page_size + torch.arange(seq_lens[i]) % page_size)
-            for i, n in enumerate(new_lengths) if n != 1
-        ]
+        self.prompts = []
+        for i, n in enumerate(new_lengths):
+            if n != 1:
+                positions = torch.arange(seq_lens[i], device=pages.device)
+                slots = pages[i, positions // page_size] * page_size + positions % page_size
+                self.prompts.append((starts[i], starts[i + 1], slots, self.tree_masks.get(i)))
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
@@ -173,8 +178,13 @@ class PagedAttention:
         out = torch.empty_like(q)
         if len(self.decode_queries):
             out[self.decode_queries] = self.decode_attention(q[self.decode_queries], k_pool, v_pool)
-        for start, end, slots in self.prompts:
-            out[start:end] = causal_attention(q[start:end], k_pool[slots], v_pool[slots])
+        for start, end, slots, tree in self.prompts:
+            if tree is None:
+                out[start:end] = causal_attention(q[start:end], k_pool[slots], v_pool[slots])
+            else:  # a draft tree: each guess sees its ancestors, not the whole chunk before it
+                out[start:end] = F.scaled_dot_product_attention(
+                    q[start:end].transpose(0, 1), k_pool[slots].transpose(0, 1), v_pool[slots].transpose(0, 1),
+                    attn_mask=tree, enable_gqa=True).transpose(0, 1)
         return out
 
     def decode_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:

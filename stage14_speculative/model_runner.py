@@ -56,7 +56,7 @@ from .page_runs import pack_runs, token_runs
 from .parallel import TensorParallelShard, broadcast_batch, rank_device, tp_group_active
 from .radix_cache import RadixCache
 from .request import Request
-from .spec_verify import verify
+from .spec_verify import verify, verify_tree
 
 CPU_KV_CACHE_BYTES = 512 << 20  # default pool on CPU; on CUDA a fraction of free memory
 CUDA_FREE_MEMORY_FRACTION = 0.8  # the rest is headroom for activations (long prefills)
@@ -311,8 +311,10 @@ class ModelRunner:
             ids.copy_(torch.where(ids < 0, self.last_sampled[(-1 - ids).clamp(min=0)], ids))
         if self.parallel and tp_group_active():
             broadcast_batch(batch, self.device)  # the other ranks run the same forward on their shards
-        logits = self.forward(batch)
-        verified = None
+        trees = [i for i in verifying if requests[i].draft_parents is not None]
+        rope_positions, tree_masks = self.tree_layout(requests, new_lengths, seq_lens, trees, positions) if trees else (None, None)
+        logits = self.forward(batch, rope_positions, tree_masks)
+        verified, tree_tokens, in_place = None, {}, {}
         if scored or verifying:
             # Whose rows are whose: the index lists go over in one copy that does not wait for the forward
             # (indexing with a Python list would). A batch of verifies alone needs no index at all.
@@ -328,13 +330,42 @@ class ModelRunner:
             if verifying:
                 drafts = [requests[i].draft for i in verifying]
                 apply_draft_masks(drafted, [requests[i].grammar for i in verifying], drafts)
-                verified = verify(drafted, drafts, [requests[i].sampling for i in verifying], self.sampler)
+                if trees:  # each tree on the host, one request at a time; the chains as one batch
+                    offsets = list(itertools.accumulate([0] + [len(d) + 1 for d in drafts]))
+                    for k, i in enumerate(verifying):
+                        if i in trees:
+                            tree_tokens[i], in_place[i] = verify_tree(drafted[offsets[k] : offsets[k + 1]], drafts[k],
+                                                                      requests[i].draft_parents, requests[i].sampling, self.sampler)
+                    chains = [k for k, i in enumerate(verifying) if i not in trees]
+                    (chain_rows,) = copy_to_device([[r for k in chains for r in range(offsets[k], offsets[k + 1])]], self.device)
+                    verifying, drafts, drafted = [verifying[k] for k in chains], [drafts[k] for k in chains], drafted[chain_rows]
+                if verifying:
+                    verified = verify(drafted, drafts, [requests[i].sampling for i in verifying], self.sampler)
         if complete:
             apply_grammar_masks(logits, [requests[i].grammar for i in complete])
         sampled = self.sampler(logits, [requests[i].sampling for i in complete]) if complete else None
         self.last_sampled = sampled
         self.last_sampled_index = {requests[i].id: j for j, i in enumerate(complete)}
-        return LaunchedStep(requests, complete, sampled, verifying, verified)
+        return LaunchedStep(requests, complete, sampled, verifying, verified, tree_tokens, in_place)
+
+    def tree_layout(self, requests: list[Request], new_lengths: list[int], seq_lens: list[int], trees: list[int],
+                    positions: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Where a draft tree's guesses sit. Their K/V take the chunk's slots in order, but each
+        guess's position (for RoPE) is its depth in the tree, and it sees the prefix, the newest
+        token and its own ancestors only. Returns the positions for RoPE and, per tree, its mask
+        ``[new tokens, keys]``."""
+        rope, masks, ends = list(positions), {}, list(itertools.accumulate(new_lengths))
+        for i in trees:
+            parents, first, start = requests[i].draft_parents, ends[i] - new_lengths[i], seq_lens[i] - new_lengths[i]
+            mask = torch.zeros(new_lengths[i], seq_lens[i], dtype=torch.bool)
+            mask[:, : start + 1] = True  # the prefix and the newest token
+            for j, parent in enumerate(parents):
+                mask[j + 1, start + 1 + j] = True  # itself
+                mask[j + 1] |= mask[parent + 1] if parent >= 0 else mask[0]  # what its parent sees
+                rope[first + 1 + j] = rope[first + 1 + parent] + 1 if parent >= 0 else start + 1
+            masks[i] = mask.to(self.device)
+        (rope_positions,) = copy_to_device([rope], self.device)
+        return rope_positions, masks
 
     def decode_runs(self, requests: list[Request], seq_lens: list[int]) -> tuple[int, list[int], list[int]]:
         """Where each sequence's keys lie: its page runs as pool slot ranges, padded with empty
@@ -347,13 +378,15 @@ class ModelRunner:
         return (0, [], []) if too_short or slots > page_runs.MAX_VIRTUAL_SEQUENCES else runs
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
-        """Run the model on a built batch; logits ``[len(logits_rows), vocab]`` (None if none are wanted)."""
+    def forward(self, batch: ForwardBatch, rope_positions: torch.Tensor | None = None,
+                tree_masks: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Run the model on a built batch; logits ``[len(logits_rows), vocab]`` (None if none are wanted).
+        Stage 14: draft trees bring their own positions and masks, and run eagerly."""
         self.page_tables.apply(batch.update_rows, batch.update_columns, batch.update_pages)
-        if self.graphs is not None and (bucket := self.graphs.bucket(batch)) is not None:
+        if self.graphs is not None and tree_masks is None and (bucket := self.graphs.bucket(batch)) is not None:
             return self.model.compute_logits(self.graphs.run(batch, bucket))  # a decode batch: replay
-        attention = PagedAttention(self.pool, self.page_tables, batch)
-        hidden = self.model(batch.input_ids, batch.positions, attention)
+        attention = PagedAttention(self.pool, self.page_tables, batch, tree_masks)
+        hidden = self.model(batch.input_ids, batch.positions if rope_positions is None else rope_positions, attention)
         if batch.logits_rows.numel() == 0:  # only prompt chunks ran: nothing to sample
             return None
         return self.model.compute_logits(hidden[batch.logits_rows])
@@ -365,8 +398,11 @@ class LaunchedStep:
     target's own token after them), or None where only a prompt chunk ran."""
 
     def __init__(self, requests: list[Request], complete: list[int], sampled: torch.Tensor | None,
-                 verifying: list[int] = (), verified: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 verifying: list[int] = (), verified: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 tree_tokens: dict[int, list[int]] | None = None, in_place: dict[int, int] | None = None):
         self.requests, self.complete, self.verifying = requests, complete, verifying
+        # Draft trees are verified on the host: their tokens, and how many kept guesses lie on the chain.
+        self.tree_tokens, self.in_place = tree_tokens or {}, in_place or {}
         self.done = None
         if (sampled is not None and sampled.is_cuda) or (verified is not None and verified[0].is_cuda):
             # Start the copy to the host now; reading it later waits for this step only.
@@ -387,4 +423,6 @@ class LaunchedStep:
             tokens, accepted = (t.tolist() for t in self.verified)
             for i, row, kept in zip(self.verifying, tokens, accepted):
                 next_tokens[i] = row[: kept + 1]
+        for i, gained in self.tree_tokens.items():
+            next_tokens[i] = gained
         return next_tokens

@@ -73,6 +73,7 @@ class Request:
         self.prefix_node = None  # the radix-tree node where its reused (and locked) prefix ends
         self.grammar = None  # stage 13: the RequestGrammar its output must follow, if any
         self.draft: list[int] = []  # stage 14: guesses of its next tokens that the next step verifies
+        self.draft_parents: list[int] | None = None  # with a draft tree: the guess each guess follows (-1: none)
         self.ngram_index = None  # stage 14: its n-gram index (NGRAM drafts), made at its first draft
         self.spec_verify_ct = 0  # verify forwards it took part in
         self.spec_tokens = 0  # tokens those forwards gave it

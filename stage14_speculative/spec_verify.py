@@ -101,3 +101,44 @@ def draw(probs: torch.Tensor, states: list[SamplingState], sampler: Sampler) -> 
     for row, state in enumerate(states):
         noise[row].exponential_(generator=state.generator if state.generator is not None else sampler.shared_generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def verify_tree(logits: torch.Tensor, guesses: list[int], parents: list[int], state: SamplingState,
+                sampler: Sampler) -> tuple[list[int], int]:
+    """One request's draft tree: ``logits [1 + len(guesses), vocab]``, row 0 the newest token's, row
+    ``i + 1`` guess ``i``'s; ``parents[i]`` is the guess that guess ``i`` follows (-1: the newest
+    token). Children are tried in order, the chain's first.
+
+    Walks down from the newest token: greedy keeps the child that is the row's argmax; sampling
+    tries each child with the rule above, taking each rejected one out of ``p`` before the next
+    (exact for any number of deterministic candidates: each try is one candidate against what
+    is left of ``p``). Returns the tokens gained (kept guesses, then one drawn at the node where
+    the walk stopped) and the kept guesses that lie on the chain (their K/V is in place).
+    """
+    children = [[] for _ in range(len(guesses) + 1)]  # row -> the guesses that follow it
+    for i, parent in enumerate(parents):
+        children[parent + 1].append(i)
+    params = state.params
+    probs = None if params.greedy else target_probabilities(logits[None], [params])[0]
+    row, gained, in_place, on_chain = 0, [], 0, True
+    while True:
+        if probs is None:
+            best = int(logits[row].argmax())
+            kept = next((i for i in children[row] if guesses[i] == best), None)
+        else:
+            p, kept = probs[row].clone(), None
+            for i in children[row]:
+                if guesses[i] < 0:
+                    continue
+                if kept_by_chance(p, torch.tensor(guesses[i], device=p.device), uniform(1, state, sampler, p.device)[0]):
+                    kept = i
+                    break
+                p[guesses[i]] = 0.0
+                p = p / p.sum().clamp(min=torch.finfo(p.dtype).tiny)
+            best = None if kept is not None else int(draw(p[None], [state], sampler)[0])
+        if kept is None:
+            return gained + [best], in_place
+        gained.append(guesses[kept])
+        on_chain = on_chain and kept == row  # the chain's guess j follows row j
+        in_place += on_chain
+        row = kept + 1

@@ -137,3 +137,21 @@ def write_scripted_checkpoint(folder: Path, tokenizer_folder: Path, script: list
     shutil.copy(tokenizer_folder / "tokenizer_config.json", folder / "tokenizer_config.json")
     (folder / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
     return folder
+
+
+def write_near_copy(folder: Path, out: Path, noise: float, seed: int = 1) -> Path:
+    """The checkpoint at ``folder`` with every weight nudged by ``noise`` of its spread, saved to ``out``
+    with the same tokenizer: a draft model that often prefers another token than the original, but
+    keeps the original's among its best few."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(torch.randn(weight.shape, generator=generator) * weight.std() * noise)
+    model.save_pretrained(out)
+    for file in Path(folder).iterdir():
+        if "token" in file.name:
+            shutil.copy(file, Path(out) / file.name)
+    return Path(out)

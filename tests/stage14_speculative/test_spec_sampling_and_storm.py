@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import torch
 
-from checkpoints import write_checkpoint
+from checkpoints import write_checkpoint, write_near_copy
 from reference import load_hf
 from stage14_speculative import Engine, spec_verify
 from test_request_storm import PAGE, POOL_PAGES, STEPS, alone, drive_storm, storm_checkpoint  # noqa: F401
@@ -48,8 +48,9 @@ def tiny(tmp_path_factory, builtin_folder):
     return folder, joint
 
 
-def sample_pairs(folder, seed: int) -> tuple[Counter, int]:
-    with Engine(model_path=str(folder), device="cpu", seed=seed, speculative_algorithm="NGRAM") as engine:
+def sample_pairs(folder, seed: int, **speculative) -> tuple[Counter, int]:
+    speculative = speculative or dict(speculative_algorithm="NGRAM")
+    with Engine(model_path=str(folder), device="cpu", seed=seed, **speculative) as engine:
         # Three tokens, so the second one may come from a guess (a draft leaves room for the target's own token).
         outs = engine.generate_batch([CYCLE] * SAMPLES, max_tokens=3, temperature=1.0, ignore_eos=True)
         return Counter(tuple(o.token_ids[:2]) for o in outs), sum(o.spec_verify_ct > 0 for o in outs)
@@ -67,15 +68,30 @@ def test_rejection_sampling_keeps_the_target_distribution(tiny, monkeypatch):
     assert chi_square_rejects(wrong, joint, SAMPLES)
 
 
+def test_a_draft_tree_keeps_the_target_distribution(tiny, tmp_path):
+    """A draft tree offers three candidates for the second token (a near copy of the model guesses
+    one, its next two best are alternatives): each is tried against what the ones before it left of
+    the target's distribution, and the tokens still follow transformers' exact distribution."""
+    folder, joint = tiny
+    draft = write_near_copy(folder, tmp_path / "near", noise=0.3)
+    counts, verified = sample_pairs(folder, 0, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(draft),
+                                    speculative_eagle_topk=3)
+    assert verified == SAMPLES
+    assert not chi_square_rejects(counts, joint, SAMPLES)
+
+
 # ----- nothing lost, nothing leaked -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("algorithm", ["NGRAM", "STANDALONE"])
-def test_a_storm_with_speculation_loses_and_leaks_nothing(algorithm, storm_checkpoint, alone):  # noqa: F811
+@pytest.mark.parametrize("algorithm", ["NGRAM", "STANDALONE", "STANDALONE tree"])
+def test_a_storm_with_speculation_loses_and_leaks_nothing(algorithm, storm_checkpoint, alone, tmp_path):  # noqa: F811
     kwargs = dict(model_path=str(storm_checkpoint), device="cpu", page_size=PAGE, max_prefill_tokens=64,
-                  chunked_prefill_size=16, schedule_policy="lpm", speculative_algorithm=algorithm)
+                  chunked_prefill_size=16, schedule_policy="lpm", speculative_algorithm=algorithm.split()[0])
     if algorithm == "STANDALONE":
         kwargs["speculative_draft_model_path"] = str(storm_checkpoint)  # itself: long runs of kept guesses
+    if algorithm == "STANDALONE tree":  # a near copy: alternatives kept, and the token after them fed again
+        kwargs["speculative_draft_model_path"] = str(write_near_copy(storm_checkpoint, tmp_path / "near", noise=0.08))
+        kwargs["speculative_eagle_topk"] = 3
     probe = Engine(**kwargs)
     page_bytes = probe.runner.pool.bytes_per_page(probe.config, PAGE, torch.float32)
     probe.shutdown()
@@ -93,6 +109,6 @@ def test_a_storm_with_speculation_loses_and_leaks_nothing(algorithm, storm_check
         radix = runner.radix_cache
         assert radix.locked_pages == 0
         assert runner.allocator.num_free + radix.total_pages == runner.allocator.num_pages, "a page was leaked"
-        if algorithm == "STANDALONE":
+        if algorithm != "NGRAM":
             assert not engine.drafter.sequences
             assert engine.drafter.runner.allocator.num_free == engine.drafter.runner.allocator.num_pages

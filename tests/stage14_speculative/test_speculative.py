@@ -14,7 +14,7 @@ import re
 import jsonschema
 import pytest
 
-from checkpoints import KINDS, write_checkpoint
+from checkpoints import KINDS, write_checkpoint, write_near_copy
 from stage13_structured import Engine as Stage13Engine
 from stage14_speculative import Engine, SamplingParams
 from stage14_speculative.__main__ import build_parser
@@ -34,6 +34,11 @@ def outputs(engine, prompts, **kwargs):
 def draft_folder(tmp_path_factory, builtin_folder):
     """Another random dense model with the same vocabulary: its guesses are mostly wrong."""
     return write_checkpoint("dense", tmp_path_factory.mktemp("draft") / "dense", builtin_folder, seed=7)
+
+
+@pytest.fixture(scope="module")
+def near_draft(tmp_path_factory, checkpoints):
+    return write_near_copy(checkpoints["dense"], tmp_path_factory.mktemp("near") / "dense", noise=0.08)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -91,6 +96,26 @@ def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
     assert verified and {bucket[3] for bucket, _ in verified} == {engine.num_guesses + 1}
     assert any(n < bucket[0] for bucket, n in verified), "a verify graph ran with padding rows"
     assert any(bucket[0] == 1 for bucket, _ in verified), "a one-sequence verify graph ran (SDPA with a causal mask)"
+
+
+def test_a_draft_tree_gives_stage13_tokens_in_fewer_verifies_than_a_chain(checkpoints, near_draft):
+    """A near copy of the target guesses; with ``eagle_topk=3`` each depth also offers its next two
+    best tokens. Where the chain's guess is wrong and an alternative right, the tree keeps it (its
+    attention saw only its ancestors, at its depth's position) and the token after it."""
+    target = str(checkpoints["dense"])
+    with Stage13Engine(model_path=target, device="cpu") as before:
+        expected = outputs(before, REPEATING, **GREEDY)
+    verifies, pages_back = {}, {}
+    for topk in (1, 3):
+        with Engine(model_path=target, device="cpu", speculative_algorithm="STANDALONE",
+                    speculative_draft_model_path=str(near_draft), speculative_num_steps=3, speculative_eagle_topk=topk) as engine:
+            got = outputs(engine, REPEATING, **GREEDY)
+            verifies[topk] = sum(o.spec_verify_ct for o in got)
+            runner = engine.runner
+            pages_back[topk] = runner.allocator.num_free + runner.evictable_pages() == runner.allocator.num_pages
+        assert [o.token_ids for o in got] == [o.token_ids for o in expected], topk
+    assert verifies[3] < verifies[1], verifies
+    assert all(pages_back.values())
 
 
 def test_stop_strings_and_max_tokens_are_never_overshot(builtin_folder):
@@ -174,7 +199,10 @@ BAD = {
     "STANDALONE without a draft": dict(speculative_algorithm="STANDALONE"),
     "a draft path without STANDALONE": dict(speculative_algorithm="NGRAM", speculative_draft_model_path="x"),
     "settings without an algorithm": dict(speculative_num_steps=3),
-    "a tree": dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4),
+    "a tree of n-grams": dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4),
+    "a tree whose token count is not 1 + steps x topk": dict(
+        speculative_algorithm="STANDALONE", speculative_draft_model_path="x", speculative_eagle_topk=2,
+        speculative_num_draft_tokens=4),
     "steps and tokens that disagree": dict(speculative_algorithm="NGRAM", speculative_num_steps=3,
                                            speculative_num_draft_tokens=5),
     "no guess": dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=1),
