@@ -14,9 +14,11 @@
 from stage13_structured import Engine as Stage13
 from stage14_speculative import Engine
 
-engine = Engine(speculative_algorithm="NGRAM", speculative_num_draft_tokens=6, page_size=4, disable_radix_cache=True)
+engine = Engine(speculative_algorithm="NGRAM", speculative_num_draft_tokens=6,
+                page_size=4, disable_radix_cache=True)
 code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
-prompt = engine.tokenizer.apply_chat_template(f"Rewrite this Python code with type hints:\n\n```python\n{code}```")
+ask = f"Rewrite this Python code with type hints:\n\n```python\n{code}```"
+prompt = engine.tokenizer.apply_chat_template(ask)
 text = engine.tokenizer.decode
 
 # Record what each step guessed and how many pages each verify gave back.
@@ -36,12 +38,13 @@ def recording_truncate(request):
     given_back.append(held - len(request.page_table))
 
 
-engine.drafter.propose, engine.runner.truncate_cache = recording_propose, recording_truncate
+engine.drafter.propose = recording_propose
+engine.runner.truncate_cache = recording_truncate
 
 # %% [markdown]
 # ## Step by step
 # Each line is one target forward: the guesses, how many the target kept, the tokens the request
-# gained (kept guesses, then the target's own), and the pages given back. The first step is the
+# gained (kept guesses, then the target's own) and the pages given back. The first step is the
 # prompt's forward: nothing to guess yet.
 
 # %%
@@ -57,10 +60,10 @@ while not request.finished:
     guess = guesses[0] if guesses else []
     freed = given_back[-1] if len(given_back) > verified else 0
     kept = len(gained) - 1 if guess else 0
-    print(f"guessed {text(guess)!r:<28} kept {kept}/{len(guess)}  gained {text(gained)!r:<24} pages back {freed}")
+    print(f"{text(guess)!r:<22} {kept}/{len(guess)}  -> {text(gained)!r:<22} back {freed}")
 output = engine.get_output(rid)
-print(f"{output.completion_tokens} tokens in {forwards} target forwards "
-      f"({output.spec_verify_ct} verifies, {output.spec_accept_length:.2f} tokens each)")
+print(f"{output.completion_tokens} tokens in {forwards} target forwards")
+print(f"{output.spec_verify_ct} verifies, {output.spec_accept_length:.2f} tokens each")
 print(f"pages in use at the end: {engine.stats()['pages_used']}")
 
 # %% [markdown]
@@ -73,4 +76,4 @@ with Stage13(page_size=4, disable_radix_cache=True) as before:
     plain = before.generate(prompt, max_tokens=40, temperature=0)
 engine.shutdown()
 print("same tokens as stage 13:", plain.token_ids == output.token_ids)
-print(repr(output.text))
+print(output.text)
