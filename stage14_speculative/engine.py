@@ -135,11 +135,11 @@ class Engine:
             raise ValueError(f"cuda_graph_max_bs={cuda_graph_max_bs!r} must be a positive integer")
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={attention_backend!r} is not one of {list(ATTENTION_BACKENDS)}")
+        self.num_guesses = speculative_guesses(speculative_algorithm, speculative_draft_model_path, speculative_num_steps,
+                                               speculative_num_draft_tokens, speculative_eagle_topk)
         self.topk = speculative_eagle_topk or 1
         if self.topk > 1 and max(tp_size, ep_size) > 1:
             raise ValueError("speculative_eagle_topk above 1 (draft trees) runs on one rank; use tp_size=1 and ep_size=1")
-        self.num_guesses = speculative_guesses(speculative_algorithm, speculative_draft_model_path, speculative_num_steps,
-                                               speculative_num_draft_tokens, speculative_eagle_topk)
         world = max(tp_size, ep_size)  # the expert-parallel ranks are the tensor-parallel ranks
         if tp_size not in (1, world) or ep_size not in (1, world):
             raise ValueError(f"tp_size={tp_size} and ep_size={ep_size}: use equal sizes, or 1 for either")

@@ -207,6 +207,10 @@ BAD = {
                                            speculative_num_draft_tokens=5),
     "no guess": dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=1),
     "zero steps": dict(speculative_algorithm="NGRAM", speculative_num_steps=0),
+    "a topk that is not a number": dict(speculative_algorithm="STANDALONE", speculative_draft_model_path="x",
+                                        speculative_eagle_topk="2"),
+    "a tree across ranks": dict(speculative_algorithm="STANDALONE", speculative_draft_model_path="x",
+                                speculative_eagle_topk=2, tp_size=2),
 }
 
 
