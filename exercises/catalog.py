@@ -111,6 +111,25 @@ EXERCISES = [
         ("tests/stage06_scheduling/test_schedule_policy.py::test_lof_puts_the_longest_output_first_and_keeps_ties_in_order",),
     ),
     Exercise(
+        "stage06_scheduling", 2, BREAK, "no request is ever starving",
+        "The starvation guard no longer moves anyone to the front. Which policy lets a short "
+        "request wait forever, and which test shows it? What bound should a user be able to count on?",
+        "scheduler.py",
+        "        starving = [r for r in self.waiting if r.waiting_steps >= STARVATION_STEPS]\n"
+        "        rest = [r for r in self.waiting if r.waiting_steps < STARVATION_STEPS]\n",
+        "        starving, rest = [], list(self.waiting)\n",
+        ("tests/stage06_scheduling/test_schedule_policy.py::test_no_request_starves_behind_a_stream_of_favoured_ones",),
+    ),
+    Exercise(
+        "stage06_scheduling", 3, BREAK, "twins that never wait",
+        "A request that shares a long uncached prefix with one admitted in the same step no longer "
+        "waits for it. The tokens stay right: which test still fails, and what does it count?",
+        "scheduler.py",
+        "            if shared - cached >= IN_BATCH_PREFIX_TOKENS:\n",
+        "            if False:\n",
+        ("tests/stage06_scheduling/test_schedule_policy.py::test_in_batch_sharing_computes_a_shared_uncached_prefix_once[fcfs]",),
+    ),
+    Exercise(
         "stage07_tp", 1, BREAK, "row-parallel layers that forget to add up",
         "RowParallelLinear no longer sums its partial outputs across ranks. With tp_size=2, what "
         "does each rank's o_proj and down_proj now return? Which test catches it, and how far off "
