@@ -123,7 +123,7 @@ def one_step(runner, requests, k: int, rng, vocab: int) -> None:
 
 def restore(runner, requests, starts) -> None:
     for r, start in zip(requests, starts):
-        r.pending_tokens, r.num_cached, r.draft = r.pending_tokens - 1 if r.pending_tokens else 0, start, []
+        r.pending_tokens, r.num_cached, r.draft = r.pending_tokens - 1, start, []  # launch counted its token
         runner.truncate_cache(r)
 
 

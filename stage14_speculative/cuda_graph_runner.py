@@ -117,7 +117,7 @@ class StaticAttention(PagedAttention):
         if self.single_sequence:
             # Made once per step for every layer (SDPA would turn a boolean mask into this in each).
             zero = torch.zeros((), dtype=self.pool.k.dtype, device=key.device)
-            self.key_bias = torch.where(real, zero, float("-inf"))
+            self.key_bias = torch.where(real, zero, float("-inf"))[None, :]  # [queries, keys]: one query
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.single_sequence:
@@ -129,7 +129,7 @@ class StaticAttention(PagedAttention):
         # sequence the buffer reads the padding slot, which the runner zeroes at start.
         keys, values = k_pool[self.key_slots].transpose(0, 1), v_pool[self.key_slots].transpose(0, 1)  # [kv_heads, K, d]
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                             attn_mask=self.key_bias[None, None, None, :], enable_gqa=True)  # [1, heads, 1, d]
+                                             attn_mask=self.key_bias[None, None], enable_gqa=True)  # [1, heads, queries, d]
         return out[0].transpose(0, 1)
 
 
@@ -153,17 +153,6 @@ class StaticVerifyAttention(StaticAttention):
             zero = torch.zeros((), dtype=self.pool.k.dtype, device=ends.device)
             key = torch.arange(self.num_keys, device=ends.device)
             self.key_bias = torch.where(key[None, :] <= ends[0] + self.newest[:, None], zero, float("-inf"))
-
-    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if not self.single_sequence:
-            return PagedAttention.__call__(self, layer_index, q, k, v)
-        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
-        k_pool.index_copy_(0, self.slots, k)
-        v_pool.index_copy_(0, self.slots, v)
-        keys, values = k_pool[self.key_slots].transpose(0, 1), v_pool[self.key_slots].transpose(0, 1)  # [kv_heads, K, d]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                             attn_mask=self.key_bias[None, None], enable_gqa=True)  # [1, heads, width, d]
-        return out[0].transpose(0, 1)
 
 
 class StaticRunsAttention(PagedAttention):
