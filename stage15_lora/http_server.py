@@ -1,0 +1,202 @@
+"""The OpenAI-compatible HTTP server: routes, streaming, errors.
+
+    client ──HTTP──▶ route (parse, validate, tokenize) ──▶ TokenizerManager ──pipe──▶ engine process
+    client ◀─JSON / Server-Sent Events── route ◀── (index, update) per choice ◀──┘
+
+Every route runs on one asyncio loop; no handler ever blocks it on the
+engine: a handler awaits its requests' updates and the engine process keeps
+stepping for everyone else. Streams use Server-Sent Events, one ``data:``
+line per chunk and ``data: [DONE]`` at the end, as OpenAI's do.
+
+A client that goes away stops its requests: for a stream, when writing to it
+fails (the stream generator is closed and aborts what is still running); for
+a plain request, when the periodic check below sees the disconnect.
+"""
+
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from . import openai_protocol as protocol
+from .openai_choices import ChatChoices, CompletionChoices
+from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
+from .tokenizer_manager import EngineError, TokenizerManager
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
+    """The FastAPI app serving ``manager``'s engine under the name ``model_name``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        manager.start(asyncio.get_running_loop())
+        yield
+        manager.shutdown()  # here, not after uvicorn returns: on SIGTERM uvicorn re-raises the signal and exits
+
+    app = FastAPI(title="qwen3-ladder", lifespan=lifespan)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_, error: BadRequest):
+        return JSONResponse(protocol.error_body(str(error), error.status, error.param), status_code=error.status)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_, error: EngineError):
+        return JSONResponse(protocol.error_body(str(error), error.status), status_code=error.status)
+
+    @app.get("/health")
+    async def health():
+        alive = manager.engine_alive
+        return Response(status_code=200 if alive else 503, content="" if alive else "the engine process exited")
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "qwen3-ladder",
+                "max_model_len": manager.context_length}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(manager.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def parse(model: type, http_body: bytes):
+        request = protocol.parse_request(model, http_body)
+        if request.model is not None and request.model != model_name:
+            raise BadRequest(f"the model {request.model!r} does not exist; this server serves {model_name!r} "
+                             "(see /v1/models)", "model", status=404)
+        return request
+
+    @app.post("/v1/completions")
+    async def completions(http_request: HTTPRequest):
+        request = parse(CompletionRequest, await http_request.body())
+        prompts = completion_prompts(manager, request.prompt)
+        choices = CompletionChoices(request, prompts, manager.token_text, manager.tokenizer.decode)
+        return await generate(http_request, request, prompts, [request.max_tokens] * len(prompts), choices)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http_request: HTTPRequest):
+        request = parse(ChatCompletionRequest, await http_request.body())
+        if not request.messages:
+            raise BadRequest("messages must hold at least one message", "messages")
+        choices = ChatChoices(request, manager.token_text)
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if choices.tools else None
+        try:
+            prompt_ids = manager.apply_chat_template([m.as_template_input() for m in request.messages], tools)
+        except ValueError as error:
+            raise BadRequest(str(error), "tools" if tools and "tools" in str(error) else "messages") from None
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        return await generate(http_request, request, [prompt_ids], [max_tokens], choices)
+
+    async def generate(http_request, request: SamplingFields, prompts, max_tokens, choices):
+        """Run n choices per prompt; answer with one JSON body, or a stream of chunks, which
+        ``choices`` (openai_choices.py) shapes for its endpoint."""
+        params = []
+        for prompt_ids, limit in zip(prompts, max_tokens):
+            if limit is None:  # up to the context (the engine refuses a prompt that fills it)
+                limit = max(1, manager.context_length - len(prompt_ids))
+            elif 0 < len(prompt_ids) < manager.context_length < len(prompt_ids) + limit:  # as OpenAI and vLLM answer
+                raise BadRequest(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {limit}, "
+                                 f"{len(prompt_ids) + limit} in all, but the model's context is {manager.context_length} "
+                                 "tokens; lower max_tokens or shorten the prompt", "max_tokens")
+            params += request.sampling_params(choices.engine_max_tokens(limit), **choices.logprobs)
+        group_prompts = [ids for ids in prompts for _ in range(request.n)]
+        group = manager.generate(group_prompts, params)
+        rid = protocol.new_id(choices.id_prefix)
+        if request.stream:
+            first = await anext(group)  # waits for acceptance: a refusal still gets its status code
+            events = stream_events(group, first, rid, request, choices, len(group_prompts))
+            return StreamingResponse(events, media_type="text/event-stream")
+        outputs = await collect_unless_disconnected(http_request, group, len(group_prompts))
+        if outputs is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        answers = [choices.final(i, output) for i, output in enumerate(outputs)]
+        return choices.response(rid, model_name, answers, protocol.usage(choices.usage_outputs(outputs), request.n))
+
+    async def stream_events(group, first, rid: str, request: SamplingFields, choices, count: int):
+        """The Server-Sent Events of one streamed request; closing it aborts what still runs."""
+        outputs = [None] * count
+        try:
+            for body in choices.opening(rid, model_name):
+                yield sse(body)
+            async for index, update in prepend(first, group):
+                if update.output is not None:
+                    outputs[index] = update.output
+                for body in choices.chunks(rid, model_name, index, update):
+                    yield sse(body)
+            if request.include_usage:
+                usage = protocol.usage(choices.usage_outputs(outputs), request.n)
+                yield sse(protocol.usage_chunk(rid, model_name, choices.object_kind, usage))
+            yield "data: [DONE]\n\n"
+        except EngineError as error:  # the engine failed mid-stream: the status line is already sent
+            yield sse(protocol.error_body(str(error), error.status))
+            yield "data: [DONE]\n\n"
+        finally:
+            await group.aclose()
+
+    return app
+
+
+def completion_prompts(manager: TokenizerManager, prompt) -> list[list[int]]:
+    """A completions ``prompt`` (text, token ids, or a list of either) as token-id lists."""
+    if isinstance(prompt, str):
+        return [manager.encode(prompt)]
+    if not prompt:
+        raise BadRequest("prompt is an empty list", "prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [manager.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+async def prepend(first, rest):
+    """``first``, then everything ``rest`` yields."""
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def collect_unless_disconnected(http_request: HTTPRequest, group, count: int) -> list | None:
+    """Every output of ``group``; None (and the requests aborted) if the client goes away first."""
+
+    async def collect():
+        outputs = [None] * count
+        async with contextlib.aclosing(group):
+            async for index, update in group:
+                if update.output is not None:
+                    outputs[index] = update.output
+        return outputs
+
+    task = asyncio.ensure_future(collect())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await http_request.is_disconnected():
+            task.cancel()  # closes the group, which aborts its requests
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def serve(engine_kwargs: dict, host: str, port: int, max_queued_requests: int | None = None,
+          served_model_name: str | None = None) -> None:
+    """Start the engine process, then serve HTTP until interrupted (Ctrl-C or SIGTERM).
+    Requests must name the served model (``served_model_name``, else the model path)."""
+    manager = TokenizerManager(engine_kwargs, max_queued_requests)
+    try:
+        model_name = served_model_name or engine_kwargs.get("model_path") or Path(manager.model_folder).name
+        print(f"serving {model_name} on http://{host}:{port} (OpenAI API under /v1)", flush=True)
+        uvicorn.run(build_app(manager, model_name), host=host, port=port, log_level="warning")
+    finally:
+        manager.shutdown()  # when uvicorn could not start (a port in use), the lifespan never ran
