@@ -8,6 +8,9 @@ import argparse
 import sys
 
 from .engine import SPECULATIVE_ALGORITHMS, Engine
+from .lora_adapter import TARGET_MODULES
+from .lora_layers import LORA_BACKENDS
+from .lora_pool import DEFAULT_MAX_LORAS_PER_BATCH
 from .model_runner import ATTENTION_BACKENDS, CUDA_GRAPH_MAX_BS
 
 
@@ -44,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens a verify feeds per request: the newest and the guesses (num-steps + 1; default 4)")
     engine.add_argument("--speculative-eagle-topk", type=int, default=None,
                         help="tokens kept per draft step: 1 a chain; more a tree of alternatives (STANDALONE)")
+    engine.add_argument("--lora-paths", nargs="+", default=None, metavar="NAME=PATH",
+                        help="LoRA adapters to serve (PEFT folders), each as name=path or a path (its own name)")
+    engine.add_argument("--max-loras-per-batch", type=int, default=DEFAULT_MAX_LORAS_PER_BATCH,
+                        help="adapters one batch may mix (device slots of the adapter pool)")
+    engine.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank (default: the largest of --lora-paths)")
+    engine.add_argument("--lora-target-modules", nargs="+", default=None, choices=sorted(TARGET_MODULES) + ["all"],
+                        help="projections adapters may change (default: those of --lora-paths)")
+    engine.add_argument("--lora-backend", default=None, choices=LORA_BACKENDS,
+                        help="adapter matmuls: one grouped matmul per factor, or a gathered bmm (default: grouped where torch has it)")
     engine.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: 512 MiB on CPU, 80%% of free GPU memory)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=128)
@@ -59,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--json-schema", default=None, help="the output follows this JSON Schema (JSON text)")
     sampling.add_argument("--regex", default=None, help="the whole output matches this regular expression")
     sampling.add_argument("--ebnf", default=None, help='the output follows this grammar (root ::= "yes" | "no")')
+    sampling.add_argument("--lora-path", default=None, help="the adapter (a name from --lora-paths) this prompt runs with")
     server = parser.add_argument_group("server")
     server.add_argument("--serve", action="store_true", help="serve the OpenAI API over HTTP instead of one prompt")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -88,13 +101,15 @@ def main(argv=None) -> int:
         attention_backend=args.attention_backend, disable_jump_forward=args.disable_jump_forward,
         speculative_algorithm=args.speculative_algorithm, speculative_draft_model_path=args.speculative_draft_model_path,
         speculative_num_steps=args.speculative_num_steps, speculative_num_draft_tokens=args.speculative_num_draft_tokens,
-        speculative_eagle_topk=args.speculative_eagle_topk,
+        speculative_eagle_topk=args.speculative_eagle_topk, lora_paths=args.lora_paths,
+        max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
+        lora_target_modules=args.lora_target_modules, lora_backend=args.lora_backend,
     )
     sampling = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty, stop=args.stop, ignore_eos=args.ignore_eos,
-        json_schema=args.json_schema, regex=args.regex, ebnf=args.ebnf,
+        json_schema=args.json_schema, regex=args.regex, ebnf=args.ebnf, lora_path=args.lora_path,
     )
     try:
         if args.serve:

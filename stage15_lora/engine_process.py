@@ -10,6 +10,7 @@ another; one duplex pipe joins them:
     front end (tokenizer_manager.py)                    engine process (this file)
       GenerateRequest(rid, prompt ids, params)  ──▶       Engine.add_request
       AbortRequest(rid)                         ──▶       Engine.abort_request
+      LoRAAdapterRequest(rid, name, path)       ──▶       Engine.load_lora_adapter / unload_lora_adapter
                                                 ◀──       UpdateBatch: new text per request,
                                                           outputs of finished ones, engine stats
 
@@ -41,6 +42,17 @@ class GenerateRequest:
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
+    lora_path: str | None = None  # stage 15: the adapter it runs with (None: the base model)
+
+
+@dataclass
+class LoRAAdapterRequest:
+    """Front end -> engine: serve one more adapter (``path`` given) or stop serving one (``path`` None).
+    Answered with one RequestUpdate: empty if done, else the error."""
+
+    rid: str
+    name: str
+    path: str | None = None
 
 
 @dataclass
@@ -84,6 +96,7 @@ class EngineReady:
     model_folder: str | None = None  # where the front end loads the same tokenizer from
     context_length: int = 0
     error: str | None = None
+    lora_adapters: dict[str, str] = field(default_factory=dict)  # the adapters served at start-up: name -> folder
 
 
 class EngineLoop:
@@ -118,12 +131,21 @@ class EngineLoop:
                 self.engine.abort_request(self.live[message.rid])  # reported as finished at the next step
             return []
         rid = message.rid
+        if isinstance(message, LoRAAdapterRequest):
+            try:
+                if message.path is None:
+                    self.engine.unload_lora_adapter(message.name)
+                else:
+                    self.engine.load_lora_adapter(message.name, message.path)
+            except ValueError as error:
+                return [RequestUpdate(rid, error=str(error), status=400)]
+            return [RequestUpdate(rid)]
         waiting = self.engine.stats()["waiting"]
         if self.max_queued_requests is not None and waiting >= self.max_queued_requests:
             return [RequestUpdate(rid, error=f"the queue is full ({waiting} requests wait; "
                                   "--max-queued-requests); retry later", status=503)]
         try:
-            engine_id = self.engine.add_request(message.prompt_ids, message.params)
+            engine_id = self.engine.add_request(message.prompt_ids, message.params, lora_path=message.lora_path)
         except ValueError as error:
             return [RequestUpdate(rid, error=str(error), status=400)]
         self.live[rid], self.front_id[engine_id] = engine_id, rid
@@ -184,7 +206,7 @@ def run_engine_process(conn: Connection, engine_kwargs: dict, max_queued_request
         conn.send(EngineReady(error=f"{type(error).__name__}: {error}"))
         return
     try:
-        conn.send(EngineReady(str(engine.runner.model_folder), engine.context_length))
+        conn.send(EngineReady(str(engine.runner.model_folder), engine.context_length, lora_adapters=engine.lora_paths))
         EngineLoop(engine, conn, max_queued_requests).run()
     except (EOFError, BrokenPipeError):
         pass  # the front end is gone: nobody is left to serve

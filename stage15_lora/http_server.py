@@ -8,6 +8,11 @@ engine: a handler awaits its requests' updates and the engine process keeps
 stepping for everyone else. Streams use Server-Sent Events, one ``data:``
 line per chunk and ``data: [DONE]`` at the end, as OpenAI's do.
 
+Stage 15: a request runs with a LoRA adapter when its ``model`` names one
+(as vLLM serves them) or its ``lora_path`` does (SGLang's field);
+``/v1/models`` lists the adapters beside the base model, and
+``/load_lora_adapter`` and ``/unload_lora_adapter`` change them at run time.
+
 A client that goes away stops its requests: for a stream, when writing to it
 fails (the stream generator is closed and aborts what is still running); for
 a plain request, when the periodic check below sees the disconnect.
@@ -27,7 +32,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import openai_protocol as protocol
 from .openai_choices import ChatChoices, CompletionChoices
-from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
+from .openai_protocol import (
+    BadRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    SamplingFields,
+    UnloadLoRAAdapterRequest,
+)
 from .tokenizer_manager import EngineError, TokenizerManager
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -59,9 +71,27 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "qwen3-ladder",
+        created = int(time.time())
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "qwen3-ladder",
                 "max_model_len": manager.context_length}
-        return {"object": "list", "data": [card]}
+        adapters = [{"id": name, "object": "model", "created": created, "owned_by": "qwen3-ladder", "root": path,
+                     "parent": model_name, "max_model_len": manager.context_length}
+                    for name, path in sorted(manager.lora_adapters.items())]
+        return {"object": "list", "data": [card] + adapters}
+
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(http_request: HTTPRequest):
+        request = protocol.parse_request(LoadLoRAAdapterRequest, await http_request.body())
+        if request.lora_name == model_name:
+            raise BadRequest(f"{model_name!r} is the base model's name; give the adapter another", "lora_name")
+        await manager.update_lora_adapter(request.lora_name, request.lora_path)
+        return {"success": True, "loaded_adapters": manager.lora_adapters}
+
+    @app.post("/unload_lora_adapter")
+    async def unload_lora_adapter(http_request: HTTPRequest):
+        request = protocol.parse_request(UnloadLoRAAdapterRequest, await http_request.body())
+        await manager.update_lora_adapter(request.lora_name, None)
+        return {"success": True, "loaded_adapters": manager.lora_adapters}
 
     @app.get("/metrics")
     async def metrics():
@@ -69,10 +99,18 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
 
     def parse(model: type, http_body: bytes):
         request = protocol.parse_request(model, http_body)
-        if request.model is not None and request.model != model_name:
+        if request.model is not None and request.model != model_name and request.model not in manager.lora_adapters:
             raise BadRequest(f"the model {request.model!r} does not exist; this server serves {model_name!r} "
-                             "(see /v1/models)", "model", status=404)
+                             f"and the adapters {sorted(manager.lora_adapters)} (see /v1/models)", "model", status=404)
+        if request.lora_path is not None and request.lora_path not in manager.lora_adapters:
+            raise BadRequest(f"no LoRA adapter named {request.lora_path!r} is loaded (see /v1/models)", "lora_path")
         return request
+
+    def adapter_of(request: SamplingFields) -> str | None:
+        """The adapter a request runs with: its lora_path, else the adapter its model names."""
+        if request.lora_path is not None:
+            return request.lora_path
+        return request.model if request.model is not None and request.model != model_name else None
 
     @app.post("/v1/completions")
     async def completions(http_request: HTTPRequest):
@@ -108,32 +146,33 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
                                  "tokens; lower max_tokens or shorten the prompt", "max_tokens")
             params += request.sampling_params(choices.engine_max_tokens(limit), **choices.logprobs)
         group_prompts = [ids for ids in prompts for _ in range(request.n)]
-        group = manager.generate(group_prompts, params)
+        group = manager.generate(group_prompts, params, adapter_of(request))
         rid = protocol.new_id(choices.id_prefix)
+        name = request.model or model_name  # answers name the model (or adapter) asked for
         if request.stream:
             first = await anext(group)  # waits for acceptance: a refusal still gets its status code
-            events = stream_events(group, first, rid, request, choices, len(group_prompts))
+            events = stream_events(group, first, rid, name, request, choices, len(group_prompts))
             return StreamingResponse(events, media_type="text/event-stream")
         outputs = await collect_unless_disconnected(http_request, group, len(group_prompts))
         if outputs is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         answers = [choices.final(i, output) for i, output in enumerate(outputs)]
-        return choices.response(rid, model_name, answers, protocol.usage(choices.usage_outputs(outputs), request.n))
+        return choices.response(rid, name, answers, protocol.usage(choices.usage_outputs(outputs), request.n))
 
-    async def stream_events(group, first, rid: str, request: SamplingFields, choices, count: int):
+    async def stream_events(group, first, rid: str, served_as: str, request: SamplingFields, choices, count: int):
         """The Server-Sent Events of one streamed request; closing it aborts what still runs."""
         outputs = [None] * count
         try:
-            for body in choices.opening(rid, model_name):
+            for body in choices.opening(rid, served_as):
                 yield sse(body)
             async for index, update in prepend(first, group):
                 if update.output is not None:
                     outputs[index] = update.output
-                for body in choices.chunks(rid, model_name, index, update):
+                for body in choices.chunks(rid, served_as, index, update):
                     yield sse(body)
             if request.include_usage:
                 usage = protocol.usage(choices.usage_outputs(outputs), request.n)
-                yield sse(protocol.usage_chunk(rid, model_name, choices.object_kind, usage))
+                yield sse(protocol.usage_chunk(rid, served_as, choices.object_kind, usage))
             yield "data: [DONE]\n\n"
         except EngineError as error:  # the engine failed mid-stream: the status line is already sent
             yield sse(protocol.error_body(str(error), error.status))

@@ -92,6 +92,7 @@ class SamplingFields(StrictModel):
     response_format: ResponseFormat | None = None
     regex: str | None = None  # SGLang's extra fields: the output matches this regular expression,
     ebnf: str | None = None  # or follows this grammar
+    lora_path: str | None = None  # SGLang's extra field: the adapter to run with (or name it as ``model``)
 
     def grammar(self) -> dict:
         """The request's grammar as SamplingParams fields (SamplingParams refuses more than one)."""
@@ -223,6 +224,19 @@ class ChatCompletionRequest(SamplingFields):
             raise BadRequest("tool_choice 'required' or a named function needs constrained decoding, which this "
                              "server does not have; use 'auto'", "tool_choice")
         return bool(self.tools) and self.tool_choice != "none"
+
+
+class LoadLoRAAdapterRequest(StrictModel):
+    """``POST /load_lora_adapter`` (SGLang's): serve the PEFT adapter at ``lora_path`` as ``lora_name``."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(StrictModel):
+    """``POST /unload_lora_adapter``: stop serving an adapter."""
+
+    lora_name: str
 
 
 def check_top_logprobs(value: int, field: str) -> None:

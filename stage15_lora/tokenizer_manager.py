@@ -21,6 +21,7 @@ from .engine_process import (
     AbortRequest,
     EngineReady,
     GenerateRequest,
+    LoRAAdapterRequest,
     RequestUpdate,
     UpdateBatch,
     run_engine_process,
@@ -52,6 +53,7 @@ class TokenizerManager:
         self.model_folder = ready.model_folder
         self.tokenizer = Tokenizer(ready.model_folder)
         self.context_length = ready.context_length
+        self.lora_adapters = dict(ready.lora_adapters)  # stage 15: adapters served now, name -> folder
         self.metrics = ServerMetrics()
         self.queues: dict[str, tuple[asyncio.Queue, int]] = {}  # rid -> (its group's queue, its index)
         self.engine_alive = True
@@ -96,8 +98,26 @@ class TokenizerManager:
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, tools))
 
+    async def update_lora_adapter(self, name: str, path: str | None) -> None:
+        """Load (``path`` given) or unload an adapter in the engine; ``EngineError`` if it refuses."""
+        if not self.engine_alive:
+            raise EngineError(503, "the engine process is not running")
+        queue, rid = asyncio.Queue(), uuid.uuid4().hex
+        self.queues[rid] = (queue, 0)
+        try:
+            self.conn.send(LoRAAdapterRequest(rid, name, path))
+            _, update = await queue.get()
+        finally:
+            del self.queues[rid]
+        if update.error is not None:
+            raise EngineError(update.status, update.error)
+        if path is None:
+            self.lora_adapters.pop(name, None)
+        else:
+            self.lora_adapters[name] = path
+
     async def generate(
-        self, prompts: list[list[int]], params: list[SamplingParams]
+        self, prompts: list[list[int]], params: list[SamplingParams], lora_path: str | None = None
     ) -> AsyncIterator[tuple[int, RequestUpdate]]:
         """Run a group of requests (an HTTP request's choices); yield ``(index, update)`` as they come.
 
@@ -116,7 +136,7 @@ class TokenizerManager:
         unfinished = set(rids)
         try:
             for rid, prompt_ids, p in zip(rids, prompts, params):
-                self.conn.send(GenerateRequest(rid, prompt_ids, p))
+                self.conn.send(GenerateRequest(rid, prompt_ids, p, lora_path))
             accepted, early = 0, []
             while accepted < len(rids):  # the first update of each request says whether it was accepted
                 index, update = await queue.get()
