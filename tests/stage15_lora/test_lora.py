@@ -11,6 +11,7 @@ gives the same tokens; bad adapters and settings are refused by name.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,7 +217,7 @@ def test_moe_attention_adapter_equals_peft(checkpoints, tmp_path):
 def edited_adapter(source: str, out, config=None, rename=None):
     """A copy of an adapter with its config changed or a tensor renamed."""
     out.mkdir()
-    settings = json.load(open(f"{source}/adapter_config.json")) | (config or {})
+    settings = json.loads(Path(source, "adapter_config.json").read_text()) | (config or {})
     (out / "adapter_config.json").write_text(json.dumps(settings))
     tensors = load_file(f"{source}/adapter_model.safetensors")
     if rename:
@@ -238,9 +239,9 @@ def test_bad_adapters_are_refused_at_load(checkpoints, adapters, engine, tmp_pat
     for message, (path, settings) in cases.items():
         with pytest.raises(ValueError, match=message):
             Engine(model_path=str(checkpoints["dense"]), device="cpu", lora_paths={"x": path}, **settings)
-    with pytest.raises(ValueError, match="rank 16, above max_lora_rank=8"):
-        with Engine(model_path=str(checkpoints["dense"]), device="cpu", max_lora_rank=8, lora_target_modules="all") as small:
-            small.load_lora_adapter("mlp", adapters["mlp"])
+    with (Engine(model_path=str(checkpoints["dense"]), device="cpu", max_lora_rank=8, lora_target_modules="all") as small,
+          pytest.raises(ValueError, match="rank 16, above max_lora_rank=8")):
+        small.load_lora_adapter("mlp", adapters["mlp"])
     with pytest.raises(ValueError, match="already loaded"):
         engine.load_lora_adapter("qv", adapters["qv"])
     assert engine.generate(PROMPTS[0], lora_path="qv", **GREEDY).completion_tokens == GREEDY["max_tokens"]
