@@ -132,10 +132,13 @@ class Scheduler:
 
     @staticmethod
     def _twin_admitted(request: Request, cached: int, admitted: list[Request]) -> bool:
-        """Does an admitted request share a long uncached prefix with this one (and may it wait)?"""
+        """Does an admitted request share a long uncached prefix with this one (and may it wait)?
+        Stage 15: only under the same adapter; K/V of another adapter is no use to it."""
         if request.waiting_steps >= STARVATION_STEPS:
             return False
         for other in admitted:
+            if other.lora_path != request.lora_path:
+                continue
             shared = 0
             for a, b in zip(request.all_ids, other.all_ids):
                 if a != b:
