@@ -59,9 +59,11 @@ def write_random_adapter(model_folder: Path, out: Path, rank: int, seed: int) ->
 
 def serve(engine, prompts, max_tokens, adapters) -> dict:
     """One round: every request through ``generate_batch``; output tok/s."""
+    from stage15_lora import SamplingParams
+
     start = time.perf_counter()
-    outs = engine.generate_batch(prompts, [dict(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens],
-                                 lora_path=adapters)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
+    outs = engine.generate_batch(prompts, params, lora_path=adapters)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -70,7 +72,7 @@ def serve(engine, prompts, max_tokens, adapters) -> dict:
 
 
 def run(args) -> dict:
-    from stage15_lora import Engine, SamplingParams  # noqa: F401 - SamplingParams: the kwargs generate_batch takes
+    from stage15_lora import Engine
 
     model_path, folder = resolve_model(args.model, args.device)
     root = Path(tempfile.mkdtemp(prefix="lora-bench-"))
