@@ -5,9 +5,9 @@ Each answer equals the engine's own for that adapter."""
 import json
 
 import pytest
+from test_lora import ADAPTERS, write_adapter
 
 from stage15_lora import Engine
-from test_lora import ADAPTERS, write_adapter
 from test_server import Server, http
 
 PROMPT = "Once upon a time"
