@@ -49,9 +49,11 @@ kept), so it has a fixed **width** too: ``(batch bucket, key bucket, 0,
 width)``. Its graph gathers the keys as a decode graph does, writes ``width``
 new tokens per sequence, and attends them causally; every row gets logits.
 
-Stage 15: with LoRA adapters, each row's adapter slot is one more input
-buffer; the graph sorts the rows by slot and runs the adapters' matmuls
-itself (``lora_layers.py``). Padding rows and base rows use slot 0 (zeros).
+Stage 15: a batch with LoRA rows replays a graph recorded with the adapters'
+matmuls, keyed ``(..., lora=True)`` and recorded at its first use; each
+row's adapter slot is one more input buffer, and the graph sorts the rows by
+slot itself (``lora_layers.py``). Padding rows and base rows use slot 0
+(zeros). A batch of base rows only replays the graph without them.
 """
 
 import sys
@@ -241,7 +243,7 @@ class CudaGraphRunner:
         self.runs = runs
         self.run_inputs = torch.zeros(2, self.max_bs * MAX_RUN_SLOTS, dtype=torch.int64, device=device)
         self.run_starts, self.run_lens = self.run_inputs
-        self.graphs: dict[tuple[int, int, int, int], DecodeGraph] = {}
+        self.graphs: dict[tuple[int, int, int, int, bool], DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
         self.replays = 0  # decode steps run through a graph
@@ -259,7 +261,7 @@ class CudaGraphRunner:
         if progress:
             print(f" in {self.capture_seconds:.1f} s", file=sys.stderr)
 
-    def bucket(self, batch: ForwardBatch) -> tuple[int, int, int, int] | None:
+    def bucket(self, batch: ForwardBatch) -> tuple[int, int, int, int, bool] | None:
         """The graph key for a batch, or None when it must run eagerly.
 
         Only pure decode batches qualify: one new token and one logits row per
@@ -267,21 +269,22 @@ class CudaGraphRunner:
         ``MAX_RUN_SLOTS`` runs per sequence). Stage 14: so do verify batches,
         where every sequence feeds the same ``width`` tokens (at most a page:
         padding rows write within the padding page) and every row is scored.
+        Stage 15: the last entry says whether the batch has LoRA rows.
         """
         tokens, seqs, logits_rows = batch.header[:3]
         width = batch.max_new_length
         if tokens != seqs * width or logits_rows != tokens or width > self.pool.page_size or seqs > self.max_bs:
             return None
-        bs = next(size for size in self.batch_sizes if size >= seqs)
+        bs, lora = next(size for size in self.batch_sizes if size >= seqs), self.lora is not None and batch.has_lora
         if width > 1:
-            return bs, key_bucket(batch.total_keys + (bs - seqs) * width), 0, width  # a padding row reads its own
+            return bs, key_bucket(batch.total_keys + (bs - seqs) * width), 0, width, lora  # a padding row reads its own
         if batch.run_slots and bs > 1:
-            return (bs, 0, batch.run_slots, 1) if batch.run_slots <= MAX_RUN_SLOTS else None
-        return bs, key_bucket(batch.total_keys + bs - seqs), 0, 1  # each padding row reads one key
+            return (bs, 0, batch.run_slots, 1, lora) if batch.run_slots <= MAX_RUN_SLOTS else None
+        return bs, key_bucket(batch.total_keys + bs - seqs), 0, 1, lora  # each padding row reads one key
 
-    def graph_for(self, bs: int, keys: int, run_slots: int, width: int = 1) -> DecodeGraph:
+    def graph_for(self, bs: int, keys: int, run_slots: int, width: int = 1, lora: bool = False) -> DecodeGraph:
         """The graph of this bucket, recorded now if this is its first use."""
-        if (bs, keys, run_slots, width) not in self.graphs:
+        if (bs, keys, run_slots, width, lora) not in self.graphs:
             start, reserved = time.perf_counter(), self._reserved()
             # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
             self.inputs[:, :bs] = self.padding_inputs
@@ -302,7 +305,7 @@ class CudaGraphRunner:
 
             def forward():
                 attention.begin_step()
-                if self.lora is None:
+                if not lora:
                     return self.model(input_ids, positions, attention)
                 self.lora.begin(self.lora_slots[: bs * width])  # recorded: the rows' slots are read at replay
                 try:
@@ -310,11 +313,11 @@ class CudaGraphRunner:
                 finally:
                     self.lora.begin(None)
 
-            graph = self.graphs[bs, keys, run_slots, width] = DecodeGraph(forward, self.capture, self.memory_pool)
+            graph = self.graphs[bs, keys, run_slots, width, lora] = DecodeGraph(forward, self.capture, self.memory_pool)
             graph.attention = attention  # its plan, for inspection
             self.capture_seconds += time.perf_counter() - start
             self.memory_bytes += self._reserved() - reserved
-        return self.graphs[bs, keys, run_slots, width]
+        return self.graphs[bs, keys, run_slots, width, lora]
 
     def _pad_verify(self, n: int, bs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Verify rows ``n .. bs - 1`` are padding: tokens 0 at positions ``0 .. width - 1`` of the
@@ -333,7 +336,7 @@ class CudaGraphRunner:
         lens.zero_()
         starts[:, 0], lens[:, 0] = self.padding_slot, 1
 
-    def run(self, batch: ForwardBatch, bucket: tuple[int, int, int]) -> torch.Tensor:
+    def run(self, batch: ForwardBatch, bucket: tuple[int, int, int, int, bool]) -> torch.Tensor:
         """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
 
         Four copies of the step's small arrays (already on the device; six
@@ -341,13 +344,12 @@ class CudaGraphRunner:
         computes the rest.
         Page-table updates were applied by the caller.
         """
-        bs, keys, run_slots, width = bucket
-        graph = self.graph_for(bs, keys, run_slots, width)
+        bs, keys, run_slots, width, lora = bucket
+        graph = self.graph_for(bs, keys, run_slots, width, lora)
         n = batch.header[1]
-        if self.lora is not None:  # base rows and padding rows: slot 0
+        if lora:  # base rows and padding rows: slot 0
             self.lora_slots[: bs * width] = 0
-            if batch.has_lora:
-                self.lora_slots[: n * width] = batch.lora_slots
+            self.lora_slots[: n * width] = batch.lora_slots
         self.seq_rows[:n] = batch.seq_rows
         self.seq_lens[:n] = batch.seq_lens
         if width > 1:  # a verify step

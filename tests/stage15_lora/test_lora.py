@@ -109,16 +109,21 @@ def test_logits_match_peft_in_fp32(checkpoints, adapters, engine):
 
 def test_decode_graphs_carry_each_rows_adapter(checkpoints, adapters, peft_tokens):
     """Decode batches replay the graph of their bucket (the CPU runs its forward directly): each
-    row's slot is a buffer of the graph, and padding rows and base rows take slot 0."""
+    row's slot is a buffer of the graph, and padding rows and base rows take slot 0. A batch of
+    base rows only replays a graph recorded without the adapters."""
     names = ["mlp", None, "qv"]  # three rows in the bucket of 4: one padding row
     with Engine(model_path=str(checkpoints["dense"]), device="cpu", lora_paths=adapters) as engine:
         runner = engine.runner
         runner.graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 4,
                                         runner.config.max_position_embeddings, capture=False, runs=True, lora=runner.lora)
         runner.graphs.lora_slots.fill_(3)  # junk: run() must overwrite what it uses
+        used, run = [], runner.graphs.run
+        runner.graphs.run = lambda batch, bucket: used.append(bucket[4]) or run(batch, bucket)
         got = engine.generate_batch(PROMPTS, lora_path=names, **GREEDY)
-        assert runner.graphs.replays > 0
+        base = engine.generate_batch(PROMPTS, **GREEDY)
     assert [o.token_ids for o in got] == [peft_tokens(n, p) for n, p in zip(names, PROMPTS)]
+    assert [o.token_ids for o in base] == [peft_tokens(None, p) for p in PROMPTS]
+    assert True in used and False in used  # base-only batches replay graphs without the adapters' matmuls
 
 
 def test_a_pool_smaller_than_the_adapters_swaps_them_in_and_out(checkpoints, adapters, peft_tokens):
