@@ -116,8 +116,8 @@ class LoRAPool:
 
     def assign(self, names: list[str | None]) -> list[int]:
         """The slot of each name (0 for the base), copying missing adapters in first."""
-        wanted = {n for n in names if n is not None}
-        for name in wanted - set(self.slot_names):
+        wanted = list(dict.fromkeys(n for n in names if n is not None))  # in batch order: slots are repeatable
+        for name in [n for n in wanted if n not in self.slot_names]:
             free = [s for s in range(1, len(self.slot_names)) if self.slot_names[s] not in wanted]
             if not free:
                 raise RuntimeError(f"a batch needs {len(wanted)} LoRA adapters but the pool has {self.max_loras} slots")

@@ -39,7 +39,8 @@ print(f"layer 0 qkv_proj: A {list(a.shape)}, B {list(b.shape)}")
 # so its `qkv_proj` slot stays zeros.
 #
 # ## Rows, slots and segments
-# Each forward, the pool sorts the row slots into segments: `offs[g]` is where slot `g`'s rows end.
+# Each forward, the pool sorts the row slots into segments: `offs[g]` is where slot `g`'s rows end
+# (printed for slots 0 to 3; the empty slots after them end where the last one does).
 
 # %%
 steps = []
@@ -70,7 +71,7 @@ def runs(slots):
 
 for i in (0, 1, len(steps) - 1):
     slots, offs = steps[i]
-    print(f"forward {i}: rows {runs(slots)}, offs {offs}")
+    print(f"forward {i}: rows {runs(slots)}, offs {offs[:4]} ...")
 
 # %% [markdown]
 # The first forward is the three prompts (each prompt's rows carry its slot), then each decode
