@@ -6,7 +6,7 @@ holds ``max_loras_per_batch`` slots, one stacked tensor per projection and
 factor, so a forward indexes an adapter by its slot number:
 
     A[(layer, module)]  [1 + slots, parts x R, in]    slot 0: zeros (the base model)
-    B[(layer, module)]  [1 + slots, out, parts x R]
+    B[(layer, module)]  [1 + slots, parts x R, out]   (each slot's B transposed)
 
 ``R`` is ``max_lora_rank`` (an adapter of lower rank fills its first rows
 and leaves zeros). A fused module (``qkv_proj``, ``gate_up_proj``) stacks
@@ -30,7 +30,7 @@ import torch
 from common.config import ModelConfig
 
 from .lora_adapter import TARGET_MODULES, LoRAAdapter
-from .lora_layers import LoRALinear, LoRARows, delta_bmm, delta_grouped, grouped_mm_works
+from .lora_layers import DELTAS, LoRALinear, LoRARows, grouped_mm_works
 
 DEFAULT_MAX_LORAS_PER_BATCH = 8  # SGLang's default
 RANK_ALIGNMENT = 8  # slot ranks are padded to this: grouped matmuls want 16-byte aligned rows
@@ -70,7 +70,7 @@ class LoRAPool:
                 out, inp = base.weight.shape  # this rank's shard
                 self.weights[(index, name)] = (
                     torch.zeros(1 + max_loras_per_batch, len(parts) * rank, inp, dtype=dtype, device=device),
-                    torch.zeros(1 + max_loras_per_batch, out, len(parts) * rank, dtype=dtype, device=device))
+                    torch.zeros(1 + max_loras_per_batch, len(parts) * rank, out, dtype=dtype, device=device))
                 sizes = [owner.num_heads * config.head_dim] + [owner.num_kv_heads * config.head_dim] * 2 \
                     if name == "qkv_proj" else [out // len(parts)] * len(parts)
                 self.part_rows[(index, name)] = list(itertools.accumulate([0] + sizes))
@@ -152,7 +152,7 @@ class LoRAPool:
                 if (key[0], part) in adapter.parts:
                     pa, pb = adapter.parts[(key[0], part)]
                     a[slot, p * r : p * r + pa.shape[0]].copy_(pa)
-                    b[slot, rows[p] : rows[p + 1], p * r : p * r + pb.shape[1]].copy_(pb)
+                    b[slot, p * r : p * r + pb.shape[1], rows[p] : rows[p + 1]].copy_(pb.T)
         self.slot_names[slot] = adapter.name
 
     # ----- one forward ------------------------------------------------------------------
@@ -161,9 +161,10 @@ class LoRAPool:
         """Set the forward's row slots (None: no adapter row, the base path alone)."""
         self.rows = None if slots is None else LoRARows(slots, len(self.slot_names), self.backend)
 
-    def delta(self, x: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
+        """``out`` plus every row's adapter correction of projection ``key``."""
         a, b = self.weights[key]
-        return (delta_grouped if self.backend == "grouped" else delta_bmm)(x, a, b, self.rows)
+        return DELTAS[self.backend](out, x, a, b, self.rows)
 
 
 def resolve_target_modules(target_modules, adapters_modules: list[list[str]]) -> list[str]:

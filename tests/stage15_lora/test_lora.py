@@ -76,7 +76,7 @@ def test_adapters_change_the_output(peft_tokens):
     assert len({tuple(peft_tokens(name, PROMPTS[0])) for name in [None, *ADAPTERS]}) == 1 + len(ADAPTERS)
 
 
-@pytest.mark.parametrize("backend", ["grouped", "bmm"])
+@pytest.mark.parametrize("backend", ["grouped", "bmm", "dense"])
 def test_one_batch_of_every_adapter_and_the_base_equals_peft(backend, checkpoints, adapters, peft_tokens):
     names = ["qv", None, "all", "mlp", "qv", None]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
@@ -107,12 +107,13 @@ def test_logits_match_peft_in_fp32(checkpoints, adapters, engine):
         torch.testing.assert_close(recorder.seen[0][0], expected, atol=2e-4, rtol=1e-4)
 
 
-def test_decode_graphs_carry_each_rows_adapter(checkpoints, adapters, peft_tokens):
+@pytest.mark.parametrize("backend", ["grouped", "dense"])
+def test_decode_graphs_carry_each_rows_adapter(backend, checkpoints, adapters, peft_tokens):
     """Decode batches replay the graph of their bucket (the CPU runs its forward directly): each
     row's slot is a buffer of the graph, and padding rows and base rows take slot 0. A batch of
     base rows only replays a graph recorded without the adapters."""
     names = ["mlp", None, "qv"]  # three rows in the bucket of 4: one padding row
-    with Engine(model_path=str(checkpoints["dense"]), device="cpu", lora_paths=adapters) as engine:
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", lora_paths=adapters, lora_backend=backend) as engine:
         runner = engine.runner
         runner.graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 4,
                                         runner.config.max_position_embeddings, capture=False, runs=True, lora=runner.lora)
