@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--lora-target-modules", nargs="+", default=None, choices=sorted(TARGET_MODULES) + ["all"],
                         help="projections adapters may change (default: those of --lora-paths)")
     engine.add_argument("--lora-backend", default=None, choices=LORA_BACKENDS,
-                        help="adapter matmuls: one grouped matmul per factor, or a gathered bmm (default: grouped where torch has it)")
+                        help="adapter matmuls: every slot at once (dense, the default), grouped by slot, or a gathered bmm")
     engine.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: 512 MiB on CPU, 80%% of free GPU memory)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=128)

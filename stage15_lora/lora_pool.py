@@ -30,7 +30,7 @@ import torch
 from common.config import ModelConfig
 
 from .lora_adapter import TARGET_MODULES, LoRAAdapter
-from .lora_layers import DELTAS, LoRALinear, LoRARows, grouped_mm_works
+from .lora_layers import DELTAS, LoRALinear, LoRARows
 
 DEFAULT_MAX_LORAS_PER_BATCH = 8  # SGLang's default
 RANK_ALIGNMENT = 8  # slot ranks are padded to this: grouped matmuls want 16-byte aligned rows
@@ -47,7 +47,7 @@ class LoRAPool:
         self.config, self.device, self.read_slice = config, device, read_slice
         self.max_loras, self.max_rank, self.target_modules = max_loras_per_batch, max_lora_rank, sorted(target_modules)
         dtype = model.lm_head.weight.dtype
-        self.backend = backend or ("grouped" if grouped_mm_works(device, dtype) else "bmm")
+        self.backend = backend or "dense"  # the fastest of the three on an H200 (docs/benchmarks.md)
         self.adapters: dict[str, LoRAAdapter] = {}  # every registered adapter, by name
         self.ids: dict[str, int] = {}  # name -> a number that never changes (other ranks learn slots by it)
         self._next_id = itertools.count()
