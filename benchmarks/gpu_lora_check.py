@@ -3,10 +3,14 @@
     python -m benchmarks.gpu_lora_check [--model qwen3-0.6b] [--out FILE]
 
 Random adapters of rank 16 on every projection (``benchmarks/lora.py``), 16
-prompts, each with one of 4 adapters or none. Both engines run bf16, so
-their tokens may part once two candidates are within rounding of each other;
-the report gives, per request, how many leading tokens agree, and the greedy
-tokens of the base requests against an engine with no adapters at all.
+prompts, each with one of 4 adapters or none. In bf16, two ways of adding the
+same correction round differently, so their tokens may part once two
+candidates are within rounding of each other; the report gives, per request,
+how many leading tokens agree for pairs of engines: each backend's graphs
+against the eager gather-bmm, dense graphs against dense eager (the same
+arithmetic: must agree), and dense against gather-bmm in fp32 (rounding
+too small to matter: must agree). Also the base requests against an engine
+with no adapters at all.
 """
 
 import argparse
@@ -43,17 +47,21 @@ def main(argv=None) -> int:
     got = {}
     for label, kwargs in {"bmm, eager": dict(lora_backend="bmm", disable_cuda_graph=True),
                           "dense, CUDA graphs": dict(lora_backend="dense"),
-                          "grouped, CUDA graphs": dict(lora_backend="grouped")}.items():
+                          "dense, eager": dict(lora_backend="dense", disable_cuda_graph=True),
+                          "grouped, CUDA graphs": dict(lora_backend="grouped"),
+                          "fp32 bmm, eager": dict(lora_backend="bmm", dtype="float32"),
+                          "fp32 dense, eager": dict(lora_backend="dense", dtype="float32")}.items():
         with Engine(model_path=model_path, device="cuda", lora_paths=paths, kv_cache_bytes=8 << 30, **kwargs) as engine:
             got[label] = [o.token_ids for o in engine.generate_batch(prompts, lora_path=names, **params)]
             replays = engine.runner.graphs.replays if engine.runner.graphs is not None else 0
             print(label, "graph replays", replays, flush=True)
     with Engine(model_path=model_path, device="cuda", kv_cache_bytes=8 << 30) as engine:
         base = [o.token_ids for o in engine.generate_batch([p for p, n in zip(prompts, names) if n is None], **params)]
-    reference = got.pop("bmm, eager")
+    reference = got["bmm, eager"]
+    pairs = [("dense, CUDA graphs", "bmm, eager"), ("grouped, CUDA graphs", "bmm, eager"),
+             ("dense, CUDA graphs", "dense, eager"), ("fp32 dense, eager", "fp32 bmm, eager")]
     report = dict(environment=environment(), model=args.model, requests=len(prompts), max_tokens=params["max_tokens"],
-                  agreeing_tokens_with_bmm_eager={label: [agreeing(x, y) for x, y in zip(tokens, reference)]
-                                                  for label, tokens in got.items()},
+                  agreeing_tokens={f"{x} vs {y}": [agreeing(a, b) for a, b in zip(got[x], got[y])] for x, y in pairs},
                   base_requests_equal_no_adapter_engine=[x == y for x, y in zip([t for t, n in zip(reference, names) if n is None], base)])
     text = json.dumps(report, indent=1)
     if args.out:
