@@ -4,8 +4,8 @@
 # Two LoRA adapters are made here with PEFT on the built-in model, from random weights (a real one
 # comes out of a fine-tune; the files look the same). The engine serves the same prompt three
 # ways in one `generate_batch`: under adapter `a`, under the base model, under adapter `b`. We
-# record the adapter slot of every token row the model sees, and the segments the grouped matmul
-# multiplies. Run it with `python docs/walkthroughs/15_lora_batch.py`.
+# record the adapter slot of every token row the model sees, and which columns of the stacked
+# shrink each row keeps. Run it with `python docs/walkthroughs/15_lora_batch.py`.
 
 # %%
 import tempfile
@@ -50,7 +50,7 @@ begin = pool.begin
 def recording_begin(slots):
     begin(slots)
     if slots is not None:
-        steps.append((slots.tolist(), pool.rows.offs.tolist()))
+        steps.append((slots.tolist(), pool.rows.mask(24, torch.float32)))
 
 
 pool.begin = recording_begin
@@ -70,13 +70,17 @@ def runs(slots):
 
 
 for i in (0, 1, len(steps) - 1):
-    slots, offs = steps[i]
-    print(f"forward {i}: rows {runs(slots)}, offs {offs[:4]} ...")
+    print(f"forward {i}: rows {runs(steps[i][0])}")
+slots, mask = steps[1]
+for row, slot in enumerate(slots):
+    kept = mask[row].nonzero().flatten().tolist()
+    print(f"decode row {row} (slot {slot}) keeps columns {kept[0]}..{kept[-1]}")
 
 # %% [markdown]
 # The first forward is the three prompts (each prompt's rows carry its slot), then each decode
-# step has one row per request. Slot 0 (the base) always comes first in the segments, then the
-# slots of `a` and `b` in the order the pool gave them.
+# step has one row per request. A base row keeps slot 0's columns, whose `A` and `B` are zeros.
+# (`lora_backend="grouped"` instead sorts the rows by slot and multiplies each slot's segment by
+# its own adapter only.)
 #
 # ## Three answers
 # The same prompt, three models:
