@@ -33,6 +33,7 @@ RUNS = "tests/stage12_inplace_attention/test_page_runs.py::"
 RUN_ALLOCATOR = "tests/stage12_inplace_attention/test_page_allocator.py::"
 SPECULATIVE = "tests/stage14_speculative/test_speculative.py::"
 SPEC_SAMPLING = "tests/stage14_speculative/test_spec_sampling_and_storm.py::"
+LORA = "tests/stage15_lora/test_lora.py::"
 
 EXERCISES = [
     Exercise(
@@ -247,6 +248,27 @@ EXERCISES = [
         '        raise NotImplementedError("exercise: free the pages past num_cached")\n',
         (SPECULATIVE + "test_an_abort_between_verifies_frees_the_target_and_draft_pages",
          SPECULATIVE + "test_stop_strings_and_max_tokens_are_never_overshot"),
+    ),
+    Exercise(
+        "stage15_lora", 1, BREAK, "one cache for every adapter",
+        "match_prefix now looks every prompt up under the base model's root, whatever its adapter. "
+        "Which test fails, and what would a user serving two adapters see if inserts went there too?",
+        "radix_cache.py",
+        "        node, pages, i = self._root_for(namespace), [], 0\n",
+        "        node, pages, i = self.root, [], 0\n",
+        (LORA + "test_the_same_prompt_under_two_adapters_shares_no_cached_pages",),
+    ),
+    Exercise(
+        "stage15_lora", 2, BUILD, "shrink and expand every slot at once",
+        "add_dense has lost its body. Shrink x by every slot's A in one matmul (a is [slots, r, in]: "
+        "view it as one matrix), keep each row's own slot's columns (rows.mask), and expand by every "
+        "slot's B (b is [slots, r, out]) into out with one addmm.",
+        "lora_layers.py",
+        "    slots, rank, width = a.shape[0], a.shape[1], b.shape[2]\n"
+        "    shrunk = F.linear(x, a.view(slots * rank, -1)) * rows.mask(rank, x.dtype)  # [T, slots x r]\n"
+        "    return torch.addmm(out, shrunk, b.view(slots * rank, width))\n",
+        '    raise NotImplementedError("exercise: out + B[slot] A[slot] x for every row, over all slots at once")\n',
+        (LORA + "test_one_batch_of_every_adapter_and_the_base_equals_peft[dense]",),
     ),
 ]
 

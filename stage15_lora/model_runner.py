@@ -177,8 +177,6 @@ class ModelRunner:
         row of the device page tables. Returns False, changing nothing, when
         the request must wait.
         """
-        if self.lora is not None and not self.lora.fits(request.lora_path, (r.lora_path for r in running)):
-            return False  # its adapter would need a pool slot the running requests' adapters fill
         pages, node = [], None
         if self.radix_cache is not None:
             # Leave the last token uncached: its forward gives the next token's logits.
@@ -194,6 +192,11 @@ class ModelRunner:
         request.num_cached = request.cached_tokens = len(pages) * self.page_size
         self.page_tables.take_row(request)
         return True
+
+    def adapter_fits(self, request: Request, running: list[Request]) -> bool:
+        """Stage 15: may the request run beside ``running`` without needing more adapters than
+        the pool has slots? (Always, without LoRA.)"""
+        return self.lora is None or self.lora.fits(request.lora_path, (r.lora_path for r in running))
 
     def expected_pages(self, request: Request, pages_held: int, new_token_ratio: float) -> int:
         """Pages the request is expected to still need beyond the ``pages_held`` it has."""

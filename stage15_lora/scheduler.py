@@ -109,7 +109,8 @@ class Scheduler:
 
         With ``whole_prompts`` a request must fit the budget whole (but the
         first one always goes); otherwise the last one may start a chunk.
-        Requests deferred for in-batch prefix sharing keep their place.
+        Requests deferred for in-batch prefix sharing, or because their LoRA
+        adapter has no slot free, keep their place.
         """
         admitted, deferred = [], []
         while self.waiting and budget > 0:
@@ -120,6 +121,13 @@ class Scheduler:
                 continue
             if whole_prompts and admitted and request.seq_len - cached > budget:
                 break
+            if not self.runner.adapter_fits(request, self.running + admitted):
+                # Stage 15: its adapter needs a slot the running adapters fill. Others may go first,
+                # unless it is starving: then nobody is admitted until the running set makes room.
+                if request.waiting_steps >= STARVATION_STEPS:
+                    break
+                deferred.append(self.waiting.popleft())
+                continue
             if not self.runner.admit(request, self.running + admitted, self.new_token_ratio):
                 break  # in order: nobody overtakes the head of the queue
             admitted.append(self.waiting.popleft())

@@ -146,7 +146,7 @@ def test_a_pool_smaller_than_the_adapters_swaps_them_in_and_out(checkpoints, ada
         engine.runner.launch = launch
         got = engine.generate_batch(prompts, lora_path=names, **GREEDY)
     assert [o.token_ids for o in got] == [peft_tokens(n, p) for n, p in zip(names, prompts)]
-    assert max(len(s) for s in seen) == 2 and len(loads) > 3  # swapped, never more than the slots
+    assert max(len(s) for s in seen) == 2 and len(loads) >= 3  # never more than the slots; one evicted
 
 
 def test_the_same_prompt_under_two_adapters_shares_no_cached_pages(engine):
