@@ -34,12 +34,14 @@ def start(exercise: Exercise, work: Path = WORK, change: bool = True) -> Path:
     return target
 
 
-def check(exercise: Exercise, work: Path = WORK, quiet: bool = True, tests: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
+def check(exercise: Exercise, work: Path = WORK, quiet: bool = True, tests: tuple[str, ...] | None = None,
+          scratch: Path | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run the exercise's tests (or ``tests``) against its scratch copy (one process, no xdist).
-    Exit status 0: they pass; 1: some fail."""
-    root = scratch_root(exercise, work)
+    ``scratch``: another folder of stage copies to put first on the import path (the CI checks
+    several exercises of different stages in one process). Exit status 0: they pass; 1: some fail."""
+    root = scratch or scratch_root(exercise, work)
     if not (root / exercise.stage).exists():
         raise RuntimeError(f"no scratch copy at {root}: run `python -m exercises start {exercise.stage} {exercise.number}` first")
     env = dict(os.environ, QWEN3_LADDER_SCRATCH=str(root), PYTHONDONTWRITEBYTECODE="1")
-    command = [sys.executable, "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider", *(tests or exercise.tests)]
+    command = [sys.executable, "-m", "pytest", "-q", "-n0", "-p", "no:cacheprovider", *extra, *(tests or exercise.tests)]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=quiet, text=True, check=False)

@@ -9,11 +9,10 @@ adapters in and out. Every greedy request gives the tokens it gives alone under 
 import itertools
 
 import torch
-
 from test_lora import write_adapter
-from test_request_storm import PAGE, POOL_PAGES, STEPS, drive_storm, storm_checkpoint  # noqa: F401
 
 from stage15_lora import Engine
+from test_request_storm import PAGE, POOL_PAGES, STEPS, drive_storm, storm_checkpoint  # noqa: F401
 
 NAMES = ["x", "y", None, "z"]
 
