@@ -1,0 +1,379 @@
+"""Stage 09: decode steps replay captured CUDA graphs.
+
+Why: a decode step of Qwen3-0.6B is ~700 small kernels, each launched from
+Python. At small batches the GPU finishes a kernel before Python has launched
+the next one, so the step costs what the launches cost, not what the math
+costs. A CUDA graph records the kernels of one forward once; replaying it
+launches all of them with a single call.
+
+A graph replays *exactly* what it recorded: the same kernels, on the same
+memory addresses, with the same shapes. So everything a step changes must be
+written into fixed input buffers before the replay, and every shape must be
+fixed in advance:
+
+* **batch buckets**: graphs are recorded for batch sizes 1, 2, 4, 8, 16, 24,
+  ... up to ``cuda_graph_max_bs``; a batch of 5 runs the graph of 8, with 3
+  padding rows;
+* **key buckets**: attention gathers the keys of every sequence into one
+  packed buffer (``kv_cache.py``), whose length is the total number of keys.
+  That length is rounded up to a power of two and is part of the graph's key:
+  ``(batch bucket, key bucket)``. Start-up records every batch bucket with
+  room for short sequences; a longer key bucket is recorded the first time a
+  step needs it;
+* **padding rows** must never change a real row: each is a sequence of one
+  token whose page-table row (one no request can take) points at a padding
+  page that no request owns, so it writes and attends only there;
+* **the plan inside the graph**: which slot each new token's K/V goes to and
+  which slots each sequence's keys are gathered from are computed *by the
+  graph*, from the page tables and the buffers, so a replay redoes them on the
+  device. The host copies only the step's token ids, positions, page-table
+  rows and lengths (``CudaGraphRunner.run``) and launches one replay.
+
+Prefill and mixed steps, batches above the largest bucket, and dtypes the
+flash kernel does not run (fp32) run eagerly, as in stage 08. (SGLang's
+``CudaGraphRunner``; vLLM and nano-vllm capture the same way.)
+
+Stage 12: with page runs (``page_runs.py``) nothing is gathered, so a graph
+of two or more sequences is keyed by **run slots** instead of keys:
+``(batch bucket, run slots)``, each sequence's runs padded with empty ones to
+a power of two. The host sends the runs with the batch; the graph reads the
+pool in place. Start-up records one run slot per sequence (what the
+allocator aims for); more slots are recorded when a step first needs them,
+up to ``MAX_RUN_SLOTS``; a batch with more runs than that runs eagerly. One
+sequence keeps stage 11's graph: its gather is tiny, and SDPA spreads its
+keys over every SM.
+
+Stage 14: a verify step feeds every sequence its newest token and the same
+number of guesses (the engine pads short drafts with guesses that are never
+kept), so it has a fixed **width** too: ``(batch bucket, key bucket, 0,
+width)``. Its graph gathers the keys as a decode graph does, writes ``width``
+new tokens per sequence, and attends them causally; every row gets logits.
+
+Stage 15: a batch with LoRA rows replays a graph recorded with the adapters'
+matmuls, keyed ``(..., lora=True)`` and recorded at its first use; each
+row's adapter slot is one more input buffer, and the graph sorts the rows by
+slot itself (``lora_layers.py``). Padding rows and base rows use slot 0
+(zeros). A batch of base rows only replays the graph without them.
+"""
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .forward_batch import ForwardBatch
+from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
+from .page_runs import RunAttention
+
+MIN_KEY_BUCKET = 1024  # the smallest packed-key buffer a graph is recorded with
+START_UP_KEYS_PER_SEQUENCE = 256  # start-up records each batch bucket for sequences this long
+MAX_RUN_SLOTS = 64  # the most runs per sequence a graph is recorded for; more run eagerly
+
+
+def batch_buckets(max_bs: int) -> list[int]:
+    """The batch sizes graphs are recorded for: 1, 2, 4, 8, then every 8 up to ``max_bs``."""
+    sizes = [bs for bs in (1, 2, 4, 8) if bs <= max_bs] + list(range(16, max_bs + 1, 8))
+    return sizes if sizes[-1] == max_bs else sizes + [max_bs]
+
+
+def key_bucket(num_keys: int) -> int:
+    """The packed-key buffer length for ``num_keys`` keys: the next power of two (at least MIN_KEY_BUCKET)."""
+    return max(MIN_KEY_BUCKET, 1 << (num_keys - 1).bit_length())
+
+
+class StaticAttention(PagedAttention):
+    """The attention backend inside a graph: stage 08's packed attention, with its plan
+    computed on the device from the fixed buffers that ``CudaGraphRunner.run`` fills.
+
+    ``begin_step`` turns each sequence's page-table row and length into the
+    slots its new token is written to and the ``num_keys`` packed key slots
+    attention gathers (keys past the last sequence read the padding slot).
+    Recorded with the forward, it runs again on every replay.
+
+    A batch of one sequence takes another kernel. The flash kernel splits its
+    work by sequence and KV head, so one sequence gives an H100 only
+    ``kv_heads`` blocks of work for 132 SMs (24 us a layer on Qwen3-0.6B).
+    SDPA over the whole key buffer with an additive mask (0 for the sequence's
+    keys, -inf past them) splits the keys too and takes about 7 us.
+    """
+
+    def __init__(self, pool: PagedKVPool, page_tables: DevicePageTables, rows: torch.Tensor, seq_lens: torch.Tensor,
+                 num_keys: int, max_k: int, padding_slot: int):
+        self.pool, self.table = pool, page_tables.table
+        self.rows, self.seq_lens = rows, seq_lens
+        self.num_keys, self.padding_slot = num_keys, padding_slot
+        self.max_q, self.max_k, self.packed_layout = 1, max_k, True
+        self.cu_seqlens_q = torch.arange(len(rows) + 1, dtype=torch.int32, device=rows.device)  # one query each
+        self.single_sequence = len(rows) == 1
+
+    def begin_step(self) -> None:
+        """This step's plan, from the buffers: new-token slots, key ranges, packed key slots."""
+        page, table = self.pool.page_size, self.table
+        ends = self.seq_lens.cumsum(0)
+        self.cu_seqlens_k = F.pad(ends, (1, 0)).int()  # int32, as the flash kernel takes them
+        key = torch.arange(self.num_keys, device=ends.device)
+        owner = torch.searchsorted(ends, key, right=True)  # the sequence each packed key belongs to
+        real = owner < len(ends)  # keys past the last sequence only fill the buffer
+        owner = owner.clamp(max=len(ends) - 1)
+        key_pos = torch.where(real, key - (ends - self.seq_lens)[owner], 0)  # position in its sequence
+        slots = table[self.rows[owner], key_pos // page] * page + key_pos % page
+        self.key_slots = torch.where(real, slots, self.padding_slot)
+        self.slots = self.key_slots[ends - 1]  # a decode token is its sequence's last key
+        if self.single_sequence:
+            # Made once per step for every layer (SDPA would turn a boolean mask into this in each).
+            zero = torch.zeros((), dtype=self.pool.k.dtype, device=key.device)
+            self.key_bias = torch.where(real, zero, float("-inf"))[None, :]  # [queries, keys]: one query
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self.single_sequence:
+            return super().__call__(layer_index, q, k, v)
+        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
+        k_pool.index_copy_(0, self.slots, k)
+        v_pool.index_copy_(0, self.slots, v)
+        # Masked keys still enter the sums with weight 0, so they must be finite: past the
+        # sequence the buffer reads the padding slot, which the runner zeroes at start.
+        keys, values = k_pool[self.key_slots].transpose(0, 1), v_pool[self.key_slots].transpose(0, 1)  # [kv_heads, K, d]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                             attn_mask=self.key_bias[None, None], enable_gqa=True)  # [1, heads, queries, d]
+        return out[0].transpose(0, 1)
+
+
+class StaticVerifyAttention(StaticAttention):
+    """A verify graph's attention: ``width`` new tokens per sequence, the last of its keys,
+    attended causally over the gathered keys: one varlen call, or for one sequence SDPA with
+    a mask (for the same reason as a one-sequence decode graph: it spreads the keys over the SMs)."""
+
+    def __init__(self, pool: PagedKVPool, page_tables: DevicePageTables, rows: torch.Tensor, seq_lens: torch.Tensor,
+                 num_keys: int, max_k: int, padding_slot: int, width: int):
+        super().__init__(pool, page_tables, rows, seq_lens, num_keys, max_k, padding_slot)
+        self.width, self.max_q = width, width
+        self.cu_seqlens_q = self.cu_seqlens_q * width
+        self.newest = torch.arange(width, device=rows.device) - width  # offsets from a sequence's end
+
+    def begin_step(self) -> None:
+        super().begin_step()
+        ends = self.cu_seqlens_k[1:].long()
+        self.slots = self.key_slots[(ends[:, None] + self.newest).flatten()]
+        if self.single_sequence:  # query i sees the keys up to its own position: [width, num_keys]
+            zero = torch.zeros((), dtype=self.pool.k.dtype, device=ends.device)
+            key = torch.arange(self.num_keys, device=ends.device)
+            self.key_bias = torch.where(key[None, :] <= ends[0] + self.newest[:, None], zero, float("-inf"))
+
+
+class StaticRunsAttention(PagedAttention):
+    """The attention backend inside a graph over page runs: each sequence's runs come from
+    fixed buffers (``CudaGraphRunner.run`` fills them), its keys are read in place.
+
+    ``begin_step`` finds the slot each new token is written to (the slot after
+    its sequence's last key, from the page table) and plans the runs; both are
+    recorded, so a replay redoes them.
+    """
+
+    def __init__(self, pool: PagedKVPool, page_tables: DevicePageTables, rows: torch.Tensor, seq_lens: torch.Tensor,
+                 run_starts: torch.Tensor, run_lens: torch.Tensor, max_run_len: int):
+        self.pool, self.table = pool, page_tables.table
+        self.rows, self.seq_lens = rows, seq_lens
+        self.run_starts, self.run_lens, self.max_run_len = run_starts, run_lens, max_run_len
+
+    def begin_step(self) -> None:
+        page, position = self.pool.page_size, self.seq_lens - 1  # a decode token is its sequence's last
+        self.slots = self.table[self.rows, position // page] * page + position % page
+        self.runs = RunAttention(self.run_starts, self.run_lens, len(self.rows), self.max_run_len)
+
+
+class DecodeGraph:
+    """One recorded decode forward: ``run()`` replays it and returns the hidden states ``[bs, hidden]``.
+
+    With ``capture=False`` nothing is recorded and ``run()`` calls the forward
+    directly on the same buffers: the CPU tests use this to check everything
+    around the graph (buckets, padding, buffer filling).
+    """
+
+    def __init__(self, forward, capture: bool, memory_pool=None):
+        self.forward = forward
+        self.graph = None
+        if capture:
+            # Warm up first, off the main stream (cuBLAS workspaces, kernel selection), as the
+            # PyTorch docs advise; a graph must not record one-time set-up work.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: work of other threads (NCCL's watchdog) does not break the capture.
+            with torch.cuda.graph(self.graph, pool=memory_pool, capture_error_mode="thread_local"):
+                self.hidden = forward()
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.hidden
+
+
+class CudaGraphRunner:
+    """Records decode forwards per (batch bucket, key bucket, run slots) and runs decode batches
+    through them. A graph over page runs has key bucket 0; a gathering one has run slots 0."""
+
+    def __init__(self, model, pool: PagedKVPool, page_tables: DevicePageTables, padding_page: int,
+                 max_bs: int, max_context: int, capture: bool, runs: bool = False, lora=None):
+        self.model, self.pool, self.page_tables, self.lora = model, pool, page_tables, lora
+        self.batch_sizes = batch_buckets(max_bs)
+        self.max_bs, self.max_context, self.capture = self.batch_sizes[-1], max_context, capture
+        self.padding_slot = padding_page * pool.page_size
+        # Padding rows read and write through a page-table row taken out of the free list for
+        # good, all of whose entries are the padding page (zeroed, so keys read there are finite).
+        self.padding_row = page_tables.free_rows.pop(0)
+        page_tables.table[self.padding_row] = padding_page
+        pool.k[:, self.padding_slot : self.padding_slot + pool.page_size] = 0
+        pool.v[:, self.padding_slot : self.padding_slot + pool.page_size] = 0
+        device = pool.k.device
+        # The fixed input buffers, one column per row of the batch: token id, position,
+        # page-table row, sequence length. Columns past a batch's size are padding rows.
+        self.inputs = torch.zeros(4, self.max_bs, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.seq_rows, self.seq_lens = self.inputs
+        # A verify graph's token ids and positions, ``width`` (at most a page) per sequence.
+        self.verify_inputs = torch.zeros(2, self.max_bs * pool.page_size, dtype=torch.int64, device=device)
+        self.padding_inputs = torch.tensor([[0], [0], [self.padding_row], [1]], device=device)  # token 0 at position 0
+        self.lora_slots = torch.zeros(self.max_bs * pool.page_size, dtype=torch.int64, device=device)  # per token
+        # Page runs: each sequence's run starts and lengths, ``run slots`` per sequence. A padding
+        # row has one run, the padding slot's single key, and empty ones after it.
+        self.runs = runs
+        self.run_inputs = torch.zeros(2, self.max_bs * MAX_RUN_SLOTS, dtype=torch.int64, device=device)
+        self.run_starts, self.run_lens = self.run_inputs
+        self.graphs: dict[tuple[int, int, int, int, bool], DecodeGraph] = {}
+        self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
+        self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
+        self.replays = 0  # decode steps run through a graph
+
+    def capture_all(self, progress: bool = True) -> None:
+        """Record every batch bucket for short sequences, largest first (smaller graphs then
+        reuse the memory of larger ones in the shared pool)."""
+        for i, bs in enumerate(reversed(self.batch_sizes)):
+            if self.runs and bs > 1:
+                self.graph_for(bs, 0, 1, 1)
+            else:
+                self.graph_for(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE), 0, 1)
+            if progress:
+                print(f"\rcapturing CUDA graphs: {i + 1}/{len(self.batch_sizes)} (bs {bs})", end="", file=sys.stderr)
+        if progress:
+            print(f" in {self.capture_seconds:.1f} s", file=sys.stderr)
+
+    def bucket(self, batch: ForwardBatch) -> tuple[int, int, int, int, bool] | None:
+        """The graph key for a batch, or None when it must run eagerly.
+
+        Only pure decode batches qualify: one new token and one logits row per
+        sequence, at most ``max_bs`` sequences (and, with runs, at most
+        ``MAX_RUN_SLOTS`` runs per sequence). Stage 14: so do verify batches,
+        where every sequence feeds the same ``width`` tokens (at most a page:
+        padding rows write within the padding page) and every row is scored.
+        Stage 15: the last entry says whether the batch has LoRA rows.
+        """
+        tokens, seqs, logits_rows = batch.header[:3]
+        width = batch.max_new_length
+        if tokens != seqs * width or logits_rows != tokens or width > self.pool.page_size or seqs > self.max_bs:
+            return None
+        bs, lora = next(size for size in self.batch_sizes if size >= seqs), self.lora is not None and batch.has_lora
+        if width > 1:
+            return bs, key_bucket(batch.total_keys + (bs - seqs) * width), 0, width, lora  # a padding row reads its own
+        if batch.run_slots and bs > 1:
+            return (bs, 0, batch.run_slots, 1, lora) if batch.run_slots <= MAX_RUN_SLOTS else None
+        return bs, key_bucket(batch.total_keys + bs - seqs), 0, 1, lora  # each padding row reads one key
+
+    def graph_for(self, bs: int, keys: int, run_slots: int, width: int = 1, lora: bool = False) -> DecodeGraph:
+        """The graph of this bucket, recorded now if this is its first use."""
+        if (bs, keys, run_slots, width, lora) not in self.graphs:
+            start, reserved = time.perf_counter(), self._reserved()
+            # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
+            self.inputs[:, :bs] = self.padding_inputs
+            input_ids, positions = self.input_ids[:bs], self.positions[:bs]
+            if width > 1:
+                input_ids, positions = self._pad_verify(0, bs, width)
+                attention = StaticVerifyAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs], keys,
+                                                  max_k=min(keys, self.max_context), padding_slot=self.padding_slot,
+                                                  width=width)
+            elif run_slots:
+                self._pad_runs(0, bs, run_slots)
+                attention = StaticRunsAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs],
+                                                self.run_starts[: bs * run_slots], self.run_lens[: bs * run_slots],
+                                                max_run_len=self.max_context)
+            else:
+                attention = StaticAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs], keys,
+                                            max_k=min(keys, self.max_context), padding_slot=self.padding_slot)
+
+            def forward():
+                attention.begin_step()
+                if not lora:
+                    return self.model(input_ids, positions, attention)
+                self.lora.begin(self.lora_slots[: bs * width])  # recorded: the rows' slots are read at replay
+                try:
+                    return self.model(input_ids, positions, attention)
+                finally:
+                    self.lora.begin(None)
+
+            graph = self.graphs[bs, keys, run_slots, width, lora] = DecodeGraph(forward, self.capture, self.memory_pool)
+            graph.attention = attention  # its plan, for inspection
+            self.capture_seconds += time.perf_counter() - start
+            self.memory_bytes += self._reserved() - reserved
+        return self.graphs[bs, keys, run_slots, width, lora]
+
+    def _pad_verify(self, n: int, bs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verify rows ``n .. bs - 1`` are padding: tokens 0 at positions ``0 .. width - 1`` of the
+        padding row (so they write within the padding page). Returns the verify graph's token id
+        and position buffers for ``bs`` sequences."""
+        input_ids, positions = self.verify_inputs[:, : bs * width]
+        input_ids[n * width :] = 0
+        positions[n * width :] = torch.arange(width, device=positions.device).repeat(bs - n)
+        self.seq_rows[n:bs], self.seq_lens[n:bs] = self.padding_row, width
+        return input_ids, positions
+
+    def _pad_runs(self, n: int, bs: int, run_slots: int) -> None:
+        """Rows ``n .. bs - 1`` are padding: one run of one key at the padding slot, then empty runs."""
+        lens = self.run_lens[n * run_slots : bs * run_slots].view(bs - n, run_slots)
+        starts = self.run_starts[n * run_slots : bs * run_slots].view(bs - n, run_slots)
+        lens.zero_()
+        starts[:, 0], lens[:, 0] = self.padding_slot, 1
+
+    def run(self, batch: ForwardBatch, bucket: tuple[int, int, int, int, bool]) -> torch.Tensor:
+        """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
+
+        Four copies of the step's small arrays (already on the device; six
+        with page runs) and one fill of the padding columns; the graph
+        computes the rest.
+        Page-table updates were applied by the caller.
+        """
+        bs, keys, run_slots, width, lora = bucket
+        graph = self.graph_for(bs, keys, run_slots, width, lora)
+        n = batch.header[1]
+        if lora:  # base rows and padding rows: slot 0
+            self.lora_slots[: bs * width] = 0
+            self.lora_slots[: n * width] = batch.lora_slots
+        self.seq_rows[:n] = batch.seq_rows
+        self.seq_lens[:n] = batch.seq_lens
+        if width > 1:  # a verify step
+            input_ids, positions = self._pad_verify(n, bs, width)
+            input_ids[: n * width] = batch.input_ids
+            positions[: n * width] = batch.positions
+            self.replays += 1
+            return graph.run()[: n * width]
+        self.input_ids[:n] = batch.input_ids
+        self.positions[:n] = batch.positions
+        if run_slots:
+            self.run_starts[: n * run_slots] = batch.run_starts
+            self.run_lens[: n * run_slots] = batch.run_lens
+        if n < bs:
+            self.inputs[:, n:bs] = self.padding_inputs
+            if run_slots:
+                self._pad_runs(n, bs, run_slots)
+        self.replays += 1
+        return graph.run()[:n]
+
+    def _reserved(self) -> int:
+        """Device memory the caching allocator holds, after handing back what it only caches
+        (recording a graph empties the cache too, so before/after compare like with like)."""
+        if not self.capture:
+            return 0
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved(self.pool.k.device)

@@ -1,0 +1,790 @@
+"""The public Engine: prompts in, text out.
+
+Data flow:  prompt -> Engine (validate, tokenize) -> Request -> ModelRunner.step
+(forward + sample, repeated) -> Request (stop rules, text) -> GenerateOutput.
+
+Stage 04 serves every request through one scheduler loop (continuous
+batching): requests join the waiting queue at any time (``add_request``, or
+any of the generate calls, from any thread). Stage 05 makes each ``step`` one
+forward that carries the decode tokens of all running requests plus up to
+``chunked_prefill_size`` prompt tokens, so a long prompt is prefilled in
+chunks across steps instead of stalling everyone. Stage 06 lets a schedule
+policy choose which waiting requests go first, and hands running requests'
+computed pages to the prefix cache so others can share them at once.
+Finished requests leave at once. Stage 07 splits the model across
+``tp_size`` processes (tensor parallelism): this process is rank 0 and plans
+every step; the other ranks run the same forward on their shards. Stage 08
+spreads the experts of Qwen3-MoE over ``ep_size`` ranks (expert parallelism).
+Stage 09 replays decode steps from CUDA graphs recorded at start-up
+(``cuda_graph_max_bs``; ``disable_cuda_graph`` turns them off). Stage 10
+overlaps the host with the GPU: each step is launched before the tokens of
+the step before it are read (``disable_overlap_schedule`` turns it off).
+Stage 11 runs this engine in its own process behind an HTTP server
+(``engine_process.py``); ``stats`` gives the server its metrics. Stage 12's
+decode attention reads the keys where they lie in the pool, run by run of
+consecutive pages (``attention_backend="runs"``; ``"gather"`` copies them out
+first, as stage 11 does). Stage 13 serves requests whose output must follow
+a JSON schema, a regular expression or an EBNF grammar (``grammar.py``):
+each step masks the tokens the grammar forbids, and tokens it forces are
+appended without sampling (``disable_jump_forward`` turns that off).
+Stage 14 decodes speculatively (``speculative_algorithm``): before each
+step, cheap guesses of every decoding request's next tokens (its own
+n-grams, or a small draft model); the step verifies them all in one target
+forward and keeps what the target agrees with (``spec_verify.py``), so a
+request may gain several tokens per forward with exactly the same output.
+Stage 15 serves LoRA adapters on the one base model (``lora_paths``): each
+request names its adapter (``lora_path``) or none, and one batch mixes them
+(``lora_pool.py``, ``lora_layers.py``). Stage 16 scales out: the server runs
+``dp_size`` of these engines as replicas (``tokenizer_manager.py``,
+``router.py``), and one engine's parallel group may span machines
+(``nnodes``): node 0 runs this Engine, the other nodes ``run_worker_node``.
+"""
+
+import functools
+import gc
+import inspect
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from common.memory import out_of_memory_error
+from common.tokenizer import Tokenizer
+
+from .draft_model import DraftModelWorker
+from .grammar import GrammarBackend, RequestGrammar
+from .lora_layers import LORA_BACKENDS, grouped_mm_works
+from .lora_pool import DEFAULT_MAX_LORAS_PER_BATCH
+from .model_runner import ATTENTION_BACKENDS, CUDA_GRAPH_MAX_BS, LaunchedStep, ModelRunner
+from .ngram_draft import NgramDrafter
+from .parallel import WorkerFailure, WorkerGroup
+from .request import GenerateOutput, Request
+from .sampling_params import SamplingParams
+from .schedule_policy import SchedulePolicy
+from .scheduler import Scheduler
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a user can change when a step does not fit in device memory (common/memory.py).
+SPECULATIVE_ALGORITHMS = ("NGRAM", "STANDALONE")  # SGLang's names; EAGLE needs a trained head (see draft_model.py)
+DEFAULT_DRAFT_TOKENS = 4  # tokens a verify feeds per request by default: the newest and 3 guesses
+OUT_OF_MEMORY_HINT = "give activations more room (a smaller kv_cache_bytes) or prefill in smaller chunks (chunked_prefill_size)"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or "auto" picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Engine:
+    """A Qwen3 inference engine: ``generate``, ``generate_batch``, ``generate_stream``.
+
+    ``Engine()`` loads the built-in offline model; ``model_path`` may be a
+    checkpoint folder, a .gguf file or a hub id such as "Qwen/Qwen3-0.6B".
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        context_length: int | None = None,
+        seed: int | None = None,
+        page_size: int = 16,
+        kv_cache_bytes: int | None = None,
+        disable_radix_cache: bool = False,
+        max_prefill_tokens: int = 16384,
+        chunked_prefill_size: int | None = 2048,
+        schedule_policy: str = "fcfs",
+        tp_size: int = 1,
+        ep_size: int = 1,
+        dist_timeout: float = 30.0,
+        disable_cuda_graph: bool = False,
+        cuda_graph_max_bs: int = CUDA_GRAPH_MAX_BS,
+        disable_overlap_schedule: bool = False,
+        attention_backend: str = "runs",
+        disable_jump_forward: bool = False,
+        speculative_algorithm: str | None = None,
+        speculative_draft_model_path: str | None = None,
+        speculative_num_steps: int | None = None,
+        speculative_num_draft_tokens: int | None = None,
+        speculative_eagle_topk: int | None = None,
+        lora_paths: dict[str, str] | list[str] | None = None,
+        max_loras_per_batch: int = DEFAULT_MAX_LORAS_PER_BATCH,
+        max_lora_rank: int | None = None,
+        lora_target_modules: list[str] | str | None = None,
+        lora_backend: str | None = None,
+        nnodes: int = 1,
+        node_rank: int = 0,
+        dist_init_addr: str | None = None,
+        base_gpu_id: int = 0,
+    ):
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size={page_size!r} must be a positive integer")
+        if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens={max_prefill_tokens!r} must be a positive integer")
+        if chunked_prefill_size == -1:  # SGLang's spelling of "off"
+            chunked_prefill_size = None
+        if chunked_prefill_size is not None and (not isinstance(chunked_prefill_size, int) or chunked_prefill_size < 1):
+            raise ValueError(f"chunked_prefill_size={chunked_prefill_size!r} must be a positive integer, or -1 for no chunking")
+        for name, value in (("tp_size", tp_size), ("ep_size", ep_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or not dist_timeout > 0:
+            raise ValueError(f"dist_timeout={dist_timeout!r} must be a positive number of seconds")
+        if not isinstance(cuda_graph_max_bs, int) or isinstance(cuda_graph_max_bs, bool) or cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs={cuda_graph_max_bs!r} must be a positive integer")
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend={attention_backend!r} is not one of {list(ATTENTION_BACKENDS)}")
+        self.num_guesses = speculative_guesses(speculative_algorithm, speculative_draft_model_path, speculative_num_steps,
+                                               speculative_num_draft_tokens, speculative_eagle_topk)
+        self.topk = speculative_eagle_topk or 1
+        if self.topk > 1 and max(tp_size, ep_size) > 1:
+            raise ValueError("speculative_eagle_topk above 1 (draft trees) runs on one rank; use tp_size=1 and ep_size=1")
+        world = max(tp_size, ep_size)  # the expert-parallel ranks are the tensor-parallel ranks
+        if tp_size not in (1, world) or ep_size not in (1, world):
+            raise ValueError(f"tp_size={tp_size} and ep_size={ep_size}: use equal sizes, or 1 for either")
+        lora_paths = lora_settings(lora_paths, max_loras_per_batch, max_lora_rank, lora_backend)
+        self.device = resolve_device(device)
+        if lora_backend == "grouped" and not grouped_mm_works(self.device, resolve_dtype(dtype) or torch.float32):
+            raise ValueError("lora_backend='grouped' needs torch._grouped_mm for this device and dtype, which this "
+                             "torch lacks; use lora_backend='bmm'")
+        ranks_per_node = multi_node_settings(nnodes, node_rank, dist_init_addr, world, self.device, kv_cache_bytes, base_gpu_id)
+        if node_rank > 0:
+            raise ValueError(f"node_rank={node_rank}: nodes other than 0 run workers only; start them with "
+                             "`python -m stage16_data_parallel --nnodes N --node-rank R --dist-init-addr HOST:PORT ...`")
+        make_runner = runner_factory(
+            model_path, self.device, dtype, seed, page_size, kv_cache_bytes, disable_radix_cache, tp_size=tp_size,
+            ep_size=ep_size, disable_cuda_graph=disable_cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
+            attention_backend=attention_backend, lora_paths=lora_paths, max_loras_per_batch=max_loras_per_batch,
+            max_lora_rank=max_lora_rank, lora_target_modules=lora_target_modules, lora_backend=lora_backend,
+            base_gpu_id=base_gpu_id, ranks_per_node=ranks_per_node,
+        )
+        self.runner = make_runner(tp_rank=0)
+        self.drafter = None
+        if speculative_algorithm == "NGRAM":
+            self.drafter = NgramDrafter()
+        elif speculative_algorithm == "STANDALONE":  # on rank 0 only, with as many pages as the target's pool
+            draft = ModelRunner(speculative_draft_model_path, self.device, resolve_dtype(dtype), seed, page_size, None, True,
+                                num_pages=self.runner.allocator.num_pages, disable_cuda_graph=disable_cuda_graph,
+                                cuda_graph_max_bs=cuda_graph_max_bs, attention_backend=attention_backend,
+                                base_gpu_id=base_gpu_id)
+            if draft.config.vocab_size != self.runner.config.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the target's "
+                                 f"({self.runner.config.vocab_size}); a draft model must share the target's tokenizer")
+            draft.init_cuda_graphs(progress=False)
+            self.drafter = DraftModelWorker(draft, self.runner.config.max_position_embeddings, self.topk)
+        self.lora_paths = dict(lora_paths or {})  # adapters being served: name -> folder
+        self.workers, self.worker_failure = None, None  # worker_failure: why a worker failed, once one has
+        if world > 1:  # ranks 1.. load their shards in their own processes, with rank 0's pool size
+            self.workers = WorkerGroup(world, self.device, functools.partial(make_runner, num_pages=self.runner.allocator.num_pages),
+                                       timeout_s=dist_timeout, local_ranks=range(1, ranks_per_node), address=dist_init_addr)
+        self.runner.init_cuda_graphs()  # the workers record the same graphs alongside
+        self.config = self.runner.config
+        self.tokenizer = Tokenizer(self.runner.model_folder)
+        self.context_length = self.config.max_position_embeddings
+        if context_length is not None:
+            if context_length < 1:
+                raise ValueError(f"context_length={context_length} must be positive")
+            self.context_length = min(context_length, self.context_length)
+        self.eos_token_ids = sorted(set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+        self.grammars = GrammarBackend(self.tokenizer.hf, self.config.vocab_size, self.eos_token_ids)
+        self.jump_forward = not disable_jump_forward
+        policy = SchedulePolicy(schedule_policy, self.runner.radix_cache)
+        self.scheduler = Scheduler(self.runner, max_prefill_tokens, chunked_prefill_size, policy)
+        self._lock = threading.RLock()  # one step at a time, whichever caller drives it
+        self._by_id: dict[int, Request] = {}  # requests added with add_request, until collected
+        # A draft needs the tokens of the step before it, so speculative steps are not overlapped.
+        self.overlap = not disable_overlap_schedule and self.drafter is None
+        self.spec_verify_ct = self.spec_tokens = 0  # verify forwards per request, and the tokens they gave
+        self.in_flight: LaunchedStep | None = None  # the launched step whose tokens are not read yet
+        self.generated_tokens = 0  # tokens sampled and read since start (the server's throughput metric)
+
+    # ----- public API -------------------------------------------------------------------
+
+    def generate(self, prompt, sampling_params: SamplingParams | None = None, **kwargs):
+        """Generate for one prompt (text or token ids); a list of texts gives a list of outputs."""
+        if _is_batch(prompt):
+            return self.generate_batch(prompt, sampling_params, **kwargs)
+        return self.generate_batch([prompt], sampling_params, **kwargs)[0]
+
+    def generate_batch(self, prompts: list, sampling_params=None, **kwargs) -> list[GenerateOutput]:
+        """Generate for several prompts at once; ``sampling_params`` may be one or one per prompt."""
+        requests = self._make_requests(prompts, sampling_params, kwargs)
+        for _ in self._run(requests):
+            pass
+        return [r.output() for r in requests]
+
+    def generate_stream(self, prompt, sampling_params: SamplingParams | None = None, **kwargs) -> Iterator[str]:
+        """Yield the text of one prompt piece by piece as tokens are generated."""
+        (request,) = self._make_requests([prompt], sampling_params, kwargs)
+        return (piece for _, piece in self._run([request]))
+
+    def add_request(self, prompt, sampling_params: SamplingParams | None = None, **kwargs) -> int:
+        """Queue one request and return its id; ``step`` advances it, ``get_output`` collects it."""
+        (request,) = self._make_requests([prompt], sampling_params, kwargs)
+        with self._lock:
+            self._by_id[request.id] = request
+            if not request.finished:
+                self.scheduler.add_request(request)
+        return request.id
+
+    def step(self) -> dict[int, str]:
+        """Run one scheduler step; return the new text of each request added with ``add_request``."""
+        with self._lock:
+            self._checked_step()
+            return {rid: piece for rid, r in self._by_id.items() if (piece := r.take_stream_piece())}
+
+    def abort_request(self, request_id: int) -> None:
+        """Stop a request; its pages are released and its output ends with finish_reason "abort"."""
+        with self._lock:
+            if request_id not in self._by_id:
+                raise ValueError(f"no request with id {request_id} (finished outputs are forgotten once collected)")
+            self._abort(self._by_id[request_id])
+
+    def get_output(self, request_id: int) -> GenerateOutput | None:
+        """The output of a finished request (then forgotten), or None while it is still running."""
+        with self._lock:
+            request = self._by_id.get(request_id)
+            if request is None:
+                raise ValueError(f"no request with id {request_id}")
+            if not request.finished:
+                return None
+            del self._by_id[request_id]
+            return request.output()
+
+    def token_logprobs(self, request_id: int, start: int) -> list[tuple[int, float, list]]:
+        """``(token id, log-probability, [(id, logprob)] alternatives)`` of a running request's generated
+        tokens from ``start`` on, for a server that streams them. Reading them waits for the device."""
+        with self._lock:
+            request = self._by_id[request_id]
+            end = len(request.output_ids)
+            return list(zip(request.output_ids[start:end], *request.sampling.output_logprobs(start, end)))
+
+    def prompt_logprobs(self, request_id: int) -> list[float | None] | None:
+        """A running request's prompt log-probabilities (SGLang's input_token_logprobs, with their
+        alternatives), once its prefill has computed them all; None before."""
+        with self._lock:
+            state = self._by_id[request_id].sampling
+            if not state.prompt_scored:
+                return None
+            scores = state.take_logprobs(0)
+            return list(zip(scores["input_token_logprobs"], scores["input_top_logprobs"]))
+
+    def expert_token_counts(self) -> list[list[int]]:
+        """Tokens routed to each expert so far, one list per MoE layer (load balance across ranks).
+
+        Decode steps replayed from CUDA graphs are not counted; use
+        ``disable_cuda_graph=True`` for counts of every step.
+        """
+        return [
+            layer.mlp.expert_token_counts.tolist()
+            for layer in self.runner.model.model.layers
+            if getattr(layer.mlp, "expert_token_counts", None) is not None
+        ]
+
+    def stats(self) -> dict[str, int]:
+        """Counts for monitoring: requests running and waiting, KV pages by use, tokens generated.
+
+        A page is free, cached (held only by the prefix cache, evictable) or
+        used (held by a running request, or locked under one).
+        """
+        with self._lock:
+            runner = self.runner
+            total, free, cached = runner.allocator.num_pages, runner.allocator.num_free, runner.evictable_pages()
+            return {
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting),
+                "pages_total": total,
+                "pages_used": total - free - cached,
+                "pages_cached": cached,
+                "generated_tokens": self.generated_tokens,
+                "spec_verify_ct": self.spec_verify_ct,
+                "spec_tokens": self.spec_tokens,
+            }
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> None:
+        """Serve one more LoRA adapter (SGLang's /load_lora_adapter); requests may name it at once."""
+        with self._lock:
+            lora = self._lora_pool()
+            if self.workers is not None:
+                raise ValueError("adapters are loaded at start-up (lora_paths) when the model is split across ranks")
+            lora.register(lora.read(lora_name, lora_path))
+            self.lora_paths[lora_name] = str(lora_path)
+
+    def unload_lora_adapter(self, lora_name: str) -> None:
+        """Stop serving an adapter; its slot and its cached prefixes are freed. Refused while
+        requests that use it run or wait."""
+        with self._lock:
+            lora = self._lora_pool()
+            if self.workers is not None:
+                raise ValueError("adapters cannot be unloaded while the model is split across ranks")
+            users = [r for r in list(self.scheduler.running) + list(self.scheduler.waiting) if r.lora_path == lora_name]
+            if users:
+                raise ValueError(f"LoRA adapter {lora_name!r} is used by {len(users)} unfinished requests; "
+                                 "unload it once they finish")
+            lora.unregister(lora_name)
+            del self.lora_paths[lora_name]
+            if self.runner.radix_cache is not None:
+                self.runner.radix_cache.drop_namespace(lora_name)
+
+    def _lora_pool(self):
+        if self.runner is None:
+            raise ValueError("this engine was shut down; create a new Engine")
+        if self.runner.lora is None:
+            raise ValueError("this engine serves no LoRA adapters; start it with lora_paths (or max_lora_rank "
+                             "and lora_target_modules, to load adapters later)")
+        return self.runner.lora
+
+    def flush_cache(self) -> None:
+        """Forget every cached prefix (their pages go back to the pool)."""
+        with self._lock:
+            self._drain()
+            self.runner.flush_cache()
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks and release the model and cached memory."""
+        if getattr(self, "workers", None) is not None:
+            self.workers.shutdown(graceful=self.worker_failure is None)
+            self.workers = None
+        self.runner = self.scheduler = self.drafter = None
+        if self.device.type == "cuda":
+            gc.collect()  # recorded graphs and the closures they replay form cycles that hold the KV pool
+            torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ----- requests ---------------------------------------------------------------------
+
+    def _make_requests(self, prompts: list, sampling_params, kwargs: dict) -> list[Request]:
+        """Check every input before any work starts, so a bad one leaves no trace."""
+        if self.runner is None:
+            raise ValueError("this engine was shut down; create a new Engine")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of texts or token-id lists")
+        adapters = self._request_adapters(kwargs.pop("lora_path", None), len(prompts))
+        if isinstance(sampling_params, (list, tuple)):
+            if kwargs or len(sampling_params) != len(prompts):
+                raise ValueError("give one SamplingParams per prompt, and no extra keywords")
+            params = [SamplingParams.from_kwargs(p) for p in sampling_params]
+        else:
+            params = [SamplingParams.from_kwargs(sampling_params, **kwargs)] * len(prompts)
+        prompt_ids = [self._tokenize(p) for p in prompts]
+        # Compile every grammar first: one that does not compile refuses the whole call.
+        grammars = [getattr(p, "grammar", None) for p in params]
+        matchers = [self.grammars.matcher(g) if g is not None else None for g in grammars]
+        requests = [
+            Request(ids, p, self.tokenizer, self.eos_token_ids, self.context_length, self.runner.sampler.new_state(p, ids))
+            for ids, p in zip(prompt_ids, params)
+        ]
+        for request, matcher, adapter in zip(requests, matchers, adapters):
+            self._check_fits_pool(request)
+            request.grammar = RequestGrammar(matcher) if matcher is not None else None
+            request.lora_path = adapter
+        return requests
+
+    def _request_adapters(self, lora_path, count: int) -> list[str | None]:
+        """``lora_path``: one adapter name (or None) for every prompt, or a list with one per prompt."""
+        names = list(lora_path) if isinstance(lora_path, (list, tuple)) else [lora_path] * count
+        if len(names) != count:
+            raise ValueError(f"lora_path has {len(names)} entries for {count} prompts; give one per prompt")
+        for name in names:
+            if name is None:
+                continue
+            if self.runner.lora is None:
+                raise ValueError(f"lora_path={name!r}, but this engine serves no LoRA adapters; start it with lora_paths")
+            if name not in self.runner.lora.adapters:
+                raise ValueError(f"no LoRA adapter named {name!r} is loaded (loaded: {sorted(self.runner.lora.adapters)})")
+        return names
+
+    def _check_fits_pool(self, request: Request) -> None:
+        """A request that needs more pages than the whole pool could never run: refuse it now."""
+        needed, total = self.runner.pages_for(request.max_seq_len), self.runner.allocator.num_pages
+        if needed > total:
+            raise ValueError(
+                f"request needs {needed} KV pages of {self.runner.page_size} tokens "
+                f"({len(request.prompt_ids)} prompt + {request.params.max_tokens} max_tokens) "
+                f"but the pool has {total}; lower max_tokens or raise --kv-cache-bytes"
+            )
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        else:
+            raise ValueError(f"a prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(ids) >= self.context_length:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the model's context is {self.context_length}"
+                f"{self.config.context_note(self.context_length)}; "
+                "shorten it so at least one token can be generated"
+            )
+        return ids
+
+    # ----- the serving loop -------------------------------------------------------------
+
+    def _run(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
+        """Queue the requests, drive the shared loop until they finish; yield streamed text.
+
+        Other callers' requests ride the same steps; whoever holds the lock drives.
+        """
+        with self._lock:
+            for request in requests:
+                if not request.finished:
+                    self.scheduler.add_request(request)
+        try:
+            while True:
+                with self._lock:
+                    done = all(r.finished for r in requests)
+                    if not done:
+                        self._checked_step()
+                for request in requests:
+                    piece = request.take_stream_piece()
+                    if piece:
+                        yield request, piece
+                if done:
+                    failed = next((r.error for r in requests if r.error), None)
+                    if failed:
+                        raise ValueError(failed)
+                    return
+        finally:  # a stream abandoned midway: stop its request and release its pages
+            with self._lock:
+                for request in requests:
+                    if not request.finished:
+                        self._abort(request)
+
+    def _checked_step(self) -> None:
+        """``_step``, with a failed parallel worker turned into one clear error that lasts.
+
+        A rank that died, hangs or raised leaves rank 0 failing in a collective,
+        or waiting in one until ``dist_timeout`` runs out. Without that rank the
+        engine cannot go on: this step and every later one raise ``WorkerFailure``.
+        So it is when rank 0's own step fails midway (out of memory): the other
+        ranks are left inside its collectives.
+        """
+        if self.worker_failure is not None:
+            raise WorkerFailure(self.worker_failure)
+        try:
+            self._step()
+        except RuntimeError as error:
+            if self.workers is None:
+                raise
+            self.worker_failure = self.workers.describe_failure(error)
+            raise WorkerFailure(self.worker_failure) from error
+
+    def _fail_step(self, batch: list[Request], error: ValueError) -> None:
+        """Stop every request of a step whose forward failed; their callers get ``error``.
+
+        None of the step's K/V is trusted, so none of it is cached. Every request
+        forgets the step before the step in flight is read: reading it caches each
+        request's finished pages, and those would include the failed step's.
+        """
+        for request in batch:
+            self.runner.forget_step(request)
+        self._drain()
+        for request in batch:
+            if not request.finished:  # (one may have finished on its token in flight)
+                request.error = str(error)
+                self.scheduler.abort(request)
+
+    def _step(self) -> None:
+        """Launch the step the scheduler forms; then read the tokens of the step before it.
+
+        Without overlap a step's tokens are read right after its own launch.
+        With it, the GPU computes step N+1 while the host reads step N's
+        tokens, extends texts, checks stop rules and retires requests, then
+        schedules and launches step N+2: the GPU never waits for that work.
+        """
+        if self.in_flight is not None and any(r.grammar is not None for r in self.in_flight.requests):
+            # A grammar's next mask needs the token in flight: read it before the next step is formed.
+            self._drain()
+        if self.drafter is not None:
+            self._propose_drafts()
+        batch, new_lengths = self.scheduler.next_batch()
+        try:
+            launched = self.runner.launch(batch, new_lengths) if batch else None
+        except torch.OutOfMemoryError:
+            if self.workers is not None:  # the other ranks wait inside this step's collectives: they cannot go on
+                raise
+            self._fail_step(batch, out_of_memory_error(batch, OUT_OF_MEMORY_HINT))
+            return
+        if not self.overlap:
+            if launched is not None:
+                self._process(launched)
+            return
+        previous, self.in_flight = self.in_flight, launched
+        if previous is not None:
+            self._process(previous)
+
+    def _process(self, launched: LaunchedStep) -> None:
+        """Read a launched step's tokens: extend each request, then retire finished requests.
+
+        A request that finished on an earlier token (a stop token or string
+        the host saw only after launching this step) drops its token here.
+        """
+        for i, (request, tokens) in enumerate(zip(launched.requests, launched.tokens())):
+            if tokens is None:  # only a chunk of its prompt ran
+                continue
+            request.pending_tokens -= 1
+            if request.draft:
+                self._keep_verified(request, len(tokens), launched.in_place.get(i))
+            for j, token in enumerate(tokens):
+                if request.finished:  # a stop rule ended it on an earlier token: the rest are dropped
+                    break
+                request.append_token(token)
+                self.generated_tokens += 1
+                if request.grammar is not None:  # (jump-forward after the last: the draft's rows held the rest)
+                    self._follow_grammar(request, token, jump=j == len(tokens) - 1)
+            if self.drafter is not None:  # ended on a kept guess: no K/V past its tokens is trusted
+                request.num_cached = min(request.num_cached, len(request.all_ids))
+        for request in launched.requests:
+            if not request.finished:
+                self.runner.cache_unfinished(request)
+        self.scheduler.retire_finished()
+        if self.drafter is not None:
+            self.drafter.retain(self.scheduler.running)
+
+    def _propose_drafts(self) -> None:
+        """Guess the next tokens of every request that decodes next step; the step verifies them.
+
+        A draft never runs past what the request may still generate (its
+        max_tokens and the context, counting the target's own token after the
+        guesses), and a constrained request keeps only the guesses its grammar
+        allows. Requests that penalize repeats or return log-probabilities
+        decode one token at a time.
+        """
+        ready, limits = [], []
+        for request in self.scheduler.running:
+            request.draft, request.draft_parents = [], None
+            if (request.num_cached == request.seq_len - 1 and request.num_generated and not request.finished
+                    and not request.params.uses_penalties and not request.params.return_logprob):
+                ready.append(request)
+                limits.append(min(self.num_guesses, request.params.max_tokens - request.num_generated - 1,
+                                  self.context_length - request.seq_len - 1))
+        for request, draft in zip(ready, self.drafter.propose(ready, limits) if ready else []):
+            request.draft = request.grammar.valid_prefix(draft) if request.grammar is not None else draft
+            if self.topk > 1 and request.grammar is None and request.draft:
+                self._grow_tree(request)
+        # A verify replays a CUDA graph when every row has the same width: pad the drafts with
+        # guesses that are never kept (-1), as long as each fits below the context.
+        if (self.runner.graphs is not None and self.topk == 1 and any(r.draft for r in ready)
+                and all(r.seq_len + self.num_guesses < self.context_length for r in ready)):
+            for request in ready:
+                request.draft += [-1] * (self.num_guesses - len(request.draft))
+
+    def _grow_tree(self, request: Request) -> None:
+        """Turn the request's chain of guesses into a draft tree: after the chain, each depth's
+        alternatives (the draft model's next best tokens there), each following the chain's guess
+        before it. A tree's guesses never overshoot: at most one token per depth is kept."""
+        chain = request.draft
+        alternatives = self.drafter.alternatives.get(request.id, [])[: len(chain)]
+        request.draft_parents = list(range(-1, len(chain) - 1))
+        for depth, tokens in enumerate(alternatives):
+            request.draft = request.draft + tokens
+            request.draft_parents += [depth - 1] * len(tokens)
+
+    def _keep_verified(self, request: Request, gained: int, in_place: int | None) -> None:
+        """After a verify: the request's K/V is trusted up to its newest token and the guesses kept
+        in place (a chain's kept guesses, ``gained - 1``; of a tree's, those on its chain). The
+        pages of the rest go back to the pool. A kept alternative and the token after it are fed
+        again next step, as a chunk."""
+        kept = gained - 1 if in_place is None else in_place
+        request.num_cached -= len(request.draft) - kept
+        request.draft, request.draft_parents = [], None
+        self.runner.truncate_cache(request)
+        request.spec_verify_ct += 1
+        request.spec_tokens += gained
+        self.spec_verify_ct += 1
+        self.spec_tokens += gained
+
+    def _follow_grammar(self, request: Request, token: int, jump: bool = True) -> None:
+        """Advance the request's grammar past its new token; append the tokens the grammar then
+        forces (jump-forward: the next step feeds them in one forward); end the request once the
+        grammar is complete."""
+        grammar = request.grammar
+        if request.finished:  # a stop rule ended it (EOS: the grammar allowed it, so it was complete)
+            return
+        grammar.accept(token)
+        # Forced tokens carry no sampling step, so a request that wants log-probabilities samples each one.
+        if jump and self.jump_forward and not grammar.done and not request.params.return_logprob:
+            for forced in grammar.forced_tokens(request.params.max_tokens - request.num_generated):
+                request.append_token(forced)
+                self.generated_tokens += 1
+                if request.finished:
+                    return
+        if grammar.done:
+            request.finish_by_grammar()
+
+    def _drain(self) -> None:
+        """Read the step in flight, if any (before changes that must see every token)."""
+        if self.in_flight is not None:
+            previous, self.in_flight = self.in_flight, None
+            self._process(previous)
+
+    def _abort(self, request: Request) -> None:
+        self._drain()  # its pending token is read first: the abort then releases exactly what it holds
+        self.scheduler.abort(request)
+
+
+def speculative_guesses(algorithm, draft_model_path, num_steps, num_draft_tokens, eagle_topk) -> int:
+    """Check the speculative settings; return how many guesses a verify feeds per request (0: none).
+
+    As in SGLang, ``num_draft_tokens`` counts every token a verify feeds per
+    request, the newest real one included: a chain of ``num_steps`` draft
+    steps feeds ``num_steps + 1``; a tree (``eagle_topk`` above 1: each step's
+    guess and its ``topk - 1`` alternatives) feeds ``num_steps * topk + 1``.
+    Give either, or both when they agree.
+    """
+    if algorithm is None:
+        if any(v is not None for v in (draft_model_path, num_steps, num_draft_tokens, eagle_topk)):
+            raise ValueError("speculative settings were given without speculative_algorithm; "
+                             f"set it to one of {list(SPECULATIVE_ALGORITHMS)}")
+        return 0
+    if algorithm in ("EAGLE", "EAGLE3"):
+        raise ValueError(f"speculative_algorithm={algorithm!r} needs a trained draft head, which this stage does not load; "
+                         f"use {list(SPECULATIVE_ALGORITHMS)}")
+    if algorithm not in SPECULATIVE_ALGORITHMS:
+        raise ValueError(f"speculative_algorithm={algorithm!r} is not one of {list(SPECULATIVE_ALGORITHMS)}")
+    if (algorithm == "STANDALONE") != (draft_model_path is not None):
+        raise ValueError("speculative_draft_model_path is needed with STANDALONE, and only there")
+    for name, value in (("speculative_num_steps", num_steps), ("speculative_num_draft_tokens", num_draft_tokens),
+                        ("speculative_eagle_topk", eagle_topk)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    topk = eagle_topk or 1
+    if topk > 1 and algorithm != "STANDALONE":
+        raise ValueError(f"speculative_eagle_topk={topk}: draft trees come from a draft model (STANDALONE); "
+                         "NGRAM guesses one chain")
+    if num_steps is not None and num_draft_tokens is not None and num_draft_tokens != num_steps * topk + 1:
+        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be speculative_num_steps x "
+                         f"speculative_eagle_topk + 1 = {num_steps * topk + 1} (it counts the newest token too)")
+    if num_draft_tokens is not None and (num_draft_tokens < 2 or (num_draft_tokens - 1) % topk):
+        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be 1 + a positive multiple of "
+                         f"speculative_eagle_topk ({topk}): the newest token and topk guesses per step")
+    return num_steps if num_steps is not None else ((num_draft_tokens or DEFAULT_DRAFT_TOKENS) - 1) // topk
+
+
+def runner_factory(model_path, device, dtype, seed, page_size, kv_cache_bytes, disable_radix_cache, *, tp_size, ep_size,
+                   disable_cuda_graph, cuda_graph_max_bs, attention_backend, lora_paths, max_loras_per_batch, max_lora_rank,
+                   lora_target_modules, lora_backend, base_gpu_id, ranks_per_node):
+    """``make_runner(tp_rank=...)``: this engine's ModelRunner for any rank, on any node."""
+    return functools.partial(
+        ModelRunner, model_path, device, resolve_dtype(dtype), seed, page_size, kv_cache_bytes, disable_radix_cache,
+        tp_size=tp_size, ep_size=ep_size, disable_cuda_graph=disable_cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
+        attention_backend=attention_backend, lora_paths=lora_paths, max_loras_per_batch=max_loras_per_batch,
+        max_lora_rank=max_lora_rank, lora_target_modules=lora_target_modules, lora_backend=lora_backend,
+        base_gpu_id=base_gpu_id, ranks_per_node=ranks_per_node,
+    )
+
+
+def multi_node_settings(nnodes, node_rank, dist_init_addr, world: int, device: torch.device, kv_cache_bytes,
+                        base_gpu_id) -> int:
+    """Check where this engine's ranks run; return how many run on each node.
+
+    ``nnodes`` machines share the ``world`` ranks of one group, ``world / nnodes``
+    consecutive ranks each, and meet at ``dist_init_addr`` (node 0's ``host:port``).
+    """
+    for name, value, least in (("nnodes", nnodes, 1), ("node_rank", node_rank, 0), ("base_gpu_id", base_gpu_id, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name}={value!r} must be an integer of at least {least}")
+    if node_rank >= nnodes:
+        raise ValueError(f"node_rank={node_rank} is out of range for nnodes={nnodes} (0 .. {nnodes - 1})")
+    if world % nnodes:
+        raise ValueError(f"nnodes={nnodes} must divide the {world} ranks of tp_size/ep_size")
+    if nnodes > 1:
+        host, _, port = (dist_init_addr or "").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"dist_init_addr={dist_init_addr!r} must be node 0's HOST:PORT (such as 10.0.0.1:5000) "
+                             "when nnodes is above 1")
+        if device.type == "cuda" and kv_cache_bytes is None:
+            raise ValueError("with nnodes above 1 on CUDA, give kv_cache_bytes: every node must size its pool alike")
+    elif dist_init_addr is not None and ":" not in dist_init_addr:
+        raise ValueError(f"dist_init_addr={dist_init_addr!r} must be HOST:PORT")
+    ranks_per_node = world // nnodes
+    if device.type == "cuda" and base_gpu_id + ranks_per_node > torch.cuda.device_count():
+        raise ValueError(f"{ranks_per_node} ranks from GPU {base_gpu_id} on need {base_gpu_id + ranks_per_node} GPUs, "
+                         f"but torch sees {torch.cuda.device_count()}")
+    return ranks_per_node
+
+
+def run_worker_node(**engine_kwargs) -> int:
+    """Node ``node_rank`` (above 0) of a multi-node group: run this node's ranks until node 0 ends
+    the group. The same settings as node 0's Engine; returns 0 when every rank ended cleanly."""
+    bound = inspect.signature(Engine).bind(**engine_kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    world, device = max(a["tp_size"], a["ep_size"]), resolve_device(a["device"])
+    ranks_per_node = multi_node_settings(a["nnodes"], a["node_rank"], a["dist_init_addr"], world, device,
+                                         a["kv_cache_bytes"], a["base_gpu_id"])
+    if a["node_rank"] == 0:
+        raise ValueError("node 0 runs the engine itself (Engine, or the server), not workers only")
+    lora_paths = lora_settings(a["lora_paths"], a["max_loras_per_batch"], a["max_lora_rank"], a["lora_backend"])
+    make_runner = runner_factory(
+        a["model_path"], device, a["dtype"], a["seed"], a["page_size"], a["kv_cache_bytes"], a["disable_radix_cache"],
+        tp_size=a["tp_size"], ep_size=a["ep_size"], disable_cuda_graph=a["disable_cuda_graph"],
+        cuda_graph_max_bs=a["cuda_graph_max_bs"], attention_backend=a["attention_backend"], lora_paths=lora_paths,
+        max_loras_per_batch=a["max_loras_per_batch"], max_lora_rank=a["max_lora_rank"],
+        lora_target_modules=a["lora_target_modules"], lora_backend=a["lora_backend"], base_gpu_id=a["base_gpu_id"],
+        ranks_per_node=ranks_per_node,
+    )
+    first = a["node_rank"] * ranks_per_node
+    group = WorkerGroup(world, device, make_runner, timeout_s=a["dist_timeout"], address=a["dist_init_addr"],
+                        local_ranks=range(first, first + ranks_per_node), rank_0_here=False)
+    return group.wait()
+
+
+def lora_settings(lora_paths, max_loras_per_batch, max_lora_rank, lora_backend) -> dict[str, str] | None:
+    """Check the LoRA settings; return the adapters as {name: folder}.
+
+    ``lora_paths`` is a dict, or SGLang's command-line form: a list of
+    ``name=path`` (or a bare path, which is also its name).
+    """
+    if not isinstance(max_loras_per_batch, int) or isinstance(max_loras_per_batch, bool) or max_loras_per_batch < 1:
+        raise ValueError(f"max_loras_per_batch={max_loras_per_batch!r} must be a positive integer")
+    if max_lora_rank is not None and (not isinstance(max_lora_rank, int) or isinstance(max_lora_rank, bool)
+                                      or max_lora_rank < 1):
+        raise ValueError(f"max_lora_rank={max_lora_rank!r} must be a positive integer")
+    if lora_backend is not None and lora_backend not in LORA_BACKENDS:
+        raise ValueError(f"lora_backend={lora_backend!r} is not one of {list(LORA_BACKENDS)}")
+    if lora_paths is None:
+        return None
+    if isinstance(lora_paths, (list, tuple)):
+        pairs = [item.split("=", 1) if isinstance(item, str) and "=" in item else [item, item] for item in lora_paths]
+        lora_paths = dict(pairs)
+    if not isinstance(lora_paths, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in lora_paths.items()):
+        raise ValueError("lora_paths must map adapter names to folders ({name: path}, or a list of 'name=path')")
+    if not lora_paths and max_lora_rank is None:
+        raise ValueError("lora_paths is empty: give adapters, or max_lora_rank to load them later")
+    return lora_paths
+
+
+def _is_batch(prompt) -> bool:
+    """A list of texts or of token-id lists is a batch; a flat list of ints is one prompt."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], int)

@@ -1,0 +1,247 @@
+"""The OpenAI-compatible HTTP server: routes, streaming, errors.
+
+    client ──HTTP──▶ route (parse, validate, tokenize) ──▶ TokenizerManager ──pipe──▶ engine process
+    client ◀─JSON / Server-Sent Events── route ◀── (index, update) per choice ◀──┘
+
+Every route runs on one asyncio loop; no handler ever blocks it on the
+engine: a handler awaits its requests' updates and the engine process keeps
+stepping for everyone else. Streams use Server-Sent Events, one ``data:``
+line per chunk and ``data: [DONE]`` at the end, as OpenAI's do.
+
+Stage 15: a request runs with a LoRA adapter when its ``model`` names one
+(as vLLM serves them) or its ``lora_path`` does (SGLang's field);
+``/v1/models`` lists the adapters beside the base model, and
+``/load_lora_adapter`` and ``/unload_lora_adapter`` change them at run time.
+
+Stage 16: ``dp_size`` engine replicas serve behind this one front end; the
+router picks a replica per request (``router.py``), and ``/health`` says
+``degraded`` while some replicas are down.
+
+A client that goes away stops its requests: for a stream, when writing to it
+fails (the stream generator is closed and aborts what is still running); for
+a plain request, when the periodic check below sees the disconnect.
+"""
+
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from . import openai_protocol as protocol
+from .openai_choices import ChatChoices, CompletionChoices
+from .openai_protocol import (
+    BadRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    SamplingFields,
+    UnloadLoRAAdapterRequest,
+)
+from .tokenizer_manager import EngineError, TokenizerManager
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
+    """The FastAPI app serving ``manager``'s engine under the name ``model_name``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        manager.start(asyncio.get_running_loop())
+        yield
+        manager.shutdown()  # here, not after uvicorn returns: on SIGTERM uvicorn re-raises the signal and exits
+
+    app = FastAPI(title="qwen3-ladder", lifespan=lifespan)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_, error: BadRequest):
+        return JSONResponse(protocol.error_body(str(error), error.status, error.param), status_code=error.status)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_, error: EngineError):
+        return JSONResponse(protocol.error_body(str(error), error.status), status_code=error.status)
+
+    @app.get("/health")
+    async def health():
+        if not manager.engine_alive:
+            return Response(status_code=503, content="the engine process exited")
+        down = manager.replicas_down()  # stage 16: some replicas serve, others are gone
+        return Response(status_code=200, content=f"degraded: replicas {down} are down" if down else "")
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "qwen3-ladder",
+                "max_model_len": manager.context_length}
+        adapters = [{"id": name, "object": "model", "created": created, "owned_by": "qwen3-ladder", "root": path,
+                     "parent": model_name, "max_model_len": manager.context_length}
+                    for name, path in sorted(manager.lora_adapters.items())]
+        return {"object": "list", "data": [card] + adapters}
+
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(http_request: HTTPRequest):
+        request = protocol.parse_request(LoadLoRAAdapterRequest, await http_request.body())
+        if request.lora_name == model_name:
+            raise BadRequest(f"{model_name!r} is the base model's name; give the adapter another", "lora_name")
+        await manager.update_lora_adapter(request.lora_name, request.lora_path)
+        return {"success": True, "loaded_adapters": manager.lora_adapters}
+
+    @app.post("/unload_lora_adapter")
+    async def unload_lora_adapter(http_request: HTTPRequest):
+        request = protocol.parse_request(UnloadLoRAAdapterRequest, await http_request.body())
+        await manager.update_lora_adapter(request.lora_name, None)
+        return {"success": True, "loaded_adapters": manager.lora_adapters}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(manager.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def parse(model: type, http_body: bytes):
+        request = protocol.parse_request(model, http_body)
+        if request.model is not None and request.model != model_name and request.model not in manager.lora_adapters:
+            raise BadRequest(f"the model {request.model!r} does not exist; this server serves {model_name!r} "
+                             f"and the adapters {sorted(manager.lora_adapters)} (see /v1/models)", "model", status=404)
+        if request.lora_path is not None and request.lora_path not in manager.lora_adapters:
+            raise BadRequest(f"no LoRA adapter named {request.lora_path!r} is loaded (see /v1/models)", "lora_path")
+        return request
+
+    def adapter_of(request: SamplingFields) -> str | None:
+        """The adapter a request runs with: its lora_path, else the adapter its model names."""
+        if request.lora_path is not None:
+            return request.lora_path
+        return request.model if request.model is not None and request.model != model_name else None
+
+    @app.post("/v1/completions")
+    async def completions(http_request: HTTPRequest):
+        request = parse(CompletionRequest, await http_request.body())
+        prompts = completion_prompts(manager, request.prompt)
+        choices = CompletionChoices(request, prompts, manager.token_text, manager.tokenizer.decode)
+        return await generate(http_request, request, prompts, [request.max_tokens] * len(prompts), choices)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http_request: HTTPRequest):
+        request = parse(ChatCompletionRequest, await http_request.body())
+        if not request.messages:
+            raise BadRequest("messages must hold at least one message", "messages")
+        choices = ChatChoices(request, manager.token_text)
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if choices.tools else None
+        try:
+            prompt_ids = manager.apply_chat_template([m.as_template_input() for m in request.messages], tools)
+        except ValueError as error:
+            raise BadRequest(str(error), "tools" if tools and "tools" in str(error) else "messages") from None
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        return await generate(http_request, request, [prompt_ids], [max_tokens], choices)
+
+    async def generate(http_request, request: SamplingFields, prompts, max_tokens, choices):
+        """Run n choices per prompt; answer with one JSON body, or a stream of chunks, which
+        ``choices`` (openai_choices.py) shapes for its endpoint."""
+        params = []
+        for prompt_ids, limit in zip(prompts, max_tokens):
+            if limit is None:  # up to the context (the engine refuses a prompt that fills it)
+                limit = max(1, manager.context_length - len(prompt_ids))
+            elif 0 < len(prompt_ids) < manager.context_length < len(prompt_ids) + limit:  # as OpenAI and vLLM answer
+                raise BadRequest(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {limit}, "
+                                 f"{len(prompt_ids) + limit} in all, but the model's context is {manager.context_length} "
+                                 "tokens; lower max_tokens or shorten the prompt", "max_tokens")
+            params += request.sampling_params(choices.engine_max_tokens(limit), **choices.logprobs)
+        group_prompts = [ids for ids in prompts for _ in range(request.n)]
+        group = manager.generate(group_prompts, params, adapter_of(request))
+        rid = protocol.new_id(choices.id_prefix)
+        name = request.model or model_name  # answers name the model (or adapter) asked for
+        if request.stream:
+            first = await anext(group)  # waits for acceptance: a refusal still gets its status code
+            events = stream_events(group, first, rid, name, request, choices, len(group_prompts))
+            return StreamingResponse(events, media_type="text/event-stream")
+        outputs = await collect_unless_disconnected(http_request, group, len(group_prompts))
+        if outputs is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        answers = [choices.final(i, output) for i, output in enumerate(outputs)]
+        return choices.response(rid, name, answers, protocol.usage(choices.usage_outputs(outputs), request.n))
+
+    async def stream_events(group, first, rid: str, served_as: str, request: SamplingFields, choices, count: int):
+        """The Server-Sent Events of one streamed request; closing it aborts what still runs."""
+        outputs = [None] * count
+        try:
+            for body in choices.opening(rid, served_as):
+                yield sse(body)
+            async for index, update in prepend(first, group):
+                if update.output is not None:
+                    outputs[index] = update.output
+                for body in choices.chunks(rid, served_as, index, update):
+                    yield sse(body)
+            if request.include_usage:
+                usage = protocol.usage(choices.usage_outputs(outputs), request.n)
+                yield sse(protocol.usage_chunk(rid, served_as, choices.object_kind, usage))
+            yield "data: [DONE]\n\n"
+        except EngineError as error:  # the engine failed mid-stream: the status line is already sent
+            yield sse(protocol.error_body(str(error), error.status))
+            yield "data: [DONE]\n\n"
+        finally:
+            await group.aclose()
+
+    return app
+
+
+def completion_prompts(manager: TokenizerManager, prompt) -> list[list[int]]:
+    """A completions ``prompt`` (text, token ids, or a list of either) as token-id lists."""
+    if isinstance(prompt, str):
+        return [manager.encode(prompt)]
+    if not prompt:
+        raise BadRequest("prompt is an empty list", "prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [manager.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+async def prepend(first, rest):
+    """``first``, then everything ``rest`` yields."""
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def collect_unless_disconnected(http_request: HTTPRequest, group, count: int) -> list | None:
+    """Every output of ``group``; None (and the requests aborted) if the client goes away first."""
+
+    async def collect():
+        outputs = [None] * count
+        async with contextlib.aclosing(group):
+            async for index, update in group:
+                if update.output is not None:
+                    outputs[index] = update.output
+        return outputs
+
+    task = asyncio.ensure_future(collect())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await http_request.is_disconnected():
+            task.cancel()  # closes the group, which aborts its requests
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def serve(engine_kwargs: dict, host: str, port: int, max_queued_requests: int | None = None,
+          served_model_name: str | None = None, dp_size: int = 1, load_balance_method: str = "cache_aware") -> None:
+    """Start the engine processes (``dp_size`` replicas), then serve HTTP until interrupted (Ctrl-C or
+    SIGTERM). Requests must name the served model (``served_model_name``, else the model path)."""
+    manager = TokenizerManager(engine_kwargs, max_queued_requests, dp_size, load_balance_method)
+    try:
+        model_name = served_model_name or engine_kwargs.get("model_path") or Path(manager.model_folder).name
+        print(f"serving {model_name} on http://{host}:{port} (OpenAI API under /v1)", flush=True)
+        uvicorn.run(build_app(manager, model_name), host=host, port=port, log_level="warning")
+    finally:
+        manager.shutdown()  # when uvicorn could not start (a port in use), the lifespan never ran

@@ -1,0 +1,137 @@
+"""What ``GET /metrics`` reports, in Prometheus' text format.
+
+Two sources feed it: the engine's counts, which arrive with every update
+batch (``Engine.stats``: requests running and waiting, KV pages by use,
+tokens generated, and with speculative decoding the verify forwards and
+the tokens they gave), and each finished request's output (prompt, cached and
+generated tokens, latencies). Names follow SGLang's ``sglang:*`` metrics
+with a ``ladder:`` prefix, so existing dashboards need only a rename.
+
+Stage 16: with several data-parallel replicas the engine counts are summed
+over the replicas, and ``ladder:replica_*`` gauges, labelled ``replica``,
+give each replica's own (``ladder:replica_up`` is 0 once one is down).
+"""
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .request import GenerateOutput
+
+THROUGHPUT_WINDOW_S = 10.0  # tokens per second are averaged over this many seconds
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServerMetrics:
+    """Prometheus collectors for one server, in a registry of their own."""
+
+    def __init__(self, replicas: int = 1):
+        self.registry = registry = CollectorRegistry()
+        self.replica_up = Gauge("ladder:replica_up", "1 while the replica serves, 0 once it is down", ["replica"],
+                                registry=registry)
+        self.replica_running = Gauge("ladder:replica_running_reqs", "Requests in the replica's running batch", ["replica"],
+                                     registry=registry)
+        self.replica_waiting = Gauge("ladder:replica_queue_reqs", "Requests waiting in the replica", ["replica"],
+                                     registry=registry)
+        self.replica_requests = Counter("ladder:replica_requests", "Requests the router sent to the replica", ["replica"],
+                                        registry=registry)
+        for replica in range(replicas):
+            self.replica_up.labels(str(replica)).set(1)
+            self.replica_requests.labels(str(replica))
+        self._stats: dict[int, dict[str, int]] = {}  # each replica's latest counts
+        self.num_running_reqs = Gauge("ladder:num_running_reqs", "Requests in the running batch", registry=registry)
+        self.num_queue_reqs = Gauge("ladder:num_queue_reqs", "Requests waiting to be scheduled", registry=registry)
+        self.kv_pages_total = Gauge("ladder:kv_pages_total", "Pages in the KV pool", registry=registry)
+        self.kv_pages_used = Gauge("ladder:kv_pages_used", "KV pages held by running requests", registry=registry)
+        self.kv_pages_cached = Gauge(
+            "ladder:kv_pages_cached", "KV pages held only by the prefix cache (evictable)", registry=registry
+        )
+        self.token_usage = Gauge("ladder:token_usage", "Fraction of KV pages held by running requests", registry=registry)
+        self.gen_throughput = Gauge(
+            "ladder:gen_throughput", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:g} s", registry=registry
+        )
+        self.cache_hit_rate = Gauge(
+            "ladder:cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens, since start",
+            registry=registry,
+        )
+        self.spec_accept_length = Gauge(
+            "ladder:spec_accept_length", "Tokens a request gains per verify forward (accepted guesses + 1), since start",
+            registry=registry,
+        )
+        self.prompt_tokens = Counter("ladder:prompt_tokens", "Prompt tokens of finished requests", registry=registry)
+        self.cached_tokens = Counter("ladder:cached_tokens", "Prompt tokens served from the prefix cache", registry=registry)
+        self.generation_tokens = Counter("ladder:generation_tokens", "Tokens generated", registry=registry)
+        self.num_requests = Counter(
+            "ladder:num_requests", "Finished requests by finish reason", ["finish_reason"], registry=registry
+        )
+        self.time_to_first_token = Histogram(
+            "ladder:time_to_first_token_seconds", "Arrival in the engine to the first token", buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.e2e_request_latency = Histogram(
+            "ladder:e2e_request_latency_seconds", "Arrival in the engine to the last token", buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.gen_throughput.set_function(self._throughput)
+        self.cache_hit_rate.set_function(lambda: self._cached / self._prompt if self._prompt else 0.0)
+        self._prompt = self._cached = 0
+        self._generated: deque[tuple[float, int]] = deque()  # (time, tokens generated so far), oldest first
+
+    def observe_stats(self, stats: dict[str, int], replica: int = 0) -> None:
+        """A replica's counts, sent with every update batch; the gauges show their sums."""
+        if not stats:
+            return
+        self.replica_running.labels(str(replica)).set(stats["running"])
+        self.replica_waiting.labels(str(replica)).set(stats["waiting"])
+        self._stats[replica] = stats
+        stats = {key: sum(s[key] for s in self._stats.values()) for key in stats}
+        self.num_running_reqs.set(stats["running"])
+        self.num_queue_reqs.set(stats["waiting"])
+        self.kv_pages_total.set(stats["pages_total"])
+        self.kv_pages_used.set(stats["pages_used"])
+        self.kv_pages_cached.set(stats["pages_cached"])
+        self.token_usage.set(stats["pages_used"] / max(stats["pages_total"], 1))
+        if stats["spec_verify_ct"]:
+            self.spec_accept_length.set(stats["spec_tokens"] / stats["spec_verify_ct"])
+        generated = stats["generated_tokens"]
+        self.generation_tokens.inc(generated - (self._generated[-1][1] if self._generated else 0))
+        self._generated.append((time.monotonic(), generated))
+        self._forget_before(time.monotonic() - THROUGHPUT_WINDOW_S)
+
+    def replica_down(self, replica: int) -> None:
+        """A replica died: nothing of it runs or waits any more (its generated tokens still count)."""
+        if replica in self._stats:
+            self._stats[replica] = dict(self._stats[replica], running=0, waiting=0, pages_used=0, pages_cached=0,
+                                        pages_total=0)
+        self.replica_up.labels(str(replica)).set(0)
+        self.replica_running.labels(str(replica)).set(0)
+        self.replica_waiting.labels(str(replica)).set(0)
+
+    def observe_finished(self, output: GenerateOutput) -> None:
+        self._prompt += output.prompt_tokens
+        self._cached += output.cached_tokens
+        self.prompt_tokens.inc(output.prompt_tokens)
+        self.cached_tokens.inc(output.cached_tokens)
+        self.num_requests.labels(output.finish_reason).inc()
+        if output.token_times:
+            self.time_to_first_token.observe(output.token_times[0] - output.arrival_time)
+            self.e2e_request_latency.observe(output.token_times[-1] - output.arrival_time)
+
+    def _forget_before(self, start: float) -> None:
+        """Drop samples older than ``start``, keeping the last one before it (the window's baseline)."""
+        while len(self._generated) > 1 and self._generated[1][0] <= start:
+            self._generated.popleft()
+
+    def _throughput(self) -> float:
+        """Tokens generated within the last window, per second (falls to 0 once the engine idles)."""
+        now = time.monotonic()
+        self._forget_before(now - THROUGHPUT_WINDOW_S)
+        if not self._generated:
+            return 0.0
+        start_time, start_count = self._generated[0]
+        elapsed = min(now - start_time, THROUGHPUT_WINDOW_S)
+        return (self._generated[-1][1] - start_count) / elapsed if elapsed > 0 else 0.0
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

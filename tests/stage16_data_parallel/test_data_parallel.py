@@ -1,0 +1,159 @@
+"""Stage 16: data-parallel replicas behind one server, and one parallel group across two nodes.
+
+The oracles: a single engine (dp=1) for every reply; the same prompts' prefix-cache hits with
+one replica, against which cache-aware routing keeps its hits and round-robin loses them; tensor
+parallelism on one node for the two-node group. Then the faults: a replica killed mid-serve.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from stage16_data_parallel import Engine
+from stage16_data_parallel.__main__ import main
+from stage16_data_parallel.parallel import free_port
+from test_server import Server, http
+
+ASK = dict(max_tokens=8, temperature=0)
+
+
+def prefix_workload(seed: int = 0) -> list[list[int]]:
+    """Four groups of four prompts, each 64 shared tokens and 8 of its own, shuffled."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(10, 5000) for _ in range(64)] for _ in range(4)]
+    prompts = [prefix + [rng.randrange(10, 5000) for _ in range(8)] for prefix in prefixes for _ in range(4)]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def served_hit_rate(server: Server, prompts: list[list[int]]) -> float:
+    """Send the prompts one by one (each routed after the one before finished); cached / prompt tokens."""
+    cached = total = 0
+    for prompt in prompts:
+        usage = server.client.completions.create(model="m", prompt=prompt, max_tokens=1, temperature=0).usage
+        cached, total = cached + usage.prompt_tokens_details.cached_tokens, total + usage.prompt_tokens
+    return cached / total
+
+
+@pytest.fixture(scope="module")
+def single(checkpoints):
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu") as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def cache_aware(checkpoints):
+    server = Server("stage16_data_parallel", "--model-path", str(checkpoints["dense"]), "--dp-size", "2")
+    yield server
+    server.stop()
+
+
+def test_two_replicas_give_one_engines_replies_and_both_serve(cache_aware, single):
+    prompts = [[7 + i, 300 + 11 * i, 41, 9 * i + 2] for i in range(6)]
+    expected = [out.text for out in single.generate_batch(prompts, **ASK)]
+    replies = cache_aware.client.completions.create(model="m", prompt=prompts, **ASK)
+    assert [choice.text for choice in sorted(replies.choices, key=lambda c: c.index)] == expected
+    streamed = cache_aware.client.completions.create(model="m", prompt=prompts[0], stream=True, **ASK)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected[0]
+    metrics = cache_aware.metrics()
+    assert metrics['ladder:replica_requests_total{replica="0"}'] > 0
+    assert metrics['ladder:replica_requests_total{replica="1"}'] > 0
+    assert http("GET", f"{cache_aware.url}/health") == (200, b"")
+
+
+def test_cache_aware_routing_keeps_the_prefix_hits_round_robin_loses(checkpoints, cache_aware, single):
+    prompts = prefix_workload()
+    one_engine = [single.generate(p, max_tokens=1) for p in prompts]
+    single_rate = sum(o.cached_tokens for o in one_engine) / sum(o.prompt_tokens for o in one_engine)
+    aware = served_hit_rate(cache_aware, prompts)
+    round_robin = Server("stage16_data_parallel", "--model-path", str(checkpoints["dense"]), "--dp-size", "2",
+                         "--load-balance-method", "round_robin")
+    try:
+        blind = served_hit_rate(round_robin, prompts)
+    finally:
+        round_robin.stop()
+    assert single_rate > 0.5 and aware >= 0.9 * single_rate and blind < aware
+
+
+def engine_children(pid: int) -> list[int]:
+    """The server's engine processes: its children started through multiprocessing's spawn."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_a_killed_replica_ends_its_requests_and_the_server_goes_on(checkpoints):
+    server = Server("stage16_data_parallel", "--model-path", str(checkpoints["dense"]), "--dp-size", "2",
+                    "--load-balance-method", "round_robin")
+    try:
+        streams = [server.client.completions.create(model="m", prompt=[5, 6, 7 + i], max_tokens=400, temperature=0,
+                                                    extra_body={"ignore_eos": True}, stream=True) for i in range(2)]
+        firsts = [next(iter(stream)) for stream in streams]  # both replicas are generating
+        assert all(chunk.choices for chunk in firsts)
+        victim = engine_children(server.process.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        outcomes = []
+        for stream in streams:
+            try:
+                text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+                outcomes.append("finished" if text else "empty")
+            except Exception as error:  # noqa: BLE001 - the stream of the dead replica breaks off with an error
+                outcomes.append(type(error).__name__)
+        assert outcomes.count("finished") == 1, outcomes  # the other replica's request was not disturbed
+        deadline = time.monotonic() + 30
+        while b"degraded" not in (health := http("GET", f"{server.url}/health"))[1] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health[0] == 200 and b"degraded" in health[1]
+        for i in range(3):  # every new request goes to the replica that is left
+            reply = server.client.completions.create(model="m", prompt=[9, 9, i], **ASK)
+            assert reply.choices[0].finish_reason == "length"
+        assert server.metrics()['ladder:replica_up{replica="' + str(1 - engine_index(server, victim)) + '"}'] == 1
+    finally:
+        server.stop()
+
+
+def engine_index(server: Server, pid: int) -> int:
+    """Which replica the killed process was (replica 0 was started first: the lower pid)."""
+    return 0 if all(pid <= other for other in engine_children(server.process.pid) + [pid]) else 1
+
+
+@pytest.mark.distributed
+def test_two_nodes_give_the_tokens_of_two_ranks_on_one(checkpoints):
+    model = str(checkpoints["dense"])
+    prompts = [[5, 6, 7, 8], [300, 301]]
+    with Engine(model_path=model, device="cpu", tp_size=2) as one_node:
+        expected = [o.token_ids for o in one_node.generate_batch(prompts, **ASK)]
+    address = f"127.0.0.1:{free_port()}"
+    node1 = subprocess.Popen([sys.executable, "-m", "stage16_data_parallel", "--model-path", model, "--device", "cpu",
+                              "--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", address],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with Engine(model_path=model, device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address) as node0:
+            assert node0.workers.processes == []  # rank 1 runs on the other node
+            got = [o.token_ids for o in node0.generate_batch(prompts, **ASK)]
+        assert node1.wait(timeout=60) == 0, node1.stdout.read().decode()[-2000:]
+    finally:
+        node1.kill()
+    assert got == expected
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dp-size", "0", "--serve"], "--dp-size must be a positive integer"),
+    (["p", "--dp-size", "2"], "add --serve"),
+    (["p", "--tp-size", "2", "--nnodes", "2", "--dist-init-addr", "nohost"], "HOST:PORT"),
+    (["p", "--tp-size", "2", "--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "h:1"], "out of range"),
+    (["p", "--nnodes", "2", "--dist-init-addr", "h:1"], "must divide"),
+    (["--tp-size", "2", "--nnodes", "2", "--node-rank", "1"], "HOST:PORT"),
+])
+def test_bad_flags_exit_with_status_2_and_start_nothing(flags, message, capsys):
+    try:
+        status = main(flags + ["--device", "cpu"])
+    except SystemExit as exit:  # argparse's own refusals
+        status = exit.code
+    assert status == 2 and message in capsys.readouterr().err
