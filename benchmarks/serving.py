@@ -1,4 +1,4 @@
-"""Online serving benchmark: requests arrive at a given rate at the stage 11 server.
+"""Online serving benchmark: requests arrive at a given rate at a stage's server (stage 11 by default).
 
     python -m benchmarks.serving --model builtin --device cpu --workload random --request-rate 4
     python -m benchmarks.serving --url http://127.0.0.1:30000 --workload random --request-rate inf
@@ -10,7 +10,9 @@ SGLang's ``bench_serving`` does. Per request it records the time to the first
 streamed text (TTFT), the gaps between streamed chunks (inter-token latency:
 a chunk carries the text of one step), and the end-to-end latency; it reports
 their p50 / p99 and the output throughput. Without ``--url`` it starts the
-server itself (``--model`` and ``--engine-flags`` as for the stage's CLI).
+server itself (``--stage``, ``--model`` and ``--engine-flags`` as for the stage's CLI). It also
+reports the prefix-cache hit rate (cached / prompt tokens, from each reply's usage), which
+stage 16's routing decides across replicas (``--engine-flags "--dp-size 2"``).
 """
 
 import argparse
@@ -38,7 +40,7 @@ async def one_request(client, model: str, prompt: list[int], max_tokens: int, de
     """Wait ``delay`` seconds, then stream one completion; return its timings (seconds)."""
     await asyncio.sleep(delay)
     start = time.perf_counter()
-    stamps, tokens = [], 0
+    stamps, tokens, cached, prompt_tokens = [], 0, 0, 0
     stream = await client.completions.create(
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
@@ -47,8 +49,10 @@ async def one_request(client, model: str, prompt: list[int], max_tokens: int, de
         if chunk.choices and chunk.choices[0].text:
             stamps.append(time.perf_counter())
         if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return dict(start=start, stamps=stamps, tokens=tokens)
+            tokens, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+            details = chunk.usage.prompt_tokens_details
+            cached = details.cached_tokens if details is not None else 0
+    return dict(start=start, stamps=stamps, tokens=tokens, cached=cached, prompt_tokens=prompt_tokens)
 
 
 async def run_workload(url: str, workload: Workload, request_rate: float, seed: int) -> tuple[list[dict], float]:
@@ -80,14 +84,15 @@ def summarize(results: list[dict], seconds: float, request_rate: float, input_to
         ttft_median_ms=ms(statistics.median(ttft) if ttft else None), ttft_p99_ms=ms(percentile(ttft, 99)),
         itl_median_ms=ms(statistics.median(itl) if itl else None), itl_p99_ms=ms(percentile(itl, 99)),
         e2e_median_ms=ms(statistics.median(e2e) if e2e else None), e2e_p99_ms=ms(percentile(e2e, 99)),
+        cache_hit_rate=round(sum(r["cached"] for r in results) / max(sum(r["prompt_tokens"] for r in results), 1), 4),
     )
 
 
 class LocalServer:
-    """``python -m stage11_server --serve`` for the length of a benchmark."""
+    """``python -m STAGE --serve`` for the length of a benchmark."""
 
-    def __init__(self, model_path: str | None, device: str, port: int, flags: list[str]):
-        command = [sys.executable, "-m", "stage11_server", "--serve", "--port", str(port), "--device", device, *flags]
+    def __init__(self, model_path: str | None, device: str, port: int, flags: list[str], stage: str = "stage11_server"):
+        command = [sys.executable, "-m", stage, "--serve", "--port", str(port), "--device", device, *flags]
         if model_path:
             command += ["--model-path", model_path]
         self.url = f"http://127.0.0.1:{port}"
@@ -118,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="builtin", help="builtin, a random real shape (qwen3-0.6b, ...) or a path")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--port", type=int, default=30123, help="port of the server this starts")
+    parser.add_argument("--stage", default="stage11_server", help="the stage whose server this starts")
     parser.add_argument("--engine-flags", default="", help='extra server flags, e.g. "--disable-radix-cache"')
     parser.add_argument("--workload", default="random", choices=sorted(WORKLOADS))
     parser.add_argument("--size", choices=["cpu", "gpu"], help="workload size (default: from the device)")
@@ -130,7 +136,7 @@ def main(argv=None) -> int:
     model_path, folder = resolve_model(args.model, args.device)
     size = args.size or ("gpu" if args.device.startswith("cuda") else "cpu")
     workload = make_workload(args.workload, size, ModelConfig.from_file(folder).vocab_size, requests=args.requests)
-    server = None if args.url else LocalServer(model_path, args.device, args.port, args.engine_flags.split())
+    server = None if args.url else LocalServer(model_path, args.device, args.port, args.engine_flags.split(), args.stage)
     try:
         results, seconds = asyncio.run(run_workload(args.url or server.url, workload, args.request_rate, args.seed))
     finally:
@@ -139,7 +145,8 @@ def main(argv=None) -> int:
     summary = summarize(results, seconds, args.request_rate, workload.input_tokens)
     report = dict(environment=environment(), workload=workload.description, model=args.model,
                   engine_kwargs={"server flags": args.engine_flags} if args.engine_flags else {},
-                  results=[dict(system=f"stage11_server @ {summary['request_rate']} req/s", **summary)])
+                  results=[dict(system=f"{args.stage} {args.engine_flags} @ {summary['request_rate']} req/s".replace("  ", " "),
+                                **summary)])
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -378,6 +378,8 @@ class WorkerGroup:
             dead = [(rank, p.exitcode) for rank, p in zip(self.ranks, self.processes) if not p.is_alive()]
             if dead:
                 what = f"parallel rank {dead[0][0]} died mid-serve (exit code {dead[0][1]})"
+            elif len(self.ranks) + 1 < self.size:  # stage 16: some ranks live on other nodes
+                what = f"a parallel rank on another node died, hung or raised ({error})"
             elif "timed out" in str(error).lower() or "timeout" in str(error).lower():
                 what = f"a parallel rank did not answer within dist_timeout={self.timeout_s:g} s ({error})"
             else:  # no worker died or reported: rank 0's own step failed, leaving the others mid-step
