@@ -119,6 +119,30 @@ def test_a_killed_replica_ends_its_requests_and_the_server_goes_on(checkpoints):
         server.stop()
 
 
+def test_a_hung_replica_is_killed_and_its_unanswered_requests_go_to_the_other(checkpoints):
+    """A replica that stops answering (SIGSTOP) with work in hand is killed after --dist-timeout:
+    its streaming request ends with an error, and a request it never answered runs elsewhere."""
+    server = Server("stage16_data_parallel", "--model-path", str(checkpoints["dense"]), "--dp-size", "2",
+                    "--load-balance-method", "round_robin", "--dist-timeout", "3")
+    try:
+        first = server.client.completions.create(model="m", prompt=[5, 6, 7], max_tokens=400, temperature=0,
+                                                 extra_body={"ignore_eos": True}, stream=True)  # replica 0
+        assert next(iter(first)).choices
+        busy = server.client.completions.create(model="m", prompt=[8, 9], max_tokens=400, temperature=0,
+                                                extra_body={"ignore_eos": True}, stream=True)  # replica 1
+        assert next(iter(busy)).choices
+        stopped = min(engine_children(server.process.pid))  # replica 0 started first
+        os.kill(stopped, signal.SIGSTOP)
+        late = server.client.completions.create(model="m", prompt=[11, 12], **ASK)  # routed to 0, answered by 1
+        assert late.choices[0].finish_reason == "length"
+        with pytest.raises(Exception):  # noqa: B017 - the hung replica's stream breaks off with an error event
+            "".join(chunk.choices[0].text for chunk in first if chunk.choices)
+        assert b"degraded: replicas [0]" in http("GET", f"{server.url}/health")[1]
+        assert "".join(chunk.choices[0].text for chunk in busy if chunk.choices)
+    finally:
+        server.stop()
+
+
 def engine_index(server: Server, pid: int) -> int:
     """Which replica the killed process was (replica 0 was started first: the lower pid)."""
     return 0 if all(pid <= other for other in engine_children(server.process.pid) + [pid]) else 1
