@@ -27,6 +27,8 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+import torch
+
 from common.sampling import SamplingParams
 
 from .engine import Engine
@@ -197,9 +199,13 @@ class EngineLoop:
             self.logprobs_sent[rid] = sent + len(new)
 
 
-def run_engine_process(conn: Connection, engine_kwargs: dict, max_queued_requests: int | None) -> None:
-    """The engine process's main: build the engine, say it is ready, serve until SHUTDOWN."""
+def run_engine_process(conn: Connection, engine_kwargs: dict, max_queued_requests: int | None,
+                       cpu_threads: int | None = None) -> None:
+    """The engine process's main: build the engine, say it is ready, serve until SHUTDOWN.
+    Stage 16: ``cpu_threads`` is this replica's share of the CPU's cores (replicas on the CPU)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the front end stops us
+    if cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
     try:
         engine = Engine(**engine_kwargs)
     except Exception as error:  # noqa: BLE001 - a bad model path or flag: the front end reports it and exits

@@ -22,6 +22,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import torch
+
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 
@@ -52,11 +54,13 @@ class EngineError(Exception):
 class Replica:
     """One engine process and the pipe to it."""
 
-    def __init__(self, index: int, context, engine_kwargs: dict, max_queued_requests: int | None):
+    def __init__(self, index: int, context, engine_kwargs: dict, max_queued_requests: int | None,
+                 cpu_threads: int | None = None):
         self.index, self.alive, self.last_heard = index, True, time.monotonic()
         self.conn, child_conn = context.Pipe()
         # Not a daemon: with tp/ep the engine process starts worker processes of its own.
-        self.process = context.Process(target=run_engine_process, args=(child_conn, engine_kwargs, max_queued_requests),
+        self.process = context.Process(target=run_engine_process,
+                                       args=(child_conn, engine_kwargs, max_queued_requests, cpu_threads),
                                        name=f"engine-{index}")
         self.process.start()
         child_conn.close()
@@ -95,8 +99,10 @@ class TokenizerManager:
         self.hang_timeout = engine_kwargs.get("dist_timeout", 30.0)
         context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
         gpus_per_replica = max(engine_kwargs.get("tp_size", 1), engine_kwargs.get("ep_size", 1))
-        self.replicas = [Replica(r, context, dict(engine_kwargs, base_gpu_id=r * gpus_per_replica), max_queued_requests)
-                         for r in range(dp_size)]
+        # On the CPU, replicas share its cores: each gets its part (torch would give each all of them).
+        cpu_threads = max(1, torch.get_num_threads() // dp_size) if dp_size > 1 else None
+        self.replicas = [Replica(r, context, dict(engine_kwargs, base_gpu_id=r * gpus_per_replica), max_queued_requests,
+                                 cpu_threads) for r in range(dp_size)]
         try:
             ready = [replica.wait_ready() for replica in self.replicas]
         except BaseException:
