@@ -34,6 +34,7 @@ RUN_ALLOCATOR = "tests/stage12_inplace_attention/test_page_allocator.py::"
 SPECULATIVE = "tests/stage14_speculative/test_speculative.py::"
 SPEC_SAMPLING = "tests/stage14_speculative/test_spec_sampling_and_storm.py::"
 LORA = "tests/stage15_lora/test_lora.py::"
+ROUTER = "tests/stage16_data_parallel/test_router.py::"
 
 EXERCISES = [
     Exercise(
@@ -269,6 +270,31 @@ EXERCISES = [
         "    return torch.addmm(out, shrunk, b.view(slots * rank, width))\n",
         '    raise NotImplementedError("exercise: out + B[slot] A[slot] x for every row, over all slots at once")\n',
         (LORA + "test_one_batch_of_every_adapter_and_the_base_equals_peft[dense]",),
+    ),
+    Exercise(
+        "stage16_data_parallel", 1, BREAK, "a router that forgets where prompts went",
+        "The router no longer records the prompts it sends. Every method still picks a live replica. "
+        "Which test fails, and what happens to the replicas' prefix-cache hits on a shared-prefix workload?",
+        "router.py",
+        "        self.trees[replica].insert(prompt)\n",
+        "",
+        (ROUTER + "test_cache_aware_follows_the_prefix_and_balances_when_loads_part",),
+    ),
+    Exercise(
+        "stage16_data_parallel", 2, BUILD, "the longest prefix sent before",
+        "PromptTree.match has lost its body. Walk down the trie from the root, one token at a time, and "
+        "return how many leading tokens of the prompt it holds.",
+        "router.py",
+        "        node, n = self.root, 0\n"
+        "        for token in tokens:\n"
+        "            node = node.children.get(token)\n"
+        "            if node is None:\n"
+        "                break\n"
+        "            n += 1\n"
+        "        return n\n",
+        '        raise NotImplementedError("exercise: count the leading tokens the tree holds")\n',
+        (ROUTER + "test_the_prompt_tree_matches_prefixes_and_forgets_the_least_recently_used",
+         ROUTER + "test_cache_aware_follows_the_prefix_and_balances_when_loads_part"),
     ),
 ]
 
