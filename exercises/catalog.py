@@ -47,6 +47,16 @@ EXERCISES = [
         ("tests/ladder/test_parity.py::test_batch_greedy_equals_transformers[stage01_core-dense]",),
     ),
     Exercise(
+        "stage01_core", 2, BUILD, "write the new keys and values",
+        "ContiguousAttention no longer stores the step's keys and values. Write each sequence's new k "
+        "and v into its cache at positions start .. end of this layer, before attending.",
+        "kv_cache.py",
+        "            cache.k[layer_index, start:end] = k[offset : offset + n]\n"
+        "            cache.v[layer_index, start:end] = v[offset : offset + n]\n",
+        '            raise NotImplementedError("exercise: store this step\'s keys and values in the cache")\n',
+        ("tests/ladder/test_parity.py::test_batch_greedy_equals_transformers[stage01_core-dense]",),
+    ),
+    Exercise(
         "stage02_paged", 1, BREAK, "a page that never comes back",
         "Freed pages are no longer returned to the pool. Run the check: which test fails, and what "
         "invariant does it state? Find the line in page_allocator.py and put it right.",
@@ -139,6 +149,15 @@ EXERCISES = [
         "parallel.py",
         "        if self.reduce:\n            all_reduce(out)\n",
         "",
+        (TENSOR_PARALLEL + "test_tp2_gives_tp1_tokens_and_close_logits[dense]",),
+    ),
+    Exercise(
+        "stage07_tp", 2, BUILD, "this rank's columns of o_proj",
+        "TensorParallelShard.read_slice no longer knows how to cut o_proj. It is row-parallel: its "
+        "input is this rank's attention heads. Return the columns of those heads.",
+        "parallel.py",
+        "            return lazy[:, r * self.heads * d : (r + 1) * self.heads * d]\n",
+        '            raise NotImplementedError("exercise: the o_proj columns of this rank\'s heads")\n',
         (TENSOR_PARALLEL + "test_tp2_gives_tp1_tokens_and_close_logits[dense]",),
     ),
     Exercise(
