@@ -26,9 +26,11 @@ class Exercise:
 
 PAGING = "tests/stage02_paged/test_paging.py::"
 RADIX = "tests/stage03_radix/test_radix_tree.py::"
+CHUNKED = "tests/stage05_chunked/test_chunked_prefill.py::"
 TENSOR_PARALLEL = "tests/stage07_tp/test_tensor_parallel.py::"
 EXPERTS = "tests/stage08_ep/test_expert_parallel.py::"
 GRAPHS = "tests/stage09_cuda_graph/test_cuda_graph.py::"
+TOOLS = "tests/server/test_tool_parser.py::"
 RUNS = "tests/stage12_inplace_attention/test_page_runs.py::"
 RUN_ALLOCATOR = "tests/stage12_inplace_attention/test_page_allocator.py::"
 SPECULATIVE = "tests/stage14_speculative/test_speculative.py::"
@@ -103,6 +105,25 @@ EXERCISES = [
         ("tests/stage04_batching/test_continuous_batching.py::test_abort_by_id_releases_pages_and_others_continue",),
     ),
     Exercise(
+        "stage04_batching", 2, BUILD, "retract until decode fits",
+        "Scheduler._retract_until_decode_fits has lost its body. While the next decode step needs more "
+        "pages than the pool has free, take the running request with the fewest generated tokens (ties: "
+        "the longest prompt), release its pages, reset its num_cached and put it at the front of the "
+        "queue; count it in num_retractions and reset new_token_ratio.",
+        "scheduler.py",
+        "        while self.runner.decode_pages_needed(self.running) > self.runner.available_pages():\n"
+        "            # Least progress first: fewest generated tokens, then the longest prompt (cheapest to redo last).\n"
+        "            victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.prompt_ids)))\n"
+        "            self.running.remove(victim)\n"
+        "            self.runner.free_cache(victim)\n"
+        "            victim.num_cached = 0\n"
+        "            self.waiting.appendleft(victim)\n"
+        "            self.num_retractions += 1\n"
+        "            self.new_token_ratio = INIT_NEW_TOKEN_RATIO\n",
+        '        raise NotImplementedError("exercise: retract the least-advanced requests until decode fits")\n',
+        ("tests/stage04_batching/test_continuous_batching.py::test_a_small_pool_forces_retraction_and_every_request_still_finishes_correctly",),
+    ),
+    Exercise(
         "stage05_chunked", 1, BREAK, "a new prompt fed whole",
         "A newly admitted prompt is no longer cut to what is left of the chunk budget. Which test "
         "fails, and what does chunking bound that this loses?",
@@ -112,6 +133,16 @@ EXERCISES = [
         "                for request in self._admit_prefill(budget, whole_prompts=False):\n"
         "                    n = request.seq_len - request.num_cached\n",
         ("tests/stage05_chunked/test_chunked_prefill.py::test_peak_activation_of_a_prefill_step_is_bounded_by_the_chunk",),
+    ),
+    Exercise(
+        "stage05_chunked", 2, BREAK, "decoders that wait for a long prompt",
+        "A step now carries prompt chunks or decodes, never both. Every request still gets its "
+        "tokens: which test fails, and what would a user streaming a reply see while someone sends "
+        "a long prompt?",
+        "scheduler.py",
+        "            work = decode + chunks\n",
+        "            work = chunks or decode\n",
+        (CHUNKED + "test_a_long_prompt_is_cut_into_chunks_and_decoders_keep_going",),
     ),
     Exercise(
         "stage06_scheduling", 1, BREAK, "longest output last",
@@ -170,6 +201,16 @@ EXERCISES = [
         (EXPERTS + "test_ep2_gives_the_same_tokens_with_experts_busy_on_both_ranks[1-2-moe]",),
     ),
     Exercise(
+        "stage08_ep", 2, BUILD, "the experts that live on this rank",
+        "TensorParallelShard no longer knows which experts are this rank's. With ep_size N, rank r "
+        "holds a contiguous block of E / N experts: set self.local_experts to that range.",
+        "parallel.py",
+        "        self.local_experts = range(self.rank * experts_per_rank, (self.rank + 1) * experts_per_rank)\n",
+        '        raise NotImplementedError("exercise: this rank\'s block of E / ep_size experts")\n',
+        (EXPERTS + "test_each_rank_holds_half_the_expert_weights",
+         EXPERTS + "test_ep2_gives_the_same_tokens_with_experts_busy_on_both_ranks[1-2-moe]"),
+    ),
+    Exercise(
         "stage09_cuda_graph", 1, BUILD, "the batch sizes that get a graph",
         "batch_buckets has lost its body. Return SGLang's sizes: 1, 2, 4, 8, then every 8 up to "
         "max_bs, and max_bs itself always.",
@@ -198,6 +239,15 @@ EXERCISES = [
         ("tests/stage10_overlap/test_overlap.py::test_overlap_gives_stage09_tokens[dense]",),
     ),
     Exercise(
+        "stage10_overlap", 2, BREAK, "the token after the stop",
+        "A request that finished on a stop token or string now keeps the token its next step, "
+        "already launched, sampled. Which test fails? Why does overlap launch that step at all?",
+        "engine.py",
+        "            if not request.finished:\n                request.append_token(token)\n",
+        "            request.append_token(token)\n",
+        ("tests/stage10_overlap/test_overlap.py::test_stop_rules_never_overshoot",),
+    ),
+    Exercise(
         "stage11_server", 1, BREAK, "parallel_tool_calls ignored",
         "A reply keeps every tool call even when the request says parallel_tool_calls: false. "
         "Which test catches it? Where else would a client notice?",
@@ -205,6 +255,22 @@ EXERCISES = [
         "return content, calls if self.request.parallel_tool_calls else calls[:1]",
         "return content, calls",
         ("tests/server/test_openai_api.py::test_parallel_tool_calls_false_keeps_the_first_call[stage11_server]",),
+    ),
+    Exercise(
+        "stage11_server", 2, BUILD, "stream everything but a tool call",
+        "streamable_length has lost its body. A streamed chat reply sends its content as it grows, "
+        "but nothing from a <tool_call> on (calls arrive whole at the end). Return how much of the "
+        "text may go now: up to the first <tool_call>, and never a tail that could still grow into one.",
+        "tool_parser.py",
+        "    found = text.find(START)\n"
+        "    if found >= 0:\n"
+        "        return found\n"
+        "    for size in range(min(len(START) - 1, len(text)), 0, -1):\n"
+        "        if START.startswith(text[-size:]):\n"
+        "            return len(text) - size\n"
+        "    return len(text)\n",
+        '    raise NotImplementedError("exercise: the length of text that cannot be part of a tool call")\n',
+        (TOOLS + "test_a_stream_holds_back_only_what_could_begin_a_tool_call[stage11_server]",),
     ),
     Exercise(
         "stage12_inplace_attention", 1, BREAK, "a merge that forgets the log-sum-exps",
@@ -243,6 +309,16 @@ EXERCISES = [
         "model_runner.py",
         "            apply_grammar_masks(logits, [requests[i].grammar for i in complete])\n",
         "            pass\n",
+        ("tests/stage13_structured/test_structured.py::test_one_batch_mixes_constrained_and_free_requests[greedy]",),
+    ),
+    Exercise(
+        "stage13_structured", 2, BUILD, "unpack the mask bits",
+        "apply_grammar_masks has lost the line that turns the packed masks into one bool per token. "
+        "llguidance packs 32 tokens in each int32 word: token 32 w + b is allowed when bit b of word w "
+        "is 1. Make allowed [rows, vocab] with a shift and a mask, no Python loop.",
+        "grammar.py",
+        "    allowed = ((masks[:, :, None] >> bits) & 1).view(len(rows), -1)[:, :vocab].bool()  # [rows, vocab]\n",
+        '    raise NotImplementedError("exercise: one bool per token from the 32-bit mask words")\n',
         ("tests/stage13_structured/test_structured.py::test_one_batch_mixes_constrained_and_free_requests[greedy]",),
     ),
     Exercise(

@@ -38,3 +38,9 @@ def test_the_command_line_lists_and_refuses(capsys):
     assert main(["start", "stage03_radix", "9"]) == 2 and "no exercise stage03_radix 9" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["stage99_nothing"])
+
+
+def test_the_exercises_page_lists_every_exercise():
+    page = (ROOT / "docs" / "exercises.md").read_text()
+    rows = re.findall(r"^\| (\d\d) · [^|]+\| (\d+)\. ([^|]+?) \| ([^|]+?) \|$", page, re.MULTILINE)
+    assert sorted(rows) == sorted((e.stage[5:7], str(e.number), e.title, e.kind) for e in EXERCISES)
