@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--node-rank", type=int, default=0, help="this machine's place among them (0 runs the engine)")
     engine.add_argument("--dist-init-addr", default=None, help="HOST:PORT of node 0, where the nodes' ranks meet")
     engine.add_argument("--base-gpu-id", type=int, default=0, help="the first GPU this engine's ranks use")
+    engine.add_argument("--gpu-id-step", type=int, default=1,
+                        help="the gap between the GPUs of consecutive ranks and replicas (0: replicas share one GPU)")
     engine.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: 512 MiB on CPU, 80%% of free GPU memory)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=128)
@@ -122,6 +124,7 @@ def main(argv=None) -> int:
         max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
         lora_target_modules=args.lora_target_modules, lora_backend=args.lora_backend, nnodes=args.nnodes,
         node_rank=args.node_rank, dist_init_addr=args.dist_init_addr, base_gpu_id=args.base_gpu_id,
+        gpu_id_step=args.gpu_id_step,
     )
     sampling = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
 
 
 def check_replica_devices(engine_kwargs: dict, dp_size: int) -> None:
-    """On CUDA every replica needs GPUs of its own: refuse more than there are, before any starts."""
+    """On CUDA every replica needs GPUs of its own, unless told to share (``--gpu-id-step 0``):
+    refuse more than there are, before any starts."""
     from .engine import resolve_device
 
     device = resolve_device(engine_kwargs["device"])
@@ -163,9 +167,14 @@ def check_replica_devices(engine_kwargs: dict, dp_size: int) -> None:
     import torch
 
     per_replica = max(engine_kwargs["tp_size"], engine_kwargs["ep_size"]) // engine_kwargs["nnodes"]
-    if dp_size * per_replica > torch.cuda.device_count():
-        raise ValueError(f"--dp-size {dp_size} replicas of {per_replica} GPUs each need {dp_size * per_replica} GPUs, "
-                         f"but torch sees {torch.cuda.device_count()}")
+    step, base = engine_kwargs["gpu_id_step"], engine_kwargs["base_gpu_id"]
+    if step == 0 and engine_kwargs["kv_cache_bytes"] is None:
+        raise ValueError(f"--gpu-id-step 0 puts the {dp_size} replicas on one GPU: give --kv-cache-bytes, each "
+                         "replica's pool (each would otherwise size its own from the memory the others left free)")
+    last = base + (dp_size * per_replica - 1) * step
+    if last >= torch.cuda.device_count():
+        raise ValueError(f"--dp-size {dp_size} replicas of {per_replica} GPUs each need GPUs {base} .. {last}, "
+                         f"but torch sees {torch.cuda.device_count()} (--gpu-id-step 0 lets replicas share one)")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ class Engine:
         node_rank: int = 0,
         dist_init_addr: str | None = None,
         base_gpu_id: int = 0,
+        gpu_id_step: int = 1,
     ):
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size={page_size!r} must be a positive integer")
@@ -166,7 +167,8 @@ class Engine:
         if lora_backend == "grouped" and not grouped_mm_works(self.device, resolve_dtype(dtype) or torch.float32):
             raise ValueError("lora_backend='grouped' needs torch._grouped_mm for this device and dtype, which this "
                              "torch lacks; use lora_backend='bmm'")
-        ranks_per_node = multi_node_settings(nnodes, node_rank, dist_init_addr, world, self.device, kv_cache_bytes, base_gpu_id)
+        ranks_per_node = multi_node_settings(nnodes, node_rank, dist_init_addr, world, self.device, kv_cache_bytes, base_gpu_id,
+                                             gpu_id_step)
         if node_rank > 0:
             raise ValueError(f"node_rank={node_rank}: nodes other than 0 run workers only; start them with "
                              "`python -m stage16_data_parallel --nnodes N --node-rank R --dist-init-addr HOST:PORT ...`")
@@ -175,7 +177,7 @@ class Engine:
             ep_size=ep_size, disable_cuda_graph=disable_cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
             attention_backend=attention_backend, lora_paths=lora_paths, max_loras_per_batch=max_loras_per_batch,
             max_lora_rank=max_lora_rank, lora_target_modules=lora_target_modules, lora_backend=lora_backend,
-            base_gpu_id=base_gpu_id, ranks_per_node=ranks_per_node,
+            base_gpu_id=base_gpu_id, ranks_per_node=ranks_per_node, gpu_id_step=gpu_id_step,
         )
         self.runner = make_runner(tp_rank=0)
         self.drafter = None
@@ -693,25 +695,27 @@ def speculative_guesses(algorithm, draft_model_path, num_steps, num_draft_tokens
 
 def runner_factory(model_path, device, dtype, seed, page_size, kv_cache_bytes, disable_radix_cache, *, tp_size, ep_size,
                    disable_cuda_graph, cuda_graph_max_bs, attention_backend, lora_paths, max_loras_per_batch, max_lora_rank,
-                   lora_target_modules, lora_backend, base_gpu_id, ranks_per_node):
+                   lora_target_modules, lora_backend, base_gpu_id, ranks_per_node, gpu_id_step):
     """``make_runner(tp_rank=...)``: this engine's ModelRunner for any rank, on any node."""
     return functools.partial(
         ModelRunner, model_path, device, resolve_dtype(dtype), seed, page_size, kv_cache_bytes, disable_radix_cache,
         tp_size=tp_size, ep_size=ep_size, disable_cuda_graph=disable_cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
         attention_backend=attention_backend, lora_paths=lora_paths, max_loras_per_batch=max_loras_per_batch,
         max_lora_rank=max_lora_rank, lora_target_modules=lora_target_modules, lora_backend=lora_backend,
-        base_gpu_id=base_gpu_id, ranks_per_node=ranks_per_node,
+        base_gpu_id=base_gpu_id, ranks_per_node=ranks_per_node, gpu_id_step=gpu_id_step,
     )
 
 
 def multi_node_settings(nnodes, node_rank, dist_init_addr, world: int, device: torch.device, kv_cache_bytes,
-                        base_gpu_id) -> int:
+                        base_gpu_id, gpu_id_step=1) -> int:
     """Check where this engine's ranks run; return how many run on each node.
 
     ``nnodes`` machines share the ``world`` ranks of one group, ``world / nnodes``
     consecutive ranks each, and meet at ``dist_init_addr`` (node 0's ``host:port``).
+    A node's ranks use GPUs ``base_gpu_id``, ``base_gpu_id + gpu_id_step``, ... (SGLang's flags).
     """
-    for name, value, least in (("nnodes", nnodes, 1), ("node_rank", node_rank, 0), ("base_gpu_id", base_gpu_id, 0)):
+    for name, value, least in (("nnodes", nnodes, 1), ("node_rank", node_rank, 0), ("base_gpu_id", base_gpu_id, 0),
+                               ("gpu_id_step", gpu_id_step, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name}={value!r} must be an integer of at least {least}")
     if node_rank >= nnodes:
@@ -728,8 +732,11 @@ def multi_node_settings(nnodes, node_rank, dist_init_addr, world: int, device: t
     elif dist_init_addr is not None and ":" not in dist_init_addr:
         raise ValueError(f"dist_init_addr={dist_init_addr!r} must be HOST:PORT")
     ranks_per_node = world // nnodes
-    if device.type == "cuda" and base_gpu_id + ranks_per_node > torch.cuda.device_count():
-        raise ValueError(f"{ranks_per_node} ranks from GPU {base_gpu_id} on need {base_gpu_id + ranks_per_node} GPUs, "
+    if device.type == "cuda" and ranks_per_node > 1 and gpu_id_step == 0:
+        raise ValueError(f"gpu_id_step=0 would put {ranks_per_node} ranks of one group on one GPU; NCCL needs a GPU per rank")
+    last = base_gpu_id + (ranks_per_node - 1) * gpu_id_step
+    if device.type == "cuda" and last >= torch.cuda.device_count():
+        raise ValueError(f"{ranks_per_node} ranks from GPU {base_gpu_id} on (every {gpu_id_step}) need GPU {last}, "
                          f"but torch sees {torch.cuda.device_count()}")
     return ranks_per_node
 
@@ -742,7 +749,7 @@ def run_worker_node(**engine_kwargs) -> int:
     a = bound.arguments
     world, device = max(a["tp_size"], a["ep_size"]), resolve_device(a["device"])
     ranks_per_node = multi_node_settings(a["nnodes"], a["node_rank"], a["dist_init_addr"], world, device,
-                                         a["kv_cache_bytes"], a["base_gpu_id"])
+                                         a["kv_cache_bytes"], a["base_gpu_id"], a["gpu_id_step"])
     if a["node_rank"] == 0:
         raise ValueError("node 0 runs the engine itself (Engine, or the server), not workers only")
     lora_paths = lora_settings(a["lora_paths"], a["max_loras_per_batch"], a["max_lora_rank"], a["lora_backend"])
@@ -752,7 +759,7 @@ def run_worker_node(**engine_kwargs) -> int:
         cuda_graph_max_bs=a["cuda_graph_max_bs"], attention_backend=a["attention_backend"], lora_paths=lora_paths,
         max_loras_per_batch=a["max_loras_per_batch"], max_lora_rank=a["max_lora_rank"],
         lora_target_modules=a["lora_target_modules"], lora_backend=a["lora_backend"], base_gpu_id=a["base_gpu_id"],
-        ranks_per_node=ranks_per_node,
+        ranks_per_node=ranks_per_node, gpu_id_step=a["gpu_id_step"],
     )
     first = a["node_rank"] * ranks_per_node
     group = WorkerGroup(world, device, make_runner, timeout_s=a["dist_timeout"], address=a["dist_init_addr"],

@@ -88,11 +88,11 @@ class ModelRunner:
         disable_cuda_graph: bool = False, cuda_graph_max_bs: int = CUDA_GRAPH_MAX_BS, attention_backend: str = "runs",
         lora_paths: dict[str, str] | None = None, max_loras_per_batch: int = DEFAULT_MAX_LORAS_PER_BATCH,
         max_lora_rank: int | None = None, lora_target_modules=None, lora_backend: str | None = None,
-        base_gpu_id: int = 0, ranks_per_node: int | None = None,
+        base_gpu_id: int = 0, ranks_per_node: int | None = None, gpu_id_step: int = 1,
     ):
-        # Stage 16: a node's ranks take its GPUs from base_gpu_id on (a data-parallel replica's own GPUs).
+        # Stage 16: a node's ranks take GPUs base_gpu_id, + gpu_id_step, ... (a data-parallel replica's own GPUs).
         local_rank = tp_rank % (ranks_per_node or max(tp_size, ep_size))
-        self.device = device = rank_device(device, base_gpu_id + local_rank)
+        self.device = device = rank_device(device, base_gpu_id + local_rank * gpu_id_step)
         shard = None
         if max(tp_size, ep_size) > 1:  # tp_rank is this process's rank among all of them
             shard = TensorParallelShard(ModelConfig.from_file(resolve_model_path(model_path)), tp_rank, tp_size, ep_size)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT
 from stage16_data_parallel import Engine
@@ -203,6 +204,7 @@ def test_a_node_that_dies_ends_the_group_with_a_clear_error(checkpoints):
     (["p", "--tp-size", "2", "--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "h:1"], "out of range"),
     (["p", "--nnodes", "2", "--dist-init-addr", "h:1"], "must divide"),
     (["--tp-size", "2", "--nnodes", "2", "--node-rank", "1"], "HOST:PORT"),
+    (["p", "--gpu-id-step", "-1"], "gpu_id_step=-1 must be an integer of at least 0"),
 ])
 def test_bad_flags_exit_with_status_2_and_start_nothing(flags, message, capsys):
     try:
@@ -210,3 +212,33 @@ def test_bad_flags_exit_with_status_2_and_start_nothing(flags, message, capsys):
     except SystemExit as exit:  # argparse's own refusals
         status = exit.code
     assert status == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_id_step_places_replicas_and_zero_lets_them_share_one_gpu(monkeypatch):
+    """SGLang's placement: replica r's ranks from GPU base + r x ranks x step on. Checked before anything
+    starts, with torch told of CUDA devices that this machine does not have."""
+    import stage16_data_parallel.engine as engine_module
+    from stage16_data_parallel.__main__ import check_replica_devices
+    from stage16_data_parallel.engine import multi_node_settings
+    from stage16_data_parallel.tokenizer_manager import replica_base_gpu
+
+    kwargs = dict(tp_size=2, ep_size=1, nnodes=1, base_gpu_id=1, gpu_id_step=1, kv_cache_bytes=None, device="cuda")
+    assert [replica_base_gpu(kwargs, r) for r in range(3)] == [1, 3, 5]
+    assert [replica_base_gpu(dict(kwargs, gpu_id_step=0), r) for r in range(3)] == [1, 1, 1]
+    assert [replica_base_gpu(dict(kwargs, gpu_id_step=2, tp_size=1), r) for r in range(3)] == [1, 3, 5]
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(engine_module, "resolve_device", lambda device: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    check_replica_devices(dict(kwargs, base_gpu_id=0), 2)  # GPUs 0..3: fits
+    with pytest.raises(ValueError, match=r"need GPUs 1 \.\. 4, but torch sees 4 \(--gpu-id-step 0 lets"):
+        check_replica_devices(kwargs, 2)
+    one = dict(kwargs, tp_size=1, base_gpu_id=0, gpu_id_step=0)
+    with pytest.raises(ValueError, match="give --kv-cache-bytes"):
+        check_replica_devices(one, 4)
+    check_replica_devices(dict(one, kv_cache_bytes=2**30), 4)  # four replicas, one GPU, a pool each
+    with pytest.raises(ValueError, match="NCCL needs a GPU per rank"):
+        multi_node_settings(1, 0, None, 2, cuda, None, 0, gpu_id_step=0)
+    assert multi_node_settings(1, 0, None, 2, cuda, None, 1, gpu_id_step=2) == 2  # GPUs 1 and 3
+    with pytest.raises(ValueError, match="need GPU 5"):
+        multi_node_settings(1, 0, None, 2, cuda, None, 1, gpu_id_step=4)
