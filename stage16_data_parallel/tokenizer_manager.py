@@ -57,6 +57,7 @@ class Replica:
     def __init__(self, index: int, context, engine_kwargs: dict, max_queued_requests: int | None,
                  cpu_threads: int | None = None):
         self.index, self.alive, self.last_heard = index, True, time.monotonic()
+        self.busy_since = self.last_heard  # when it last got work while idle: its silence counts from then
         self.conn, child_conn = context.Pipe()
         # Not a daemon: with tp/ep the engine process starts worker processes of its own.
         self.process = context.Process(target=run_engine_process,
@@ -230,6 +231,8 @@ class TokenizerManager:
         replica = self.router.choose(request.prompt_ids)
         self.owner[request.rid], self.sent[request.rid] = replica, request
         self.metrics.replica_requests.labels(str(replica)).inc()
+        if self.router.load[replica] == 1:  # it was idle: quiet until now was no hang
+            self.replicas[replica].busy_since = time.monotonic()
         self.replicas[replica].send(request)
 
     def _finished(self, rid: str) -> None:
@@ -255,7 +258,8 @@ class TokenizerManager:
             time.sleep(WATCHDOG_PERIOD_S)
             for replica in self.replicas:
                 busy = self.router.load[replica.index] > 0
-                if replica.alive and busy and time.monotonic() - replica.last_heard > self.hang_timeout:
+                silent = time.monotonic() - max(replica.last_heard, replica.busy_since)
+                if replica.alive and busy and silent > self.hang_timeout:
                     replica.process.kill()
 
     def _dispatch(self, batch: UpdateBatch, replica: int) -> None:

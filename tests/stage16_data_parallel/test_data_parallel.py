@@ -5,6 +5,7 @@ one replica, against which cache-aware routing keeps its hits and round-robin lo
 parallelism on one node for the two-node group. Then the faults: a replica killed mid-serve.
 """
 
+import concurrent.futures
 import contextlib
 import os
 import random
@@ -122,23 +123,34 @@ def test_a_killed_replica_ends_its_requests_and_the_server_goes_on(checkpoints):
 
 def test_a_hung_replica_is_killed_and_its_unanswered_requests_go_to_the_other(checkpoints):
     """A replica that stops answering (SIGSTOP) with work in hand is killed after --dist-timeout:
-    its streaming request ends with an error, and a request it never answered runs elsewhere."""
+    its streaming request ends with an error, and a request it never answered runs elsewhere.
+    Silence while idle is no hang: a replica idle for longer than --dist-timeout, slow to answer
+    its next request, is left alone."""
     server = Server("stage16_data_parallel", "--model-path", str(checkpoints["dense"]), "--dp-size", "2",
                     "--load-balance-method", "round_robin", "--dist-timeout", "3")
     try:
+        replica_0, replica_1 = sorted(engine_children(server.process.pid))  # replica 0 started first
+        time.sleep(3.5)  # both idle for longer than --dist-timeout
+        os.kill(replica_0, signal.SIGSTOP)  # slow to answer its next request: 1.5 s, within the timeout
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(server.client.completions.create, model="m", prompt=[5, 6], **ASK)  # replica 0
+            time.sleep(1.5)
+            os.kill(replica_0, signal.SIGCONT)
+            assert slow.result().choices[0].finish_reason == "length"
+        assert b"degraded" not in http("GET", f"{server.url}/health")[1]
+
         first = server.client.completions.create(model="m", prompt=[5, 6, 7], max_tokens=400, temperature=0,
-                                                 extra_body={"ignore_eos": True}, stream=True)  # replica 0
+                                                 extra_body={"ignore_eos": True}, stream=True)  # replica 1
         assert next(iter(first)).choices
         busy = server.client.completions.create(model="m", prompt=[8, 9], max_tokens=400, temperature=0,
-                                                extra_body={"ignore_eos": True}, stream=True)  # replica 1
+                                                extra_body={"ignore_eos": True}, stream=True)  # replica 0
         assert next(iter(busy)).choices
-        stopped = min(engine_children(server.process.pid))  # replica 0 started first
-        os.kill(stopped, signal.SIGSTOP)
-        late = server.client.completions.create(model="m", prompt=[11, 12], **ASK)  # routed to 0, answered by 1
+        os.kill(replica_1, signal.SIGSTOP)
+        late = server.client.completions.create(model="m", prompt=[11, 12], **ASK)  # routed to 1, answered by 0
         assert late.choices[0].finish_reason == "length"
         with pytest.raises(Exception):  # noqa: B017 - the hung replica's stream breaks off with an error event
             "".join(chunk.choices[0].text for chunk in first if chunk.choices)
-        assert b"degraded: replicas [0]" in http("GET", f"{server.url}/health")[1]
+        assert b"degraded: replicas [1]" in http("GET", f"{server.url}/health")[1]
         assert "".join(chunk.choices[0].text for chunk in busy if chunk.choices)
     finally:
         server.stop()
