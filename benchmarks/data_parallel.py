@@ -15,13 +15,15 @@ Every setting's server starts once and stays up (an idle engine sleeps on its
 pipe), so rounds interleave the settings without restarts: after a few warm-up
 requests, round k sends every setting the same requests, drawn with seed k (new
 prompts each round, so no round finds the one before it in the cache). Each
-setting reports its median round. ``--kv-cache-bytes`` is the KV memory of a setting, split evenly between
+setting reports its median round, and its speed against dp 1 as the median of
+the rounds' ratios. ``--kv-cache-bytes`` is the KV memory of a setting, split evenly between
 its replicas; ``--share-gpu`` puts the replicas on one GPU (``--gpu-id-step 0``).
 """
 
 import argparse
 import asyncio
 import json
+import statistics
 from pathlib import Path
 
 from benchmarks.__main__ import environment, resolve_model
@@ -92,10 +94,11 @@ def main(argv=None) -> int:
         median = sorted(runs, key=lambda r: r["output_tokens_per_s"])[len(runs) // 2]
         report.append(dict(workload=workload_name, system=name, flags=" ".join(server_flags(name, args.kv_cache_bytes, args.share_gpu)),
                            runs=speeds, min=min(speeds), max=max(speeds), median_of=len(runs), **median))
-    for r in report:
+    for r in report:  # rounds differ in their prompts: compare within a round, then take the median
         base = next((x for x in report if x["workload"] == r["workload"] and x["system"] == "dp 1"), None)
         if base is not None:
-            r["vs_dp1"] = round(r["output_tokens_per_s"] / base["output_tokens_per_s"], 3)
+            r["vs_dp1_per_round"] = [round(a / b, 3) for a, b in zip(r["runs"], base["runs"])]
+            r["vs_dp1"] = statistics.median(r["vs_dp1_per_round"])
     out = dict(environment=environment(), model=args.model, device=args.device, repeat=args.repeat,
                request_rate=args.request_rate if args.request_rate != float("inf") else "inf",
                kv_cache_bytes=args.kv_cache_bytes, share_gpu=args.share_gpu, results=report)
