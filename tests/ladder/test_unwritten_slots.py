@@ -11,7 +11,6 @@ before serving must change no token.
 import inspect
 
 import pytest
-import torch
 
 from conftest import STAGES, stage_engine_class
 
