@@ -166,17 +166,16 @@ def check_replica_devices(engine_kwargs: dict, dp_size: int) -> None:
         return
     import torch
 
-    from .tokenizer_manager import replica_base_gpu
+    from .tokenizer_manager import replica_gpus
 
-    per_replica = max(engine_kwargs["tp_size"], engine_kwargs["ep_size"]) // engine_kwargs["nnodes"]
     step, base = engine_kwargs["gpu_id_step"], engine_kwargs["base_gpu_id"]
     if step == 0 and engine_kwargs["kv_cache_bytes"] is None:
         raise ValueError(f"--gpu-id-step 0 puts the {dp_size} replicas on one GPU: give --kv-cache-bytes, each "
                          "replica's pool (each would otherwise size its own from the memory the others left free)")
-    last = replica_base_gpu(engine_kwargs, dp_size - 1) + (per_replica - 1) * step  # the last replica's last rank
-    if last >= torch.cuda.device_count():
-        raise ValueError(f"--dp-size {dp_size} replicas of {per_replica} GPUs each need GPUs {base} .. {last}, "
-                         f"but torch sees {torch.cuda.device_count()} (--gpu-id-step 0 lets replicas share one)")
+    last_replica = replica_gpus(engine_kwargs, dp_size - 1)
+    if last_replica[-1] >= torch.cuda.device_count():
+        raise ValueError(f"--dp-size {dp_size} replicas of {len(last_replica)} GPUs each need GPUs {base} .. "
+                         f"{last_replica[-1]}, but torch sees {torch.cuda.device_count()} (--gpu-id-step 0 lets replicas share one)")
 
 
 if __name__ == "__main__":

@@ -707,7 +707,7 @@ def runner_factory(model_path, device, dtype, seed, page_size, kv_cache_bytes, d
 
 
 def multi_node_settings(nnodes, node_rank, dist_init_addr, world: int, device: torch.device, kv_cache_bytes,
-                        base_gpu_id, gpu_id_step=1) -> int:
+                        base_gpu_id, gpu_id_step) -> int:
     """Check where this engine's ranks run; return how many run on each node.
 
     ``nnodes`` machines share the ``world`` ranks of one group, ``world / nnodes``

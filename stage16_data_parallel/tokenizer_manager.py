@@ -91,11 +91,13 @@ class Replica:
             self.process.join()
 
 
-def replica_base_gpu(engine_kwargs: dict, replica: int) -> int:
-    """The first GPU of ``replica``: after the GPUs of the replicas before it, each ``gpu_id_step``
-    apart (SGLang's placement; a step of 0 puts every replica on ``base_gpu_id``)."""
+def replica_gpus(engine_kwargs: dict, replica: int) -> list[int]:
+    """The GPUs of ``replica``'s ranks on this node, each ``gpu_id_step`` apart, after those of the
+    replicas before it (SGLang's placement; a step of 0 puts every replica on ``base_gpu_id``)."""
     ranks = max(engine_kwargs.get("tp_size", 1), engine_kwargs.get("ep_size", 1)) // engine_kwargs.get("nnodes", 1)
-    return engine_kwargs.get("base_gpu_id", 0) + replica * ranks * engine_kwargs.get("gpu_id_step", 1)
+    step = engine_kwargs.get("gpu_id_step", 1)
+    first = engine_kwargs.get("base_gpu_id", 0) + replica * ranks * step
+    return [first + rank * step for rank in range(ranks)]
 
 
 class TokenizerManager:
@@ -108,7 +110,7 @@ class TokenizerManager:
         context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
         # On the CPU, replicas share its cores: each gets its part (torch would give each all of them).
         cpu_threads = max(1, torch.get_num_threads() // dp_size) if dp_size > 1 else None
-        self.replicas = [Replica(r, context, dict(engine_kwargs, base_gpu_id=replica_base_gpu(engine_kwargs, r)),
+        self.replicas = [Replica(r, context, dict(engine_kwargs, base_gpu_id=replica_gpus(engine_kwargs, r)[0]),
                                  max_queued_requests, cpu_threads) for r in range(dp_size)]
         try:
             ready = [replica.wait_ready() for replica in self.replicas]

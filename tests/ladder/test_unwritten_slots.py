@@ -3,9 +3,10 @@
 The pool is allocated with ``torch.empty``: a slot holds whatever that memory
 held before, NaN included, until a request writes it. Masking such a slot out
 of attention is not enough: its softmax weight is 0, but 0 * NaN is NaN. So a
-stage must never hand attention an unwritten slot, not in the tail of a
-request's last page, not in a padding row. Filling the whole pool with NaN
-before serving must change no token.
+stage must never hand attention an unwritten slot: not the tail of a
+request's last page, not the keys that pad a short row of a decode batch to the
+longest. Filling the whole pool with NaN before serving must change no token.
+(Stage 09's padding rows, which run only in CUDA graphs, have their own test.)
 """
 
 import inspect

@@ -232,12 +232,12 @@ def test_gpu_id_step_places_replicas_and_zero_lets_them_share_one_gpu(monkeypatc
     import stage16_data_parallel.engine as engine_module
     from stage16_data_parallel.__main__ import check_replica_devices
     from stage16_data_parallel.engine import multi_node_settings
-    from stage16_data_parallel.tokenizer_manager import replica_base_gpu
+    from stage16_data_parallel.tokenizer_manager import replica_gpus
 
     kwargs = dict(tp_size=2, ep_size=1, nnodes=1, base_gpu_id=1, gpu_id_step=1, kv_cache_bytes=None, device="cuda")
-    assert [replica_base_gpu(kwargs, r) for r in range(3)] == [1, 3, 5]
-    assert [replica_base_gpu(dict(kwargs, gpu_id_step=0), r) for r in range(3)] == [1, 1, 1]
-    assert [replica_base_gpu(dict(kwargs, gpu_id_step=2, tp_size=1), r) for r in range(3)] == [1, 3, 5]
+    assert [replica_gpus(kwargs, r) for r in range(3)] == [[1, 2], [3, 4], [5, 6]]
+    assert [replica_gpus(dict(kwargs, gpu_id_step=0, tp_size=1), r) for r in range(3)] == [[1], [1], [1]]
+    assert [replica_gpus(dict(kwargs, gpu_id_step=2), r) for r in range(2)] == [[1, 3], [5, 7]]
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(engine_module, "resolve_device", lambda device: cuda)
