@@ -41,6 +41,11 @@ class Tokenizer:
         return [] if self.hf.eos_token_id is None else [self.hf.eos_token_id]
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``. The Rust tokenizer's ``encode_batch`` releases the GIL and changes
+        no state, so a server's threads can tokenize at once while its event loop runs."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.encode_batch([text])[0].ids
         return self.hf.encode(text)
 
     def decode(self, token_ids: list[int]) -> str:
@@ -53,15 +58,18 @@ class Tokenizer:
             return self._backend.decode(token_ids, skip_special_tokens=True)
         return self.decode(token_ids)
 
-    def apply_chat_template(self, prompt: str | list[dict], tools: list[dict] | None = None) -> str:
+    def apply_chat_template(self, prompt: str | list[dict], tools: list[dict] | None = None,
+                            template_kwargs: dict | None = None) -> str:
         """Wrap a user message (or a list of chat messages) in the model's chat format; ``tools``
-        (OpenAI's function definitions) are rendered by the template, where it knows how."""
+        (OpenAI's function definitions) are rendered by the template, where it knows how;
+        ``template_kwargs`` are the template's own variables (Qwen3's ``enable_thinking``)."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not self.hf.chat_template:
             raise ValueError("this checkpoint's tokenizer has no chat template; drop --chat")
         if tools and "tools" not in self.hf.chat_template:
             raise ValueError("this model's chat template does not render tools, so the model would never see them")
-        return self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        return self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                           **(template_kwargs or {}))
 
 
 class IncrementalDetokenizer:

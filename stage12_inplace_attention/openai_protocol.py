@@ -23,6 +23,8 @@ from common.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from .request import GenerateOutput
 
 MAX_CHOICES = 128  # n above this is refused (OpenAI's own limit)
+MAX_STOP_STRINGS = 64  # each is checked against every request's new text every step (OpenAI allows 4)
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class BadRequest(Exception):
@@ -67,6 +69,11 @@ class SamplingFields(StrictModel):
         ``logprobs``: SGLang's return_logprob / top_logprobs_num / logprob_start_len."""
         if not 1 <= self.n <= MAX_CHOICES:
             raise BadRequest(f"n={self.n} is invalid: must be in [1, {MAX_CHOICES}]", "n")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
+            raise BadRequest(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise BadRequest(f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} "
+                             "are allowed", "stop_token_ids")
         try:
             return [
                 SamplingParams(
@@ -167,6 +174,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True  # every <tool_call> in the reply is returned
+    chat_template_kwargs: dict | None = None  # the template's own variables: {"enable_thinking": false} for Qwen3
+    separate_reasoning: bool = True  # with --reasoning-parser: reasoning in reasoning_content (SGLang's field)
 
     def logprob_params(self) -> dict:
         if self.top_logprobs is not None and not self.logprobs:
@@ -210,7 +219,8 @@ def parse_request(model: type[StrictModel], body: bytes) -> StrictModel:
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    kind = {400: "invalid_request_error", 404: "not_found_error", 503: "service_unavailable"}.get(status, "server_error")
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 

@@ -11,6 +11,11 @@ line per chunk and ``data: [DONE]`` at the end, as OpenAI's do.
 A client that goes away stops its requests: for a stream, when writing to it
 fails (the stream generator is closed and aborts what is still running); for
 a plain request, when the periodic check below sees the disconnect.
+
+No single request may stall the loop or the engine: a body over
+``--max-request-bytes`` is refused (413) before it is read, parsing and
+tokenizing run on the tokenizer thread, and a prompt that cannot fit the
+context is refused here, before it ever crosses to the engine.
 """
 
 import asyncio
@@ -26,15 +31,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import openai_protocol as protocol
+from .api_key import APIKeyCheck
 from .openai_choices import ChatChoices, CompletionChoices
 from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
+from .reasoning_parser import starts_in_reasoning
 from .tokenizer_manager import EngineError, TokenizerManager
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # --max-request-bytes: far above any prompt a context holds
+DRAIN_FACTOR = 8  # an oversized body is read and dropped up to this many times the limit, then the connection closes
 
 
-def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
-    """The FastAPI app serving ``manager``'s engine under the name ``model_name``."""
+def build_app(manager: TokenizerManager, model_name: str, api_key: str | None = None,
+              max_request_bytes: int = MAX_REQUEST_BYTES,
+              reasoning_parser: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``manager``'s engine under the name ``model_name``; with ``api_key``,
+    every route but /health needs it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -43,6 +55,8 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
         manager.shutdown()  # here, not after uvicorn returns: on SIGTERM uvicorn re-raises the signal and exits
 
     app = FastAPI(title="qwen3-ladder", lifespan=lifespan)
+    if api_key is not None:
+        app.add_middleware(APIKeyCheck, api_key=api_key)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_, error: BadRequest):
@@ -55,7 +69,8 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
     @app.get("/health")
     async def health():
         alive = manager.engine_alive
-        return Response(status_code=200 if alive else 503, content="" if alive else "the engine process exited")
+        return Response(status_code=200 if alive else 503, content="" if alive else "the engine process exited; "
+                        "it is being restarted")
 
     @app.get("/v1/models")
     async def models():
@@ -74,24 +89,40 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
                              "(see /v1/models)", "model", status=404)
         return request
 
+    def parse_completion(body: bytes):  # on the tokenizer thread
+        request = parse(CompletionRequest, body)
+        return request, completion_prompts(manager, request.prompt)
+
+    def parse_chat(body: bytes):  # on the tokenizer thread
+        request = parse(ChatCompletionRequest, body)
+        if not request.messages:
+            raise BadRequest("messages must hold at least one message", "messages")
+        if len(request.messages) > manager.context_length:  # each message is at least a token
+            raise BadRequest(f"{len(request.messages)} messages cannot fit the model's context of "
+                             f"{manager.context_length} tokens", "messages")
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.uses_tools else None
+        try:
+            prompt_text, prompt_ids = manager.apply_chat_template(
+                [m.as_template_input() for m in request.messages], tools, request.chat_template_kwargs)
+        except ValueError as error:
+            raise BadRequest(str(error), "tools" if tools and "tools" in str(error) else "messages") from None
+        except Exception as error:  # noqa: BLE001 - the template itself failed (raise_exception, a bad variable)
+            raise BadRequest(f"the chat template failed: {error}", "messages") from None
+        return request, prompt_text, prompt_ids
+
     @app.post("/v1/completions")
     async def completions(http_request: HTTPRequest):
-        request = parse(CompletionRequest, await http_request.body())
-        prompts = completion_prompts(manager, request.prompt)
+        body = await read_body(http_request, max_request_bytes)
+        request, prompts = await manager.run_on_tokenizer_thread(parse_completion, body)
         choices = CompletionChoices(request, prompts, manager.token_text, manager.tokenizer.decode)
         return await generate(http_request, request, prompts, [request.max_tokens] * len(prompts), choices)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: HTTPRequest):
-        request = parse(ChatCompletionRequest, await http_request.body())
-        if not request.messages:
-            raise BadRequest("messages must hold at least one message", "messages")
-        choices = ChatChoices(request, manager.token_text)
-        tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if choices.tools else None
-        try:
-            prompt_ids = manager.apply_chat_template([m.as_template_input() for m in request.messages], tools)
-        except ValueError as error:
-            raise BadRequest(str(error), "tools" if tools and "tools" in str(error) else "messages") from None
+        body = await read_body(http_request, max_request_bytes)
+        request, prompt_text, prompt_ids = await manager.run_on_tokenizer_thread(parse_chat, body)
+        in_reasoning = reasoning_parser is not None and starts_in_reasoning(reasoning_parser, prompt_text)
+        choices = ChatChoices(request, manager.token_text, reasoning_parser is not None, in_reasoning)
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         return await generate(http_request, request, [prompt_ids], [max_tokens], choices)
 
@@ -100,6 +131,9 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
         ``choices`` (openai_choices.py) shapes for its endpoint."""
         params = []
         for prompt_ids, limit in zip(prompts, max_tokens):
+            if len(prompt_ids) >= manager.context_length:  # refused here: a huge prompt never crosses the pipe
+                raise BadRequest(f"the prompt has {len(prompt_ids):,} tokens but the model's context is "
+                                 f"{manager.context_length} tokens; shorten it", "prompt")
             if limit is None:  # up to the context (the engine refuses a prompt that fills it)
                 limit = max(1, manager.context_length - len(prompt_ids))
             elif 0 < len(prompt_ids) < manager.context_length < len(prompt_ids) + limit:  # as OpenAI and vLLM answer
@@ -146,13 +180,34 @@ def build_app(manager: TokenizerManager, model_name: str) -> FastAPI:
 
 def completion_prompts(manager: TokenizerManager, prompt) -> list[list[int]]:
     """A completions ``prompt`` (text, token ids, or a list of either) as token-id lists."""
-    if isinstance(prompt, str):
-        return [manager.encode(prompt)]
-    if not prompt:
+    if not prompt and not isinstance(prompt, str):
         raise BadRequest("prompt is an empty list", "prompt")
-    if isinstance(prompt[0], int):
-        return [list(prompt)]
-    return [manager.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        prompt = [prompt]
+    try:
+        return [manager.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    except ValueError as error:  # text far too long for the context
+        raise BadRequest(str(error), "prompt") from None
+
+
+async def read_body(http_request: HTTPRequest, limit: int) -> bytes:
+    """The request's body, or 413 once it passes ``limit`` bytes. The rest of an oversized body is
+    read and dropped (up to ``DRAIN_FACTOR`` times the limit), so a client that sends its whole body
+    before reading the answer sees the 413 instead of a reset connection; nothing of it is kept."""
+    too_large = f"the request body is larger than this server's limit of {limit:,} bytes (--max-request-bytes)"
+    declared = http_request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > DRAIN_FACTOR * limit:
+        raise BadRequest(too_large, status=413)
+    body, size = bytearray(), 0
+    async for chunk in http_request.stream():
+        size += len(chunk)
+        if size > DRAIN_FACTOR * limit:
+            break
+        if size <= limit:
+            body += chunk
+    if size > limit:
+        raise BadRequest(too_large, status=413)
+    return bytes(body)
 
 
 async def prepend(first, rest):
@@ -190,13 +245,16 @@ def sse(body: dict) -> str:
 
 
 def serve(engine_kwargs: dict, host: str, port: int, max_queued_requests: int | None = None,
-          served_model_name: str | None = None) -> None:
+          served_model_name: str | None = None, api_key: str | None = None,
+          max_request_bytes: int = MAX_REQUEST_BYTES,
+          reasoning_parser: str | None = None) -> None:
     """Start the engine process, then serve HTTP until interrupted (Ctrl-C or SIGTERM).
     Requests must name the served model (``served_model_name``, else the model path)."""
     manager = TokenizerManager(engine_kwargs, max_queued_requests)
     try:
         model_name = served_model_name or engine_kwargs.get("model_path") or Path(manager.model_folder).name
         print(f"serving {model_name} on http://{host}:{port} (OpenAI API under /v1)", flush=True)
-        uvicorn.run(build_app(manager, model_name), host=host, port=port, log_level="warning")
+        app = build_app(manager, model_name, api_key, max_request_bytes, reasoning_parser=reasoning_parser)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         manager.shutdown()  # when uvicorn could not start (a port in use), the lifespan never ran

@@ -61,6 +61,7 @@ class ServerMetrics:
         self.cache_hit_rate.set_function(lambda: self._cached / self._prompt if self._prompt else 0.0)
         self._prompt = self._cached = 0
         self._generated: deque[tuple[float, int]] = deque()  # (time, tokens generated so far), oldest first
+        self._generated_before = 0  # tokens of engine processes that died (a new one counts from zero)
 
     def observe_stats(self, stats: dict[str, int]) -> None:
         """The engine's counts, sent with every update batch."""
@@ -74,10 +75,14 @@ class ServerMetrics:
         self.token_usage.set(stats["pages_used"] / max(stats["pages_total"], 1))
         if stats["spec_verify_ct"]:
             self.spec_accept_length.set(stats["spec_tokens"] / stats["spec_verify_ct"])
-        generated = stats["generated_tokens"]
+        generated = stats["generated_tokens"] + self._generated_before
         self.generation_tokens.inc(generated - (self._generated[-1][1] if self._generated else 0))
         self._generated.append((time.monotonic(), generated))
         self._forget_before(time.monotonic() - THROUGHPUT_WINDOW_S)
+
+    def engine_restarted(self) -> None:
+        """A new engine process counts from zero: the old one's tokens stay counted."""
+        self._generated_before = self._generated[-1][1] if self._generated else 0
 
     def observe_finished(self, output: GenerateOutput) -> None:
         self._prompt += output.prompt_tokens

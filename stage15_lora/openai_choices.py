@@ -10,7 +10,9 @@ beyond plain text and shapes every choice accordingly:
   for and left out.
 * ``ChatChoices``: ``logprobs`` and tool calls (``tool_parser.py``): content
   streams up to a ``<tool_call>``, the calls come once the reply is complete,
-  with ``finish_reason: "tool_calls"``.
+  with ``finish_reason: "tool_calls"``. With ``--reasoning-parser`` the
+  reply's thinking goes to ``reasoning_content`` first (``reasoning_parser.py``),
+  and only the rest is content, where tool calls are looked for.
 
 A stream's choices arrive interleaved; each ``chunks(index, update)`` call
 returns the Server-Sent Event bodies for one update of one choice.
@@ -21,6 +23,7 @@ import dataclasses
 from . import openai_protocol as protocol
 from .engine_process import RequestUpdate
 from .openai_protocol import ChatCompletionRequest, CompletionRequest
+from .reasoning_parser import ReasoningStream, split_reasoning
 from .request import GenerateOutput
 from .tool_parser import parse_tool_calls, streamable_length
 
@@ -91,12 +94,18 @@ class ChatChoices:
     id_prefix, object_kind = "chatcmpl", "chat.completion.chunk"
     response = staticmethod(protocol.chat_response)
 
-    def __init__(self, request: ChatCompletionRequest, token_text):
+    def __init__(self, request: ChatCompletionRequest, token_text, parse_reasoning: bool = False,
+                 in_reasoning: bool = False):
         self.request, self.token_text = request, token_text
         self.logprobs = request.logprob_params()
         self.tools = request.uses_tools
-        self.text = [""] * request.n  # streams with tools: each choice's reply so far
-        self.streamed = [0] * request.n  # ... and how much of it went out as content
+        self.text = [""] * request.n  # streams with tools: each choice's content so far
+        self.streamed = [0] * request.n  # ... and how much of it went out
+        # With a reasoning parser (unless the request keeps reasoning in the content): where a reply
+        # starts, and each streamed choice's splitter.
+        self.reasoning = parse_reasoning and request.separate_reasoning
+        self.in_reasoning = in_reasoning
+        self.splitters = [ReasoningStream(in_reasoning) for _ in range(request.n)]
 
     def engine_max_tokens(self, max_tokens: int) -> int:
         return max_tokens
@@ -110,8 +119,11 @@ class ChatChoices:
         return content, calls if self.request.parallel_tool_calls else calls[:1]
 
     def final(self, index: int, output: GenerateOutput) -> dict:
-        content, calls = self.tool_calls(output.text) if self.tools else (output.text, [])
+        reasoning, content = split_reasoning(output.text, self.in_reasoning) if self.reasoning else (None, output.text)
+        content, calls = self.tool_calls(content or "") if self.tools else (content, [])
         message = {"role": "assistant", "content": content}
+        if self.reasoning:
+            message["reasoning_content"] = reasoning
         if calls:
             message["tool_calls"] = calls
         logprobs = protocol.chat_logprobs(self.token_text, protocol.output_entries(output)) if self.logprobs else None
@@ -123,7 +135,9 @@ class ChatChoices:
 
     def chunks(self, rid: str, model: str, index: int, update: RequestUpdate) -> list[dict]:
         logprobs = protocol.chat_logprobs(self.token_text, update.logprobs) if update.logprobs else None
-        text, calls = update.text, []
+        text, calls, reasoning = update.text, [], ""
+        if self.reasoning:
+            reasoning, text = self.splitters[index].feed(text, last=update.output is not None)
         if self.tools:  # content goes out up to a <tool_call>; calls once the reply is complete
             self.text[index] += text
             reply = self.text[index]
@@ -133,6 +147,8 @@ class ChatChoices:
             end = max(end, self.streamed[index])
             text, self.streamed[index] = reply[self.streamed[index] : end], end
         out = []
+        if reasoning:
+            out.append(protocol.chat_chunk(rid, model, index, {"reasoning_content": reasoning}, None))
         if text or logprobs:
             out.append(protocol.chat_chunk(rid, model, index, {"content": text} if text else {}, None, logprobs))
         if update.output is not None:

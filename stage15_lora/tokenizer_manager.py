@@ -5,13 +5,23 @@ turns text into token ids before a request crosses to the engine, and hands
 each HTTP handler the updates of its own requests. Handlers are coroutines
 on one asyncio loop; a reader thread blocks on the pipe and passes every
 update batch to that loop, which puts each update on its request's queue.
+
+Tokenizing is the front end's one heavy job, so it runs on worker threads
+(``run_on_tokenizer_thread``) and is bounded: text far longer than the context could
+ever hold is refused after tokenizing only a head of it. An engine process
+that dies (killed, crashed) fails its requests in flight with an error and
+is started again, with back-off, while the server keeps answering.
 """
 
 import asyncio
 import multiprocessing as mp
+import signal
+import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
@@ -28,6 +38,17 @@ from .engine_process import (
 )
 from .metrics import ServerMetrics
 
+# A token of real text is a few characters; text longer than this many characters per token of context is
+# refused once its first (context x this) characters alone fill the context, without tokenizing the rest.
+MAX_CHARS_PER_TOKEN = 16
+TOKENIZER_THREADS = 4  # requests parsed and tokenized at once (the Rust tokenizer runs without the GIL)
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # waits before each try to start a dead engine again
+
+
+def log(message: str) -> None:
+    """The server's log is its stderr, shared with the engine process (whose tracebacks land there too)."""
+    print(f"[server] {message}", file=sys.stderr, flush=True)
+
 
 class EngineError(Exception):
     """A request the engine refused or could not finish; ``status`` is the HTTP status to answer."""
@@ -41,14 +62,8 @@ class TokenizerManager:
     """Starts the engine process and serves as its client inside the HTTP process."""
 
     def __init__(self, engine_kwargs: dict, max_queued_requests: int | None = None):
-        context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
-        self.conn, child_conn = context.Pipe()
-        # Not a daemon: with tp/ep the engine process starts worker processes of its own.
-        self.process = context.Process(
-            target=run_engine_process, args=(child_conn, engine_kwargs, max_queued_requests), name="engine"
-        )
-        self.process.start()
-        child_conn.close()
+        self.engine_kwargs, self.max_queued_requests = engine_kwargs, max_queued_requests  # kept for restarts
+        self.process, self.conn = self._start_engine()
         ready = self._wait_ready()
         self.model_folder = ready.model_folder
         self.tokenizer = Tokenizer(ready.model_folder)
@@ -57,7 +72,21 @@ class TokenizerManager:
         self.metrics = ServerMetrics()
         self.queues: dict[str, tuple[asyncio.Queue, int]] = {}  # rid -> (its group's queue, its index)
         self.engine_alive = True
+        self.restarts = 0  # engine processes started again after one died
+        self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Parsing and tokenizing run here: a large request's work never holds up a small one's.
+        self.tokenizer_threads = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
+
+    def _start_engine(self):
+        context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
+        conn, child_conn = context.Pipe()
+        # Not a daemon: with tp/ep the engine process starts worker processes of its own.
+        process = context.Process(target=run_engine_process, name="engine",
+                                  args=(child_conn, self.engine_kwargs, self.max_queued_requests))
+        process.start()
+        child_conn.close()
+        return process, conn
 
     def _wait_ready(self) -> EngineReady:
         while not self.conn.poll(0.5):
@@ -72,10 +101,11 @@ class TokenizerManager:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Begin routing updates to coroutines on ``loop`` (the server's event loop)."""
         self.loop = loop
-        threading.Thread(target=self._read_updates, name="engine-reader", daemon=True).start()
+        threading.Thread(target=self._read_updates, args=(self.conn,), name="engine-reader", daemon=True).start()
 
     def shutdown(self) -> None:
         """Stop the engine process (it releases its engine and workers), or kill it if it hangs."""
+        self.stopping = True  # a restart in progress gives up
         if self.process.is_alive():
             try:
                 self.conn.send(SHUTDOWN)
@@ -89,23 +119,41 @@ class TokenizerManager:
     # ----- requests ---------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text) if text else []  # the engine refuses an empty prompt
+        """Token ids of ``text``; ``ValueError`` for text far too long for the context, found by
+        tokenizing only its first ``context x MAX_CHARS_PER_TOKEN`` characters."""
+        if not text:
+            return []  # the engine refuses an empty prompt
+        cap = self.context_length * MAX_CHARS_PER_TOKEN
+        if len(text) > cap:
+            head = len(self.tokenizer.encode(text[:cap]))
+            counted = f"over {head:,} tokens (its first {cap:,} characters)" if head >= self.context_length else \
+                f"{len(text):,} characters, more than the {cap:,} this server tokenizes for a context of that size"
+            raise ValueError(f"the prompt has {counted}, but the model's context is {self.context_length} "
+                             "tokens; shorten it")
+        return self.tokenizer.encode(text)
+
+    async def run_on_tokenizer_thread(self, function, *args):
+        """Run tokenizer work off the event loop, so other requests and /health are answered meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_threads, function, *args)
 
     def token_text(self, token_id: int) -> str:
         """One token's text, as log-probability entries name it."""
         return self.tokenizer.decode([token_id])
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, tools))
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+        """The conversation rendered by the chat template, as text and as (bounded) token ids."""
+        text = self.tokenizer.apply_chat_template(messages, tools, template_kwargs)
+        return text, self.encode(text)
 
     async def update_lora_adapter(self, name: str, path: str | None) -> None:
         """Load (``path`` given) or unload an adapter in the engine; ``EngineError`` if it refuses."""
         if not self.engine_alive:
-            raise EngineError(503, "the engine process is not running")
+            raise EngineError(503, "the engine process is not running (it is being restarted); retry later")
         queue, rid = asyncio.Queue(), uuid.uuid4().hex
         self.queues[rid] = (queue, 0)
         try:
-            self.conn.send(LoRAAdapterRequest(rid, name, path))
+            self._send(LoRAAdapterRequest(rid, name, path))
             _, update = await queue.get()
         finally:
             del self.queues[rid]
@@ -128,7 +176,7 @@ class TokenizerManager:
         are aborted and their pages freed.
         """
         if not self.engine_alive:
-            raise EngineError(503, "the engine process is not running")
+            raise EngineError(503, "the engine process is not running (it is being restarted); retry later")
         queue: asyncio.Queue = asyncio.Queue()
         rids = [uuid.uuid4().hex for _ in prompts]
         for index, rid in enumerate(rids):
@@ -136,7 +184,7 @@ class TokenizerManager:
         unfinished = set(rids)
         try:
             for rid, prompt_ids, p in zip(rids, prompts, params):
-                self.conn.send(GenerateRequest(rid, prompt_ids, p, lora_path))
+                self._send(GenerateRequest(rid, prompt_ids, p, lora_path))
             accepted, early = 0, []
             while accepted < len(rids):  # the first update of each request says whether it was accepted
                 index, update = await queue.get()
@@ -157,14 +205,20 @@ class TokenizerManager:
             for rid in rids:
                 del self.queues[rid]
                 if rid in unfinished and self.engine_alive:
-                    self.conn.send(AbortRequest(rid))
+                    self._send(AbortRequest(rid))
 
-    # ----- the reader thread ------------------------------------------------------------
+    def _send(self, message) -> None:
+        try:
+            self.conn.send(message)
+        except (BrokenPipeError, OSError):
+            pass  # the engine died: the reader thread sees its pipe close and fails the requests
 
-    def _read_updates(self) -> None:
+    # ----- the reader thread, and bringing a dead engine back ---------------------------
+
+    def _read_updates(self, conn) -> None:
         try:
             while True:
-                batch: UpdateBatch = self.conn.recv()
+                batch: UpdateBatch = conn.recv()
                 self.loop.call_soon_threadsafe(self._dispatch, batch)
         except (EOFError, OSError):  # the engine process ended
             self.loop.call_soon_threadsafe(self._engine_exited)
@@ -179,6 +233,54 @@ class TokenizerManager:
                 queue.put_nowait((index, update))
 
     def _engine_exited(self) -> None:
+        """The engine's pipe closed: fail its requests in flight, then start a new engine (unless
+        the server is stopping)."""
         self.engine_alive = False
+        if self.stopping:
+            return
+        log(f"the engine process's pipe closed; {len(self.queues)} requests in flight failed")
         for rid, (queue, index) in self.queues.items():
-            queue.put_nowait((index, RequestUpdate(rid, error="the engine process exited", status=500)))
+            queue.put_nowait((index, RequestUpdate(rid, error="the engine process exited while serving this "
+                                                   "request; it is being restarted, retry", status=500)))
+        threading.Thread(target=self._restart, name="engine-restart", daemon=True).start()
+
+    def _restart(self) -> None:
+        """Start engine processes, waiting longer after each failure, until one is ready."""
+        self.process.join(timeout=5)
+        log(f"the engine process exited ({exit_reason(self.process.exitcode)}); starting a new one")
+        for attempt in range(1_000_000):
+            time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
+            if self.stopping:
+                return
+            if self.process.is_alive():
+                self.process.kill()  # its pipe closed but it lingers: make room for the new one
+                self.process.join()
+            if self.lora_adapters or self.engine_kwargs.get("lora_paths"):  # the adapters served when it died
+                self.engine_kwargs = dict(self.engine_kwargs, lora_paths=dict(self.lora_adapters))
+            try:
+                self.process, self.conn = self._start_engine()
+                self._wait_ready()
+            except ValueError as error:
+                log(f"restarting the engine failed (try {attempt + 1}): {error}")
+                continue
+            if self.stopping:  # the server began to stop while this engine started
+                self.shutdown()
+                return
+            self.loop.call_soon_threadsafe(self._engine_back)
+            return
+
+    def _engine_back(self) -> None:
+        self.restarts += 1
+        self.metrics.engine_restarted()
+        log(f"the engine process is serving again (pid {self.process.pid}, restart {self.restarts})")
+        self.engine_alive = True
+        threading.Thread(target=self._read_updates, args=(self.conn,), name="engine-reader", daemon=True).start()
+
+
+def exit_reason(code: int | None) -> str:
+    """A process's exit code in words: ``killed by SIGKILL`` for -9."""
+    if code is None:
+        return "still running, its pipe closed"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"

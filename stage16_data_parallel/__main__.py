@@ -9,6 +9,7 @@ until node 0 ends the group.
 """
 
 import argparse
+import json
 import sys
 
 from .engine import SPECULATIVE_ALGORITHMS, Engine, run_worker_node
@@ -16,7 +17,10 @@ from .lora_adapter import TARGET_MODULES
 from .lora_layers import LORA_BACKENDS
 from .lora_pool import DEFAULT_MAX_LORAS_PER_BATCH
 from .model_runner import ATTENTION_BACKENDS, CUDA_GRAPH_MAX_BS
+from .reasoning_parser import REASONING_PARSERS, ReasoningStream, starts_in_reasoning
 from .router import LOAD_BALANCE_METHODS
+
+DIM, PLAIN = "\x1b[2m", "\x1b[0m"  # on a terminal, a thinking model's reasoning is shown dimmed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the server picks a replica for each request")
     server.add_argument("--served-model-name", default=None,
                         help="the model name clients send (default: --model-path, or the built-in model's folder name)")
+    server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    server.add_argument("--admin-api-key", default=None,
+                        help="the key /load_lora_adapter and /unload_lora_adapter require (default: --api-key)")
+    server.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
+                        help="refuse (HTTP 413) request bodies larger than this")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--chat-template-kwargs", type=json.loads, default=None,
+                        help='JSON object of chat template variables, e.g. \'{"enable_thinking": false}\'')
+    parser.add_argument("--reasoning-parser", default=None, choices=list(REASONING_PARSERS),
+                        help="split a thinking model's reasoning from its answer (reasoning_content; dimmed with --chat)")
     parser.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
     return parser
 
@@ -110,6 +123,10 @@ def main(argv=None) -> int:
         parser.error("--dp-size runs replicas behind the server: add --serve")
     if args.max_queued_requests is not None and args.max_queued_requests < 1:
         parser.error("--max-queued-requests must be a positive integer")
+    if args.max_request_bytes < 1:
+        parser.error("--max-request-bytes must be a positive integer")
+    if args.chat_template_kwargs is not None and not isinstance(args.chat_template_kwargs, dict):
+        parser.error("--chat-template-kwargs must be a JSON object")
     engine_kwargs = dict(
         model_path=args.model_path, device=args.device, dtype=args.dtype, context_length=args.context_length,
         seed=args.seed, page_size=args.page_size, kv_cache_bytes=args.kv_cache_bytes,
@@ -140,15 +157,23 @@ def main(argv=None) -> int:
 
             check_replica_devices(engine_kwargs, args.dp_size)
             serve(engine_kwargs, args.host, args.port, args.max_queued_requests, args.served_model_name,
-                  args.dp_size, args.load_balance_method)
+                  args.dp_size, args.load_balance_method, api_key=args.api_key, admin_api_key=args.admin_api_key,
+                  max_request_bytes=args.max_request_bytes,
+                  reasoning_parser=args.reasoning_parser)
             return 0
         with Engine(**engine_kwargs) as engine:
-            prompt = engine.tokenizer.apply_chat_template(args.prompt) if args.chat else args.prompt
+            prompt = args.prompt
+            if args.chat:
+                prompt = engine.tokenizer.apply_chat_template(args.prompt, template_kwargs=args.chat_template_kwargs)
+            dim_reasoning = args.chat and args.reasoning_parser is not None and sys.stdout.isatty()
+            splitter = ReasoningStream(starts_in_reasoning(args.reasoning_parser, prompt)) if dim_reasoning else None
             if args.no_stream:
-                print(engine.generate(prompt, **sampling).text)
+                show(engine.generate(prompt, **sampling).text, splitter, last=True)
+                print()
             else:
                 for piece in engine.generate_stream(prompt, **sampling):
-                    print(piece, end="", flush=True)
+                    show(piece, splitter)
+                show("", splitter, last=True)
                 print()
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -176,6 +201,15 @@ def check_replica_devices(engine_kwargs: dict, dp_size: int) -> None:
     if last_replica[-1] >= torch.cuda.device_count():
         raise ValueError(f"--dp-size {dp_size} replicas of {len(last_replica)} GPUs each need GPUs {base} .. "
                          f"{last_replica[-1]}, but torch sees {torch.cuda.device_count()} (--gpu-id-step 0 lets replicas share one)")
+
+
+def show(piece: str, splitter: ReasoningStream | None, last: bool = False) -> None:
+    """Print the next piece of a reply; with a splitter, its reasoning dimmed."""
+    if splitter is None:
+        print(piece, end="", flush=True)
+        return
+    reasoning, content = splitter.feed(piece, last)
+    print(f"{DIM}{reasoning}{PLAIN}" if reasoning else "", content, sep="", end="", flush=True)
 
 
 if __name__ == "__main__":

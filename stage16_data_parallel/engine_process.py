@@ -23,6 +23,8 @@ step.
 """
 
 import signal
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -35,6 +37,7 @@ from .engine import Engine
 from .request import GenerateOutput
 
 SHUTDOWN = "shutdown"  # the front end's last message: leave the loop and release the engine
+HEARTBEAT_PERIOD_S = 0.5  # stage 16: how often a replica's heartbeat counts up
 
 
 @dataclass
@@ -199,11 +202,23 @@ class EngineLoop:
             self.logprobs_sent[rid] = sent + len(new)
 
 
+def beat(heartbeat, period_s: float = HEARTBEAT_PERIOD_S) -> None:
+    """Count up ``heartbeat`` (shared with the front end) while this process runs. A thread of its own,
+    so a long step or a large message is not silence; a process that is stopped or frozen stops it."""
+    while True:
+        heartbeat.value += 1
+        time.sleep(period_s)
+
+
 def run_engine_process(conn: Connection, engine_kwargs: dict, max_queued_requests: int | None,
-                       cpu_threads: int | None = None) -> None:
+                       cpu_threads: int | None = None, heartbeat=None) -> None:
     """The engine process's main: build the engine, say it is ready, serve until SHUTDOWN.
-    Stage 16: ``cpu_threads`` is this replica's share of the CPU's cores (replicas on the CPU)."""
+    Stage 16: ``cpu_threads`` is this replica's share of the CPU's cores (replicas on the CPU);
+    ``heartbeat`` a shared counter that a thread here keeps counting, so the front end tells a busy
+    replica from a hung one."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the front end stops us
+    if heartbeat is not None:
+        threading.Thread(target=beat, args=(heartbeat,), name="heartbeat", daemon=True).start()
     if cpu_threads is not None:
         torch.set_num_threads(cpu_threads)
     try:

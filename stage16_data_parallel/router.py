@@ -127,3 +127,7 @@ class Router:
     def replica_down(self, replica: int) -> None:
         """Route nothing more to a replica that died or hangs."""
         self.alive[replica] = False
+
+    def replica_up(self, replica: int) -> None:
+        """A restarted replica serves again, its prefix cache empty."""
+        self.alive[replica], self.trees[replica] = True, PromptTree()

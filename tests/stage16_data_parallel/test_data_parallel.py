@@ -91,7 +91,7 @@ def engine_children(pid: int) -> list[int]:
     return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
-def test_a_killed_replica_ends_its_requests_and_the_server_goes_on(checkpoints):
+def test_a_killed_replica_ends_its_requests_the_server_goes_on_and_the_replica_comes_back(checkpoints):
     server = Server("stage16_data_parallel", "--model-path", str(checkpoints["dense"]), "--dp-size", "2",
                     "--load-balance-method", "round_robin")
     try:
@@ -113,10 +113,23 @@ def test_a_killed_replica_ends_its_requests_and_the_server_goes_on(checkpoints):
         while b"degraded" not in (health := http("GET", f"{server.url}/health"))[1] and time.monotonic() < deadline:
             time.sleep(0.2)
         assert health[0] == 200 and b"degraded" in health[1]
-        for i in range(3):  # every new request goes to the replica that is left
+        for i in range(3):  # every new request goes to a replica that serves
             reply = server.client.completions.create(model="m", prompt=[9, 9, i], **ASK)
             assert reply.choices[0].finish_reason == "length"
         assert server.metrics()['ladder:replica_up{replica="' + str(1 - engine_index(server, victim)) + '"}'] == 1
+        deadline = time.monotonic() + 180  # then the dead replica is started again and routed to
+        while http("GET", f"{server.url}/health")[1] != b"" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert http("GET", f"{server.url}/health") == (200, b""), server.output()
+        assert len(engine_children(server.process.pid)) == 2 and victim not in engine_children(server.process.pid)
+        served = server.metrics()
+        for i in range(4):  # round robin: both replicas answer
+            reply = server.client.completions.create(model="m", prompt=[9, 8, i], **ASK)
+            assert reply.choices[0].finish_reason == "length"
+        after = server.metrics()
+        assert all(after[f'ladder:replica_requests_total{{replica="{r}"}}'] > served[f'ladder:replica_requests_total{{replica="{r}"}}']
+                   for r in "01")
+        assert "engine replica" in server.output() and "serving again" in server.output()
     finally:
         server.stop()
 
