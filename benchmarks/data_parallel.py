@@ -21,20 +21,18 @@ its replicas; ``--share-gpu`` puts the replicas on one GPU (``--gpu-id-step 0``)
 """
 
 import argparse
-import asyncio
 import json
 import statistics
 from pathlib import Path
 
 from benchmarks.__main__ import environment, resolve_model
-from benchmarks.serving import LocalServer, run_workload, summarize
+from benchmarks.serving import WARM_UP_SEED, LocalServer, run_workload, summarize
 from benchmarks.workloads import make_workload
 from common.config import ModelConfig
 
 SETTINGS = {"dp 1": "--dp-size 1", "dp 2, round_robin": "--dp-size 2 --load-balance-method round_robin",
             "dp 2, shortest_queue": "--dp-size 2 --load-balance-method shortest_queue",
             "dp 2, cache_aware": "--dp-size 2 --load-balance-method cache_aware"}
-WARM_UP_SEED = 10_000  # prompts no round uses
 
 
 def server_flags(name: str, kv_cache_bytes: int | None, share_gpu: bool) -> list[str]:
@@ -75,13 +73,13 @@ def main(argv=None) -> int:
             servers[name] = LocalServer(model_path, args.device, args.port + i,
                                         server_flags(name, args.kv_cache_bytes, args.share_gpu), "stage16_data_parallel")
         for server in servers.values():  # warm up: the first requests of a fresh server pay one-time costs
-            asyncio.run(run_workload(server.url, make_workload(args.workloads[0], size, vocab, seed=WARM_UP_SEED, requests=4),
-                                     float("inf"), seed=0))
+            run_workload(server.url, make_workload(args.workloads[0], size, vocab, seed=WARM_UP_SEED, requests=4),
+                         float("inf"), seed=0)
         rounds = {(w, name): [] for w in args.workloads for name in args.settings}
         for repeat in range(args.repeat):
             for (workload_name, name), runs in rounds.items():
                 workload = make_workload(workload_name, size, vocab, seed=repeat)
-                results, seconds = asyncio.run(run_workload(servers[name].url, workload, args.request_rate, seed=repeat))
+                results, seconds = run_workload(servers[name].url, workload, args.request_rate, seed=repeat)
                 runs.append(summarize(results, seconds, args.request_rate, workload.input_tokens))
                 print(repeat, workload_name, name, {k: runs[-1][k] for k in ("output_tokens_per_s", "ttft_median_ms",
                                                                             "cache_hit_rate")}, flush=True)

@@ -17,7 +17,9 @@ stage 16's routing decides across replicas (``--engine-flags "--dp-size 2"``).
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing as mp
 import random
 import statistics
 import subprocess
@@ -34,6 +36,7 @@ from benchmarks.workloads import WORKLOADS, Workload, make_workload
 from common.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+WARM_UP_SEED = 10_000  # prompts no measured run uses
 
 
 async def one_request(client, model: str, prompt: list[int], max_tokens: int, delay: float) -> dict:
@@ -55,19 +58,40 @@ async def one_request(client, model: str, prompt: list[int], max_tokens: int, de
     return dict(start=start, stamps=stamps, tokens=tokens, cached=cached, prompt_tokens=prompt_tokens)
 
 
-async def run_workload(url: str, workload: Workload, request_rate: float, seed: int) -> tuple[list[dict], float]:
+async def run_requests(url: str, requests: list[tuple], begin: float) -> list[dict]:
+    """Stream ``requests`` ((prompt, max_tokens, delay) each), their delays counted from ``begin``
+    (a ``time.perf_counter()`` stamp: the same clock in every process on Linux)."""
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600) as client:
+        model = (await client.models.list()).data[0].id  # the name the server answers to
+        await asyncio.sleep(max(0.0, begin - time.perf_counter()))
+        lag = time.perf_counter() - begin
+        return list(await asyncio.gather(*(one_request(client, model, p, n, max(0.0, d - lag)) for p, n, d in requests)))
+
+
+def client_process(url: str, requests: list[tuple], begin: float) -> list[dict]:
+    return asyncio.run(run_requests(url, requests, begin))
+
+
+def run_workload(url: str, workload: Workload, request_rate: float, seed: int,
+                 client_processes: int = 1) -> tuple[list[dict], float]:
+    """Send the workload's requests at their arrival times, from ``client_processes`` processes (the
+    official client parses every chunk in Python: one process can lag behind a fast server's streams)."""
     rng = random.Random(seed)
     delays, at = [], 0.0
     for _ in workload.prompts:  # Poisson arrivals: exponential gaps between requests
         delays.append(at)
         at += 0 if request_rate == float("inf") else rng.expovariate(request_rate)
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600) as client:
-        model = (await client.models.list()).data[0].id  # the name the server answers to
+    requests = list(zip(workload.prompts, workload.max_tokens, delays))
+    if client_processes == 1:
         begin = time.perf_counter()
-        results = await asyncio.gather(
-            *(one_request(client, model, p, n, d) for p, n, d in zip(workload.prompts, workload.max_tokens, delays))
-        )
-    return list(results), time.perf_counter() - begin
+        return asyncio.run(run_requests(url, requests, begin)), time.perf_counter() - begin
+    begin = time.perf_counter() + 5.0  # every process has started and listed the models by then
+    with concurrent.futures.ProcessPoolExecutor(client_processes, mp.get_context("spawn")) as pool:
+        parts = pool.map(client_process, [url] * client_processes, [requests[i::client_processes]
+                                                                   for i in range(client_processes)],
+                         [begin] * client_processes)
+        results = [result for part in parts for result in part]
+    return results, max(r["stamps"][-1] if r["stamps"] else r["start"] for r in results) - begin
 
 
 def summarize(results: list[dict], seconds: float, request_rate: float, input_tokens: int) -> dict:
@@ -130,6 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=None, help="keep only the first N requests")
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests per second (inf: all at once)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-warm-up", action="store_true", help="measure from a cold server")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="processes the requests are spread over (round robin), so the client keeps up")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     args = parser.parse_args(argv)
 
@@ -138,11 +165,20 @@ def main(argv=None) -> int:
     workload = make_workload(args.workload, size, ModelConfig.from_file(folder).vocab_size, requests=args.requests)
     server = None if args.url else LocalServer(model_path, args.device, args.port, args.engine_flags.split(), args.stage)
     try:
-        results, seconds = asyncio.run(run_workload(args.url or server.url, workload, args.request_rate, args.seed))
+        # Warm-up, as the in-process runs have one: a fresh server's first prefills pay one-time costs
+        # (kernel selection, allocator growth) that would land in the measured requests' TTFT. Its
+        # prompts come from another seed, so they leave no prefix in the cache for the workload.
+        if not args.no_warm_up:
+            warm_up = make_workload(args.workload, size, ModelConfig.from_file(folder).vocab_size, seed=WARM_UP_SEED,
+                                    requests=4)
+            run_workload(args.url or server.url, warm_up, float("inf"), args.seed)
+        results, seconds = run_workload(args.url or server.url, workload, args.request_rate, args.seed,
+                                        args.client_processes)
     finally:
         if server is not None:
             server.stop()
     summary = summarize(results, seconds, args.request_rate, workload.input_tokens)
+    summary["client_processes"] = args.client_processes
     report = dict(environment=environment(), workload=workload.description, model=args.model,
                   engine_kwargs={"server flags": args.engine_flags} if args.engine_flags else {},
                   results=[dict(system=f"{args.stage} {args.engine_flags} @ {summary['request_rate']} req/s".replace("  ", " "),
