@@ -62,7 +62,6 @@ def test_the_reasoning_comes_apart_from_the_answer(server, thinking):
     assert message.reasoning_content == "Hmm, sunny." and message.content == "It is sunny."
 
 
-@pytest.mark.every_serving_stage
 def test_a_stream_sends_reasoning_deltas_then_content_deltas(server, thinking):
     reasoning, content, order = [], [], []
     for chunk in ask(server, thinking, stream=True):
