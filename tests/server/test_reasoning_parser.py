@@ -56,3 +56,21 @@ def test_the_prompt_decides_where_a_qwen3_reply_starts(parser):
     assert not parser.starts_in_reasoning("qwen3", "<|im_start|>assistant\n")
     assert not parser.starts_in_reasoning("qwen3", "<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert parser.starts_in_reasoning("deepseek-r1", "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("stage", SERVER_STAGES)
+def test_tool_calls_are_parsed_from_the_content_only(stage):
+    """A <tool_call> the model only thought about stays in the reasoning; one in the answer is a call."""
+    protocol = importlib.import_module(f"{stage}.openai_protocol")
+    choices_module = importlib.import_module(f"{stage}.openai_choices")
+    output = importlib.import_module(f"{stage}.request").GenerateOutput
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+    request = protocol.ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=[tool])
+    choices = choices_module.ChatChoices(request, str, parse_reasoning=True, in_reasoning=False)
+    call = '<tool_call>{"name": "weather", "arguments": {}}</tool_call>'
+    thought = choices.final(0, output(f"<think>Maybe {call}?</think>No call needed.", [], "stop", 1, 0, 1))
+    assert thought["message"]["reasoning_content"] == f"Maybe {call}?" and "tool_calls" not in thought["message"]
+    assert thought["message"]["content"] == "No call needed." and thought["finish_reason"] == "stop"
+    answer = choices.final(0, output(f"<think>I need the weather.</think>{call}", [], "stop", 1, 0, 1))
+    assert answer["message"]["tool_calls"][0]["function"]["name"] == "weather"
+    assert answer["finish_reason"] == "tool_calls"
