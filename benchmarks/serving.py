@@ -112,6 +112,27 @@ def summarize(results: list[dict], seconds: float, request_rate: float, input_to
     )
 
 
+def engine_side_ttft(url: str) -> dict:
+    """The engine's own time to first token (arrival in the engine to the first token), from the
+    server's /metrics histogram: the bucket bounds that hold the median and the 99th percentile.
+    Set beside the client's TTFT, it tells time spent before the engine from time spent in it."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith("ladder:time_to_first_token_seconds_bucket"):
+            bound = line.split('le="')[1].split('"')[0]
+            buckets.append((float(bound), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return {}
+    total = buckets[-1][1]
+    bound_at = lambda q: next(b for b, count in buckets if count >= q * total)
+    return dict(engine_ttft_median_ms_at_most=bound_at(0.5) * 1000, engine_ttft_p99_ms_at_most=bound_at(0.99) * 1000)
+
+
 class LocalServer:
     """``python -m STAGE --serve`` for the length of a benchmark."""
 
@@ -174,10 +195,12 @@ def main(argv=None) -> int:
             run_workload(args.url or server.url, warm_up, float("inf"), args.seed)
         results, seconds = run_workload(args.url or server.url, workload, args.request_rate, args.seed,
                                         args.client_processes)
+        engine_ttft = engine_side_ttft(args.url or server.url)
     finally:
         if server is not None:
             server.stop()
     summary = summarize(results, seconds, args.request_rate, workload.input_tokens)
+    summary.update(engine_ttft)
     summary["client_processes"] = args.client_processes
     report = dict(environment=environment(), workload=workload.description, model=args.model,
                   engine_kwargs={"server flags": args.engine_flags} if args.engine_flags else {},
