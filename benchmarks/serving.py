@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -58,22 +59,57 @@ async def one_request(client, model: str, prompt: list[int], max_tokens: int, de
     return dict(start=start, stamps=stamps, tokens=tokens, cached=cached, prompt_tokens=prompt_tokens)
 
 
-async def run_requests(url: str, requests: list[tuple], begin: float) -> list[dict]:
+async def one_raw_request(url: str, model: str, prompt: list[int], max_tokens: int, delay: float) -> dict:
+    """``one_request`` without the official client: one HTTP/1.1 request on its own connection, the
+    stream read line by line. It costs the client a few microseconds a chunk, where the official
+    client's models cost tens, so what it measures is the server (SGLang's bench_serving does the same)."""
+    await asyncio.sleep(delay)
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}, "ignore_eos": True}).encode()
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
+    stamps, tokens, cached, prompt_tokens = [], 0, 0, 0
+    while line := await reader.readline():
+        if line.startswith(b"data: [DONE]"):
+            break
+        if not line.startswith(b"data: {"):
+            continue  # the status line, headers, chunk sizes, blank lines
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise RuntimeError(chunk["error"]["message"])
+        if chunk["choices"] and chunk["choices"][0]["text"]:
+            stamps.append(time.perf_counter())
+        if chunk.get("usage"):
+            tokens, prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
+            cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    writer.close()
+    return dict(start=start, stamps=stamps, tokens=tokens, cached=cached, prompt_tokens=prompt_tokens)
+
+
+async def run_requests(url: str, requests: list[tuple], begin: float, client: str = "openai") -> list[dict]:
     """Stream ``requests`` ((prompt, max_tokens, delay) each), their delays counted from ``begin``
-    (a ``time.perf_counter()`` stamp: the same clock in every process on Linux)."""
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600) as client:
-        model = (await client.models.list()).data[0].id  # the name the server answers to
+    (a ``time.perf_counter()`` stamp: the same clock in every process on Linux), with the official
+    openai client or the raw one."""
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600) as openai_client:
+        model = (await openai_client.models.list()).data[0].id  # the name the server answers to
         await asyncio.sleep(max(0.0, begin - time.perf_counter()))
         lag = time.perf_counter() - begin
-        return list(await asyncio.gather(*(one_request(client, model, p, n, max(0.0, d - lag)) for p, n, d in requests)))
+        if client == "raw":
+            coroutines = [one_raw_request(url, model, p, n, max(0.0, d - lag)) for p, n, d in requests]
+        else:
+            coroutines = [one_request(openai_client, model, p, n, max(0.0, d - lag)) for p, n, d in requests]
+        return list(await asyncio.gather(*coroutines))
 
 
-def client_process(url: str, requests: list[tuple], begin: float) -> list[dict]:
-    return asyncio.run(run_requests(url, requests, begin))
+def client_process(url: str, requests: list[tuple], begin: float, client: str) -> list[dict]:
+    return asyncio.run(run_requests(url, requests, begin, client))
 
 
 def run_workload(url: str, workload: Workload, request_rate: float, seed: int,
-                 client_processes: int = 1) -> tuple[list[dict], float]:
+                 client_processes: int = 1, client: str = "openai") -> tuple[list[dict], float]:
     """Send the workload's requests at their arrival times, from ``client_processes`` processes (the
     official client parses every chunk in Python: one process can lag behind a fast server's streams)."""
     rng = random.Random(seed)
@@ -84,12 +120,12 @@ def run_workload(url: str, workload: Workload, request_rate: float, seed: int,
     requests = list(zip(workload.prompts, workload.max_tokens, delays))
     if client_processes == 1:
         begin = time.perf_counter()
-        return asyncio.run(run_requests(url, requests, begin)), time.perf_counter() - begin
+        return asyncio.run(run_requests(url, requests, begin, client)), time.perf_counter() - begin
     begin = time.perf_counter() + 5.0  # every process has started and listed the models by then
     with concurrent.futures.ProcessPoolExecutor(client_processes, mp.get_context("spawn")) as pool:
         parts = pool.map(client_process, [url] * client_processes, [requests[i::client_processes]
                                                                    for i in range(client_processes)],
-                         [begin] * client_processes)
+                         [begin] * client_processes, [client] * client_processes)
         results = [result for part in parts for result in part]
     return results, max(r["stamps"][-1] if r["stamps"] else r["start"] for r in results) - begin
 
@@ -176,6 +212,8 @@ def main(argv=None) -> int:
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests per second (inf: all at once)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-warm-up", action="store_true", help="measure from a cold server")
+    parser.add_argument("--client", default="openai", choices=["openai", "raw"],
+                        help="the official openai client, or a raw HTTP one that costs the client almost nothing")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="processes the requests are spread over (round robin), so the client keeps up")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
@@ -194,14 +232,14 @@ def main(argv=None) -> int:
                                     requests=4)
             run_workload(args.url or server.url, warm_up, float("inf"), args.seed)
         results, seconds = run_workload(args.url or server.url, workload, args.request_rate, args.seed,
-                                        args.client_processes)
+                                        args.client_processes, args.client)
         engine_ttft = engine_side_ttft(args.url or server.url)
     finally:
         if server is not None:
             server.stop()
     summary = summarize(results, seconds, args.request_rate, workload.input_tokens)
     summary.update(engine_ttft)
-    summary["client_processes"] = args.client_processes
+    summary["client"], summary["client_processes"] = args.client, args.client_processes
     report = dict(environment=environment(), workload=workload.description, model=args.model,
                   engine_kwargs={"server flags": args.engine_flags} if args.engine_flags else {},
                   results=[dict(system=f"{args.stage} {args.engine_flags} @ {summary['request_rate']} req/s".replace("  ", " "),
