@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def scripted_engine_process(conn, engine_kwargs: dict, max_queued_requests, *rest) -> None:
-    """An engine loop without a model: one token per running request per step, ``step_ms`` apart."""
+    """An engine loop without a model: one token per running request per step, ``step_ms`` apart.
+    Prompts are "prefilled" first, ``prefill_chunk`` tokens a step in arrival order (chunked prefill),
+    each step longer by ``prefill_ms_per_1k`` per 1,000 of them; a request's first token comes in the
+    step that finishes its prompt. Outputs carry arrival and token times, as the engine's do."""
     import importlib
 
     stage = importlib.import_module(engine_kwargs["stage"] + ".engine_process")
@@ -42,8 +45,9 @@ def scripted_engine_process(conn, engine_kwargs: dict, max_queued_requests, *res
         threading.Thread(target=stage.beat, args=(heartbeat,), daemon=True).start()
     ready = stage.EngineReady(engine_kwargs["model_folder"], 4096)
     conn.send(ready)
-    live: dict[str, list] = {}  # rid -> [tokens left, tokens given, prompt length]
-    step_s = engine_kwargs["step_ms"] / 1000
+    live: dict[str, dict] = {}  # rid -> its state, in arrival order
+    step_s, chunk = engine_kwargs["step_ms"] / 1000, engine_kwargs.get("prefill_chunk", 2048)
+    prefill_s_per_token = engine_kwargs.get("prefill_ms_per_1k", 0.0) / 1e6
     next_step = time.perf_counter()
     while True:
         if not live:
@@ -54,19 +58,29 @@ def scripted_engine_process(conn, engine_kwargs: dict, max_queued_requests, *res
             if message == stage.SHUTDOWN:
                 return
             if isinstance(message, stage.GenerateRequest):
-                live[message.rid] = [message.params.max_tokens, 0, len(message.prompt_ids)]
+                live[message.rid] = dict(left=message.params.max_tokens, times=[], prompt=len(message.prompt_ids),
+                                         to_prefill=len(message.prompt_ids), arrival=time.perf_counter())
                 updates.append(stage.RequestUpdate(message.rid))
             elif isinstance(message, stage.AbortRequest):
                 live.pop(message.rid, None)
-        time.sleep(max(0.0, next_step - time.perf_counter()))
+        budget = chunk
+        for state in live.values():  # this step's prefill: prompts in arrival order, up to the chunk
+            n = min(state["to_prefill"], budget)
+            state["to_prefill"] -= n
+            budget -= n
+        time.sleep(max(0.0, next_step + (chunk - budget) * prefill_s_per_token - time.perf_counter()))
         next_step = time.perf_counter() + step_s
         for rid, state in list(live.items()):
-            state[0] -= 1
-            state[1] += 1
+            if state["to_prefill"]:
+                continue
+            state["left"] -= 1
+            state["times"].append(time.perf_counter())
             update = stage.RequestUpdate(rid, text=" tok")
-            if state[0] == 0:
-                update.output = request_module.GenerateOutput(" tok" * state[1], [7] * state[1], "length", state[2], 0,
-                                                              state[1])
+            if state["left"] == 0:
+                given = len(state["times"])
+                update.output = request_module.GenerateOutput(" tok" * given, [7] * given, "length", state["prompt"], 0,
+                                                              given, arrival_time=state["arrival"],
+                                                              token_times=state["times"])
                 del live[rid]
             updates.append(update)
         stats = dict(running=len(live), waiting=0, pages_total=1, pages_used=0, pages_cached=0, generated_tokens=0,
@@ -74,15 +88,15 @@ def scripted_engine_process(conn, engine_kwargs: dict, max_queued_requests, *res
         conn.send(stage.UpdateBatch(updates, stats))
 
 
-def serve_scripted(stage: str, port: int, model_folder: str, step_ms: float) -> None:
+def serve_scripted(stage: str, port: int, model_folder: str, step_ms: float, prefill_ms_per_1k: float = 0.0) -> None:
     """The stage's real server, its engine processes replaced by ``scripted_engine_process``."""
     import importlib
 
     manager_module = importlib.import_module(stage + ".tokenizer_manager")
     manager_module.run_engine_process = scripted_engine_process
     server = importlib.import_module(stage + ".http_server")
-    server.serve(dict(stage=stage, model_folder=model_folder, step_ms=step_ms, model_path=model_folder),
-                 "127.0.0.1", port, served_model_name="m")
+    server.serve(dict(stage=stage, model_folder=model_folder, step_ms=step_ms, model_path=model_folder,
+                      prefill_ms_per_1k=prefill_ms_per_1k), "127.0.0.1", port, served_model_name="m")
 
 
 async def stream_one(port: int, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
@@ -121,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--step-ms", type=float, default=11.0, help="the scripted engine's step (an H100's at 256)")
+    parser.add_argument("--prefill-ms-per-1k", type=float, default=0.0,
+                        help="each step is longer by this per 1,000 prompt tokens it prefills (2,048 a step)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -131,7 +147,8 @@ def main(argv=None) -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = mp.get_context("spawn").Process(target=serve_scripted, args=(args.stage, port, folder, args.step_ms))
+    server = mp.get_context("spawn").Process(target=serve_scripted, args=(args.stage, port, folder, args.step_ms,
+                                                                         args.prefill_ms_per_1k))
     server.start()
     try:
         deadline = time.monotonic() + 120
