@@ -1,4 +1,4 @@
-"""Stage 08 (ep): expert parallelism for Qwen3-MoE, the full system.
+"""Stage 08 (ep): expert parallelism for Qwen3-MoE.
 ``--ep-size N`` puts expert e of every MoE layer on rank e // (E/N) only; the
 router runs on every rank, each rank computes the tokens routed to its own
 experts, and an all-reduce combines them. Attention and dense layers stay as

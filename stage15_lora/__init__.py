@@ -1,12 +1,12 @@
-"""Stage 14 (speculative decoding): guess a request's next tokens cheaply, verify them all in one forward.
+"""Stage 15 (multi-LoRA): many LoRA adapters served on one base model, in the same batch.
 
-``speculative_algorithm="NGRAM"`` guesses from the request's own n-grams
-(``ngram_draft.py``); ``"STANDALONE"`` runs a small draft model with its own
-KV pool (``draft_model.py``). Each step feeds every decoding request's newest
-token and its guesses as one causal chunk; ``spec_verify.py`` keeps the
-guesses the target agrees with (greedy) or accepts them by rejection
-sampling, so the output is exactly what stage 13 would give, in fewer target
-forwards; the K/V of rejected guesses is given back. Everything else is stage 13."""
+``lora_paths`` names the PEFT adapters to serve; a request picks one with
+``lora_path`` (or the server's ``model`` field). Adapters live in a pool of
+``max_loras_per_batch`` slots on the device (``lora_pool.py``, least recently
+used slots are reused); each projection adds its rows' own ``B A x`` to the
+base output (``lora_layers.py``: dense, grouped or gather-bmm), and the
+prefix cache keys each prompt by its adapter. Requests without an adapter
+are computed exactly as in stage 14. Everything else is stage 14."""
 
 from .engine import Engine
 from .request import GenerateOutput

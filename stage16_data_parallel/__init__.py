@@ -1,12 +1,11 @@
-"""Stage 14 (speculative decoding): guess a request's next tokens cheaply, verify them all in one forward.
+"""Stage 16 (data parallelism): several engine replicas behind one server, the full system.
 
-``speculative_algorithm="NGRAM"`` guesses from the request's own n-grams
-(``ngram_draft.py``); ``"STANDALONE"`` runs a small draft model with its own
-KV pool (``draft_model.py``). Each step feeds every decoding request's newest
-token and its guesses as one causal chunk; ``spec_verify.py`` keeps the
-guesses the target agrees with (greedy) or accepts them by rejection
-sampling, so the output is exactly what stage 13 would give, in fewer target
-forwards; the K/V of rejected guesses is given back. Everything else is stage 13."""
+``--dp-size N`` starts N engine processes, each a whole engine with its own
+KV pool and prefix cache, placed on their own GPUs (``--base-gpu-id``,
+``--gpu-id-step``). The front end's router (``router.py``) sends each request
+to one of them: round robin, the shortest queue, or where its prompt's prefix
+went before (cache-aware, the default). A replica that dies or freezes is
+taken out of routing and started again. Everything else is stage 15."""
 
 from .engine import Engine
 from .request import GenerateOutput
