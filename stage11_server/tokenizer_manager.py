@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from queue import SimpleQueue
 
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
@@ -75,6 +76,10 @@ class TokenizerManager:
         self.loop: asyncio.AbstractEventLoop | None = None
         # Parsing and tokenizing run here: a large request's work never holds up a small one's.
         self.tokenizer_threads = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
+        # Messages for the engine: a thread of their own writes them, so the event loop never waits on a
+        # full pipe while the engine is busy with a step (and stops accepting connections meanwhile).
+        self.outbox: SimpleQueue = SimpleQueue()
+        threading.Thread(target=self._send_messages, name="engine-sender", daemon=True).start()
 
     def _start_engine(self):
         context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
@@ -105,10 +110,7 @@ class TokenizerManager:
         """Stop the engine process (it releases its engine and workers), or kill it if it hangs."""
         self.stopping = True  # a restart in progress gives up
         if self.process.is_alive():
-            try:
-                self.conn.send(SHUTDOWN)
-            except (BrokenPipeError, OSError):
-                pass
+            self._send(SHUTDOWN)
             self.process.join(timeout=30)
         if self.process.is_alive():
             self.process.kill()
@@ -188,10 +190,16 @@ class TokenizerManager:
                     self._send(AbortRequest(rid))
 
     def _send(self, message) -> None:
-        try:
-            self.conn.send(message)
-        except (BrokenPipeError, OSError):
-            pass  # the engine died: the reader thread sees its pipe close and fails the requests
+        """Queue a message for the engine process (the sender thread writes it)."""
+        self.outbox.put(message)
+
+    def _send_messages(self) -> None:
+        while True:
+            message = self.outbox.get()
+            try:
+                self.conn.send(message)
+            except (BrokenPipeError, OSError):
+                pass  # the engine died: the reader thread sees its pipe close and fails the requests
 
     # ----- the reader thread, and bringing a dead engine back ---------------------------
 

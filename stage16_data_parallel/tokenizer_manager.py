@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from queue import SimpleQueue
 
 import torch
 
@@ -86,6 +87,10 @@ class Replica:
                                        name=f"engine-{index}")
         self.process.start()
         child_conn.close()
+        # Messages for the engine: a thread of their own writes them, so the event loop never waits on a
+        # full pipe while the engine is busy with a step (and stops accepting connections meanwhile).
+        self.outbox: SimpleQueue = SimpleQueue()
+        threading.Thread(target=self._send_messages, name=f"engine-sender-{index}", daemon=True).start()
 
     def wait_ready(self) -> EngineReady:
         while not self.conn.poll(0.5):
@@ -98,10 +103,16 @@ class Replica:
         return ready
 
     def send(self, message) -> None:
-        try:
-            self.conn.send(message)
-        except (BrokenPipeError, OSError):
-            pass  # it died: its reader thread reports that
+        """Queue a message for the engine process (the sender thread writes it)."""
+        self.outbox.put(message)
+
+    def _send_messages(self) -> None:
+        while True:
+            message = self.outbox.get()
+            try:
+                self.conn.send(message)
+            except (BrokenPipeError, OSError):
+                return  # it died: its reader thread reports that
 
     def stop(self) -> None:
         if self.process.is_alive():
