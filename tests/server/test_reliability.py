@@ -111,12 +111,6 @@ def test_too_many_messages_for_the_context_are_refused(server):
     assert status == 400 and answer["error"]["param"] == "messages"
 
 
-def test_deeply_nested_json_is_a_400(server):
-    body = b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    status, answer = post(server, "completions", body)
-    assert status == 400 and answer["error"]["type"] == "invalid_request_error"
-
-
 # ----- a responsive front end ----------------------------------------------------------------------
 
 

@@ -330,6 +330,18 @@ def test_random_bodies_get_200_or_a_400_error_never_a_crash(server, body):
         assert error["type"] == "invalid_request_error" and error["message"]
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(depth=st.integers(2, 20_000), field=st.sampled_from(["prompt", "stop", "messages", "logit_bias", "n"]))
+def test_deeply_nested_bodies_get_a_400_never_a_crash(server, depth, field):
+    """A field nested up to 20,000 lists deep is refused (the JSON parser bounds its depth), not a 500.
+    The body is written as text: Python's own json module cannot encode it that deep."""
+    route = "chat/completions" if field == "messages" else "completions"
+    value = "[" * depth + '"x"' + "]" * depth
+    body = f'{{"model": "m", "prompt": "hi", "max_tokens": 1, "{field}": {value}}}'
+    status, answer = http("POST", f"{server.url}/v1/{route}", body.encode())
+    assert status == 400 and json.loads(answer)["error"]["type"] == "invalid_request_error", (depth, field, answer[:200])
+
+
 def test_server_still_serves_after_bad_requests(server, reference):
     for body in BAD_BODIES.values():  # (the random bodies above ran before this too)
         http("POST", f"{server.url}/v1/completions", body)
