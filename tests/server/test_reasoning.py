@@ -56,7 +56,6 @@ def ask(server, thinking, **extra):
                                                     "temperature": 0, **extra})
 
 
-@pytest.mark.every_serving_stage
 def test_the_reasoning_comes_apart_from_the_answer(server, thinking):
     message = ask(server, thinking).choices[0].message
     assert message.reasoning_content == "Hmm, sunny." and message.content == "It is sunny."

@@ -7,6 +7,8 @@ the context, lists of stop strings; a large request while small ones and
 after which the server must serve again on its own.
 """
 
+import asyncio
+import importlib
 import json
 import os
 import signal
@@ -57,7 +59,6 @@ def post(server, route: str, body: dict | bytes, key: str | None = KEY, timeout:
 # ----- --api-key ----------------------------------------------------------------------------------
 
 
-@pytest.mark.every_serving_stage
 def test_the_api_key_is_required_everywhere_but_health(server):
     assert http("GET", f"{server.url}/health")[0] == 200
     assert http("GET", f"{server.url}/v1/models")[0] == 401
@@ -72,10 +73,36 @@ def test_the_api_key_is_required_everywhere_but_health(server):
     assert reply.choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("stage", SERVER_STAGES)
+def test_the_api_key_middleware_refuses_a_wrong_key_in_every_serving_stage(stage):
+    """``api_key.py`` on its own (no server to start): 401 without the key or with another, the app
+    reached with it, /health always."""
+    check = importlib.import_module(f"{stage}.api_key").APIKeyCheck
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def status(path: str, header: bytes | None) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "path": path, "method": "GET", "headers": [(b"authorization", header)] if header else []}
+        asyncio.run(check(app, api_key=KEY)(scope, receive, send))
+        return sent[0]["status"]
+
+    assert status("/v1/models", None) == 401 and status("/v1/models", b"Bearer other") == 401
+    assert status("/v1/models", f"Bearer {KEY}".encode()) == 200 and status("/health", None) == 200
+
+
 # ----- bounded input ------------------------------------------------------------------------------
 
 
-@pytest.mark.every_serving_stage
 def test_a_body_over_the_limit_is_refused_with_413_unread(server):
     body = {"model": "m", "prompt": "a" * (LIMIT + 1000), "max_tokens": 1}
     status, answer = post(server, "completions", body)
@@ -84,7 +111,6 @@ def test_a_body_over_the_limit_is_refused_with_413_unread(server):
     assert status == 413
 
 
-@pytest.mark.every_serving_stage
 @pytest.mark.parametrize("route", ["completions", "chat/completions"])
 def test_text_far_longer_than_the_context_is_refused_naming_the_context(server, route):
     text = "hello world " * (LIMIT // 24)  # 2 MB, under the body limit: tokenizing it all would take seconds
