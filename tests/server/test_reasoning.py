@@ -107,15 +107,6 @@ def test_chat_template_kwargs_must_be_an_object(server, value):
     assert status == 400 and "chat_template_kwargs" in answer.decode()
 
 
-def test_without_a_reasoning_parser_the_reply_is_content(thinking):
-    server = Server(SERVER_STAGES[-1], "--model-path", str(thinking[0]), "--context-length", "256")
-    try:
-        message = ask(server, thinking).choices[0].message
-        assert message.content == REPLY and getattr(message, "reasoning_content", None) is None
-    finally:
-        server.stop()
-
-
 def test_the_command_line_passes_chat_template_kwargs(server_stage, thinking, capsys):
     import importlib
 

@@ -74,3 +74,6 @@ def test_tool_calls_are_parsed_from_the_content_only(stage):
     answer = choices.final(0, output(f"<think>I need the weather.</think>{call}", [], "stop", 1, 0, 1))
     assert answer["message"]["tool_calls"][0]["function"]["name"] == "weather"
     assert answer["finish_reason"] == "tool_calls"
+    plain = choices_module.ChatChoices(request, str)  # no --reasoning-parser: the reply is content, as written
+    message = plain.final(0, output(f"<think>I need the weather.</think>{call}", [], "stop", 1, 0, 1))["message"]
+    assert "reasoning_content" not in message and message["content"] == "<think>I need the weather.</think>"

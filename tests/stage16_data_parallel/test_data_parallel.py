@@ -170,13 +170,13 @@ def test_a_hung_replica_is_killed_and_its_unanswered_requests_go_to_the_other(ch
 
 
 def test_a_replica_busy_with_a_long_step_is_not_taken_for_hung(builtin_folder):
-    """Slow is not dead: a prefill step longer than --dist-timeout (1,500 tokens of the built-in model
+    """Slow is not dead: a prefill step longer than --dist-timeout (800 tokens of the built-in model
     on one CPU thread) leaves the replica's heartbeat counting, so the watchdog lets it finish."""
-    server = Server("stage16_data_parallel", "--dist-timeout", "1", "--context-length", "2048",
+    server = Server("stage16_data_parallel", "--dist-timeout", "1", "--context-length", "1024",
                     "--chunked-prefill-size", "-1")
     try:
         began = time.monotonic()
-        reply = server.client.completions.create(model="m", prompt=[100 + i for i in range(1500)], **ASK)
+        reply = server.client.completions.create(model="m", prompt=[100 + i for i in range(800)], **ASK)
         took = time.monotonic() - began
         assert reply.choices[0].finish_reason == "length"
         assert http("GET", f"{server.url}/health") == (200, b"")
