@@ -14,6 +14,7 @@ is started again, with back-off, while the server keeps answering.
 """
 
 import asyncio
+import itertools
 import multiprocessing as mp
 import signal
 import sys
@@ -236,7 +237,7 @@ class TokenizerManager:
         """Start engine processes, waiting longer after each failure, until one is ready."""
         self.process.join(timeout=5)
         log(f"the engine process exited ({exit_reason(self.process.exitcode)}); starting a new one")
-        for attempt in range(1_000_000):
+        for attempt in itertools.count():
             time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
             if self.stopping:
                 return

@@ -23,6 +23,7 @@ error. Then it is started again, and routed to once it is ready.
 """
 
 import asyncio
+import itertools
 import multiprocessing as mp
 import signal
 import sys
@@ -362,7 +363,7 @@ class TokenizerManager:
         old = self.replicas[index].process
         old.join(timeout=5)
         log(f"engine replica {index} exited ({exit_reason(old.exitcode)}); starting a new one")
-        for attempt in range(1_000_000):
+        for attempt in itertools.count():
             time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
             if self.stopping:
                 return

@@ -14,8 +14,6 @@ import os
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -47,13 +45,8 @@ def post(server, route: str, body: dict | bytes, key: str | None = KEY, timeout:
     """POST with the API key; the status and the JSON answer."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    request = urllib.request.Request(f"{server.url}/v1/{route}", data=data, method="POST",
-                                     headers={"Content-Type": "application/json", **headers})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    status, answer = http("POST", f"{server.url}/v1/{route}", data, timeout, headers)
+    return status, json.loads(answer)
 
 
 # ----- --api-key ----------------------------------------------------------------------------------

@@ -45,9 +45,11 @@ def server_stage(request) -> str:
     return request.param
 
 
-def http(method: str, url: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, bytes]:
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 30,
+         headers: dict | None = None) -> tuple[int, bytes]:
     """One plain HTTP request (stdlib only): its status and body, error statuses included."""
-    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=body, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
