@@ -40,6 +40,7 @@ def random_checkpoint(shape: str, device: str = "cpu", root: Path | None = None)
         raise ValueError(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
     folder = (root or cache_dir() / "random") / shape
     if (folder / "config.json").exists():
+        cover_vocab(folder, SHAPES[shape]["vocab_size"])  # a folder written before the tokenizer was covered
         return folder
     raw = SHAPES[shape]
     names = checkpoint_shapes(ModelConfig.from_dict(raw))
@@ -62,8 +63,32 @@ def random_checkpoint(shape: str, device: str = "cpu", root: Path | None = None)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_folder / name).exists():
             shutil.copy(tokenizer_folder / name, folder / name)
+    cover_vocab(folder, raw["vocab_size"])
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
     return folder
+
+
+def cover_vocab(folder: Path, vocab_size: int) -> None:
+    """Give every token id the model can sample a word of its own in the folder's tokenizer.
+
+    The built-in tokenizer has 49,152 tokens; Qwen3's vocabulary has 151,936. A random model samples
+    all of them, and an id the tokenizer lacks decodes to no text at all, so a served stream would
+    send nothing for it: the server's first chunk (and a client's time to first token) would wait for
+    the first id that has text, where a trained model's tokenizer covers every id. The new words
+    (" w49152", ...) are never produced by encoding (no merges make them); they only decode.
+    """
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        return
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    taken = set(vocab.values()) | {token["id"] for token in tokenizer["added_tokens"]}
+    if len(taken) >= vocab_size or tokenizer["model"]["type"] != "BPE" or tokenizer["decoder"]["type"] != "ByteLevel":
+        return
+    for token_id in range(vocab_size):
+        if token_id not in taken:
+            vocab[f"\u0120w{token_id}"] = token_id  # "\u0120" is ByteLevel's space: the word decodes as " w49152"
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False))
 
 
 def checkpoint_shapes(config: ModelConfig) -> dict[str, torch.Size]:

@@ -69,9 +69,14 @@ async def one_raw_request(url: str, model: str, prompt: list[int], max_tokens: i
                        "stream_options": {"include_usage": True}, "ignore_eos": True}).encode()
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
+    connected = time.perf_counter()  # a connection the listen queue dropped shows here (SYN retried after 1, 3, 7 s)
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
     stamps, tokens, cached, prompt_tokens = [], 0, 0, 0
+    status = await reader.readline()  # the status line: the server has read the request and begun the reply
+    answered = time.perf_counter()
+    if b" 200 " not in status:
+        raise RuntimeError(f"the server answered {status.decode().strip()!r}")
     while line := await reader.readline():
         if line.startswith(b"data: [DONE]"):
             break
@@ -86,7 +91,7 @@ async def one_raw_request(url: str, model: str, prompt: list[int], max_tokens: i
             tokens, prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
             cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     writer.close()
-    return dict(start=start, stamps=stamps, tokens=tokens, cached=cached, prompt_tokens=prompt_tokens)
+    return dict(start=start, connected=connected, answered=answered, stamps=stamps, tokens=tokens, cached=cached, prompt_tokens=prompt_tokens)
 
 
 async def run_requests(url: str, requests: list[tuple], begin: float, client: str = "openai") -> list[dict]:
@@ -135,6 +140,8 @@ def summarize(results: list[dict], seconds: float, request_rate: float, input_to
     ttft = [r["stamps"][0] - r["start"] for r in results if r["stamps"]]
     itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
     e2e = [r["stamps"][-1] - r["start"] for r in results if r["stamps"]]
+    connect = [r["connected"] - r["start"] for r in results if "connected" in r]  # the raw client only
+    answer = [r["answered"] - r["start"] for r in results if "answered" in r]
     tokens = sum(r["tokens"] for r in results)
     return dict(
         request_rate=request_rate if request_rate != float("inf") else "inf",
@@ -144,6 +151,9 @@ def summarize(results: list[dict], seconds: float, request_rate: float, input_to
         ttft_median_ms=ms(statistics.median(ttft) if ttft else None), ttft_p99_ms=ms(percentile(ttft, 99)),
         itl_median_ms=ms(statistics.median(itl) if itl else None), itl_p99_ms=ms(percentile(itl, 99)),
         e2e_median_ms=ms(statistics.median(e2e) if e2e else None), e2e_p99_ms=ms(percentile(e2e, 99)),
+        **(dict(connect_median_ms=ms(statistics.median(connect)), connect_p99_ms=ms(percentile(connect, 99)),
+                status_line_median_ms=ms(statistics.median(answer)), status_line_p99_ms=ms(percentile(answer, 99)))
+           if connect else {}),
         cache_hit_rate=round(sum(r["cached"] for r in results) / max(sum(r["prompt_tokens"] for r in results), 1), 4),
     )
 
@@ -217,6 +227,8 @@ def main(argv=None) -> int:
     parser.add_argument("--client-processes", type=int, default=1,
                         help="processes the requests are spread over (round robin), so the client keeps up")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+    parser.add_argument("--requests-out", type=Path, default=None,
+                        help="write each request's timings here (seconds from the first request's start)")
     args = parser.parse_args(argv)
 
     model_path, folder = resolve_model(args.model, args.device)
@@ -245,6 +257,13 @@ def main(argv=None) -> int:
                   results=[dict(system=f"{args.stage} {args.engine_flags} @ {summary['request_rate']} req/s".replace("  ", " "),
                                 **summary)])
     print(json.dumps(summary, indent=2))
+    if args.requests_out:  # to see where in the run the slow ones fall
+        zero = min(r["start"] for r in results)
+        at = lambda t: round(t - zero, 4)
+        args.requests_out.write_text(json.dumps([
+            dict(start=at(r["start"]), connected=at(r["connected"]) if "connected" in r else None,
+                 answered=at(r["answered"]) if "answered" in r else None, stamps=[at(t) for t in r["stamps"]],
+                 tokens=r["tokens"], prompt_tokens=r["prompt_tokens"]) for r in results]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

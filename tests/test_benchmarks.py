@@ -7,6 +7,7 @@ import pytest
 from benchmarks.systems import run_system
 from benchmarks.workloads import Workload, make_workload
 from common.config import ModelConfig
+from common.loader import resolve_model_path
 from conftest import SERVER_STAGES, STAGES
 
 
@@ -72,6 +73,7 @@ def _full_attention(layer_index, q, k, v):
 
 
 def test_online_serving_benchmark_drives_a_server(checkpoints, tmp_path):
+    """Both clients (the official one from two processes, and the raw one) against one server."""
     import socket
 
     from benchmarks import serving
@@ -79,14 +81,45 @@ def test_online_serving_benchmark_drives_a_server(checkpoints, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    out = tmp_path / "serving.json"
-    serving.main(["--model", str(checkpoints["dense"]), "--port", str(port), "--requests", "3",
-                  "--request-rate", "20", "--client-processes", "2", "--out", str(out)])
-    (result,) = json.loads(out.read_text())["results"]
     vocab_size = ModelConfig.from_file(checkpoints["dense"]).vocab_size
     expected_tokens = sum(make_workload("random", "cpu", vocab_size).max_tokens[:3])
-    assert result["requests"] == 3 and result["output_tokens"] == expected_tokens and result["client_processes"] == 2
-    assert result["ttft_median_ms"] > 0 and result["itl_median_ms"] > 0
+    server = serving.LocalServer(str(checkpoints["dense"]), "cpu", port, [])
+    try:
+        for client, processes in (("openai", "2"), ("raw", "1")):
+            out, requests_out = tmp_path / f"{client}.json", tmp_path / f"{client}-requests.json"
+            serving.main(["--url", server.url, "--requests", "3", "--request-rate", "20", "--client", client,
+                          "--client-processes", processes, "--out", str(out), "--requests-out", str(requests_out)])
+            (result,) = json.loads(out.read_text())["results"]
+            assert result["requests"] == 3 and result["output_tokens"] == expected_tokens
+            assert result["client_processes"] == int(processes) and result["client"] == client
+            assert result["ttft_median_ms"] > 0 and result["itl_median_ms"] > 0
+            timings = json.loads(requests_out.read_text())
+            assert sorted(r["tokens"] for r in timings) == sorted(make_workload("random", "cpu", vocab_size).max_tokens[:3])
+            for r in timings:
+                assert r["start"] >= 0 and r["stamps"] == sorted(r["stamps"]) and r["stamps"][0] > r["start"]
+                if client == "raw":  # it also times the connection and the status line
+                    assert r["start"] <= r["connected"] <= r["answered"] <= r["stamps"][0]
+    finally:
+        server.stop()
+
+
+def test_random_checkpoints_give_every_id_text(tmp_path, monkeypatch):
+    """A random model samples every id of Qwen3's vocabulary; each must decode to text, or a served
+    stream would send nothing for it (and its time to first token would wait for one that has text)."""
+    from tokenizers import Tokenizer
+
+    from benchmarks import checkpoints
+
+    builtin = Tokenizer.from_file(str(resolve_model_path(None) / "tokenizer.json")).get_vocab_size()
+    tiny = dict(checkpoints.QWEN3_BASE, vocab_size=builtin + 40, hidden_size=16, intermediate_size=32,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+    monkeypatch.setitem(checkpoints.SHAPES, "tiny", tiny)
+    tokenizer = Tokenizer.from_file(str(checkpoints.random_checkpoint("tiny", root=tmp_path) / "tokenizer.json"))
+    assert tokenizer.get_vocab_size() == builtin + 40
+    assert all(tokenizer.decode([i]).strip() for i in range(builtin - 5, builtin + 40))
+    assert tokenizer.decode([builtin + 3]) == f" w{builtin + 3}"
+    assert tokenizer.encode("hello world").ids == Tokenizer.from_file(
+        str(resolve_model_path(None) / "tokenizer.json")).encode("hello world").ids  # encoding is unchanged
 
 
 def test_the_front_end_benchmark_delivers_every_token_of_its_scripted_engine(tmp_path):
