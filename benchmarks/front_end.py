@@ -17,6 +17,7 @@ busy the machine is).
 
 import argparse
 import asyncio
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -29,25 +30,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def scripted_engine_process(conn, engine_kwargs: dict, max_queued_requests, *rest) -> None:
+def scripted_engine_process(script: dict, conn, engine_kwargs: dict, max_queued_requests, *rest) -> None:
     """An engine loop without a model: one token per running request per step, ``step_ms`` apart.
     Prompts are "prefilled" first, ``prefill_chunk`` tokens a step in arrival order (chunked prefill),
     each step longer by ``prefill_ms_per_1k`` per 1,000 of them; a request's first token comes in the
     step that finishes its prompt. Outputs carry arrival and token times, as the engine's do."""
     import importlib
 
-    stage = importlib.import_module(engine_kwargs["stage"] + ".engine_process")
-    request_module = importlib.import_module(engine_kwargs["stage"] + ".request")
+    stage = importlib.import_module(script["stage"] + ".engine_process")
+    request_module = importlib.import_module(script["stage"] + ".request")
     heartbeat = rest[1] if len(rest) > 1 else None
     if heartbeat is not None:
         import threading
 
         threading.Thread(target=stage.beat, args=(heartbeat,), daemon=True).start()
-    ready = stage.EngineReady(engine_kwargs["model_folder"], 4096)
+    ready = stage.EngineReady(script["model_folder"], 4096)
     conn.send(ready)
     live: dict[str, dict] = {}  # rid -> its state, in arrival order
-    step_s, chunk = engine_kwargs["step_ms"] / 1000, engine_kwargs.get("prefill_chunk", 2048)
-    prefill_s_per_token = engine_kwargs.get("prefill_ms_per_1k", 0.0) / 1e6
+    step_s, chunk = script["step_ms"] / 1000, script.get("prefill_chunk", 2048)
+    prefill_s_per_token = script.get("prefill_ms_per_1k", 0.0) / 1e6
     next_step = time.perf_counter()
     while True:
         if not live:
@@ -93,10 +94,11 @@ def serve_scripted(stage: str, port: int, model_folder: str, step_ms: float, pre
     import importlib
 
     manager_module = importlib.import_module(stage + ".tokenizer_manager")
-    manager_module.run_engine_process = scripted_engine_process
-    server = importlib.import_module(stage + ".http_server")
-    server.serve(dict(stage=stage, model_folder=model_folder, step_ms=step_ms, model_path=model_folder,
-                      prefill_ms_per_1k=prefill_ms_per_1k), "127.0.0.1", port, served_model_name="m")
+    script = dict(stage=stage, model_folder=model_folder, step_ms=step_ms, prefill_ms_per_1k=prefill_ms_per_1k)
+    manager_module.run_engine_process = functools.partial(scripted_engine_process, script)
+    args = importlib.import_module(stage + ".server_args").ServerArgs(model_path=model_folder, device="cpu", port=port,
+                                                                      served_model_name="m")
+    importlib.import_module(stage + ".http_server").serve(args)
 
 
 async def stream_one(port: int, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:

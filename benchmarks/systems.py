@@ -8,9 +8,9 @@ gives every request the longest max_new_tokens) and ``hf-continuous-batching``
 Every run starts with a small warm-up so one-time costs (allocator, kernels) are not timed.
 """
 
+import dataclasses
 import gc
 import importlib
-import inspect
 import json
 import statistics
 import time
@@ -223,8 +223,10 @@ def _parse_value(text: str):
 
 def accepted_kwargs(stage: str, engine_kwargs: dict | None) -> dict:
     """The engine options this stage understands (e.g. chunked_prefill_size only from stage05 on)."""
-    parameters = inspect.signature(importlib.import_module(stage).Engine.__init__).parameters
-    return {k: v for k, v in (engine_kwargs or {}).items() if k in parameters}
+    if not engine_kwargs:
+        return {}
+    settings = {field.name for field in dataclasses.fields(importlib.import_module(f"{stage}.engine_args").EngineArgs)}
+    return {k: v for k, v in engine_kwargs.items() if k in settings}
 
 
 def run_system(system: str, model_path, model_folder, workload: Workload, device: str, engine_kwargs=None) -> dict:

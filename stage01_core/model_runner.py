@@ -13,6 +13,7 @@ import torch
 from common.loader import load_model
 from common.sampling import Sampler
 
+from .engine_args import EngineArgs
 from .kv_cache import ContiguousAttention, ContiguousKVCache
 from .request import Request
 
@@ -20,11 +21,11 @@ from .request import Request
 class ModelRunner:
     """Owns the model weights on one device and runs forward steps."""
 
-    def __init__(self, model_path, device: torch.device, dtype: torch.dtype | None, seed: int | None):
-        self.device = device
-        self.model, self.config, self.model_folder = load_model(model_path, device=device, dtype=dtype)
+    def __init__(self, args: EngineArgs):
+        self.device = args.device
+        self.model, self.config, self.model_folder = load_model(args.model_path, device=args.device, dtype=args.dtype)
         self.dtype = self.model.lm_head.weight.dtype
-        self.sampler = Sampler(device, seed)
+        self.sampler = Sampler(args.device, args.seed)
 
     def allocate_cache(self, request: Request) -> None:
         """Reserve a contiguous cache big enough for the request's whole life."""

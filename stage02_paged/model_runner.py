@@ -16,6 +16,7 @@ import torch
 from common.loader import load_model
 from common.sampling import Sampler
 
+from .engine_args import EngineArgs
 from .forward_batch import ForwardBatch
 from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
 from .page_allocator import PageAllocator
@@ -29,19 +30,16 @@ MAX_RUNNING_REQUESTS = 1024  # rows of the device page tables: requests that can
 class ModelRunner:
     """Owns the model weights on one device and runs forward steps."""
 
-    def __init__(
-        self, model_path, device: torch.device, dtype: torch.dtype | None, seed: int | None,
-        page_size: int, kv_cache_bytes: int | None,
-    ):
-        self.device = device
-        self.model, self.config, self.model_folder = load_model(model_path, device=device, dtype=dtype)
+    def __init__(self, args: EngineArgs):
+        self.device = device = args.device
+        self.model, self.config, self.model_folder = load_model(args.model_path, device=device, dtype=args.dtype)
         self.dtype = self.model.lm_head.weight.dtype
-        self.sampler = Sampler(device, seed)
-        self.page_size = page_size
-        num_pages = self.kv_budget(kv_cache_bytes) // PagedKVPool.bytes_per_page(self.config, page_size, self.dtype)
+        self.sampler = Sampler(device, args.seed)
+        self.page_size = args.page_size
+        num_pages = self.kv_budget(args.kv_cache_bytes) // PagedKVPool.bytes_per_page(self.config, args.page_size, self.dtype)
         if num_pages < 1:
-            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one page of {page_size} tokens")
-        self.pool = PagedKVPool(self.config, num_pages, page_size, device, self.dtype)
+            raise ValueError(f"kv_cache_bytes={args.kv_cache_bytes} is smaller than one page of {args.page_size} tokens")
+        self.pool = PagedKVPool(self.config, num_pages, args.page_size, device, self.dtype)
         self.allocator = PageAllocator(num_pages)
         max_pages_per_request = self.pages_for(self.config.max_position_embeddings)
         self.page_tables = DevicePageTables(min(num_pages, MAX_RUNNING_REQUESTS), max_pages_per_request, device)

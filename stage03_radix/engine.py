@@ -19,35 +19,12 @@ from common.memory import out_of_memory_error
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 
+from .engine_args import EngineArgs
 from .model_runner import ModelRunner
 from .request import GenerateOutput, Request
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a user can change when a step does not fit in device memory (common/memory.py).
 OUT_OF_MEMORY_HINT = "give activations more room (a smaller kv_cache_bytes) or shorten the prompt"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or "auto" picks CUDA when present, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 class Engine:
@@ -57,28 +34,16 @@ class Engine:
     checkpoint folder, a .gguf file or a hub id such as "Qwen/Qwen3-0.6B".
     """
 
-    def __init__(
-        self,
-        model_path: str | None = None,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        context_length: int | None = None,
-        seed: int | None = None,
-        page_size: int = 16,
-        kv_cache_bytes: int | None = None,
-        disable_radix_cache: bool = False,
-    ):
-        if not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size={page_size!r} must be a positive integer")
-        self.device = resolve_device(device)
-        self.runner = ModelRunner(model_path, self.device, resolve_dtype(dtype), seed, page_size, kv_cache_bytes, disable_radix_cache)
+    def __init__(self, model_path: str | None = None, **kwargs):
+        """``kwargs`` are EngineArgs' fields (engine_args.py), the command line's flags with underscores."""
+        self.args = args = EngineArgs.from_kwargs(model_path=model_path, **kwargs)
+        self.device = args.device
+        self.runner = ModelRunner(args)
         self.config = self.runner.config
         self.tokenizer = Tokenizer(self.runner.model_folder)
         self.context_length = self.config.max_position_embeddings
-        if context_length is not None:
-            if context_length < 1:
-                raise ValueError(f"context_length={context_length} must be positive")
-            self.context_length = min(context_length, self.context_length)
+        if args.context_length is not None:
+            self.context_length = min(args.context_length, self.context_length)
         self.eos_token_ids = sorted(set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
 
     # ----- public API -------------------------------------------------------------------

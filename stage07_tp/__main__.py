@@ -1,31 +1,20 @@
 """Command line: ``python -m stageNN_name "prompt" --max-tokens 50``.
 
-Every flag is also an Engine or SamplingParams keyword (dashes become underscores).
+Every flag is also an Engine or SamplingParams keyword (dashes become underscores);
+the engine's flags are made from its settings (engine_args.py).
 """
 
 import argparse
 import sys
 
 from .engine import Engine
+from .engine_args import EngineArgs
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {__package__}", description=__doc__)
     parser.add_argument("prompt", help="the text to continue")
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--model-path", default=None, help="checkpoint folder, .gguf file or hub id (default: built-in SmolLM2-135M)")
-    engine.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    engine.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    engine.add_argument("--context-length", type=int, default=None)
-    engine.add_argument("--seed", type=int, default=None, help="seed for requests that bring none")
-    engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    engine.add_argument("--max-prefill-tokens", type=int, default=16384, help="token budget of one prefill batch")
-    engine.add_argument("--chunked-prefill-size", type=int, default=2048, help="prompt tokens per step (-1: no chunking)")
-    engine.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (processes; one GPU each on CUDA)")
-    engine.add_argument("--dist-timeout", type=float, default=30.0, help="seconds rank 0 waits for a worker in a step before failing")
-    engine.add_argument("--schedule-policy", default="fcfs", choices=["fcfs", "lpm", "dfs-weight", "lof", "random"])
-    engine.add_argument("--disable-radix-cache", action="store_true", help="do not reuse cached prompt prefixes")
-    engine.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool size (default: 512 MiB on CPU, 80%% of free GPU memory)")
+    EngineArgs.add_arguments(parser)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=128)
     sampling.add_argument("--temperature", type=float, default=0.0)
@@ -50,11 +39,7 @@ def main(argv=None) -> int:
         presence_penalty=args.presence_penalty, stop=args.stop, ignore_eos=args.ignore_eos,
     )
     try:
-        with Engine(args.model_path, device=args.device, dtype=args.dtype, context_length=args.context_length, seed=args.seed,
-                    page_size=args.page_size, kv_cache_bytes=args.kv_cache_bytes,
-                    disable_radix_cache=args.disable_radix_cache, max_prefill_tokens=args.max_prefill_tokens,
-                    chunked_prefill_size=args.chunked_prefill_size, schedule_policy=args.schedule_policy,
-                    tp_size=args.tp_size, dist_timeout=args.dist_timeout) as engine:
+        with Engine(**vars(EngineArgs.from_namespace(args))) as engine:
             prompt = engine.tokenizer.apply_chat_template(args.prompt) if args.chat else args.prompt
             if args.no_stream:
                 print(engine.generate(prompt, **sampling).text)

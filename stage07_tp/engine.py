@@ -26,38 +26,15 @@ from common.memory import out_of_memory_error
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 
+from .engine_args import EngineArgs
 from .model_runner import ModelRunner
 from .parallel import WorkerFailure, WorkerGroup
 from .request import GenerateOutput, Request
 from .schedule_policy import SchedulePolicy
 from .scheduler import Scheduler
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a user can change when a step does not fit in device memory (common/memory.py).
 OUT_OF_MEMORY_HINT = "give activations more room (a smaller kv_cache_bytes) or prefill in smaller chunks (chunked_prefill_size)"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or "auto" picks CUDA when present, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 class Engine:
@@ -67,56 +44,24 @@ class Engine:
     checkpoint folder, a .gguf file or a hub id such as "Qwen/Qwen3-0.6B".
     """
 
-    def __init__(
-        self,
-        model_path: str | None = None,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        context_length: int | None = None,
-        seed: int | None = None,
-        page_size: int = 16,
-        kv_cache_bytes: int | None = None,
-        disable_radix_cache: bool = False,
-        max_prefill_tokens: int = 16384,
-        chunked_prefill_size: int | None = 2048,
-        schedule_policy: str = "fcfs",
-        tp_size: int = 1,
-        dist_timeout: float = 30.0,
-    ):
-        if not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size={page_size!r} must be a positive integer")
-        if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens={max_prefill_tokens!r} must be a positive integer")
-        if chunked_prefill_size == -1:  # SGLang's spelling of "off"
-            chunked_prefill_size = None
-        if chunked_prefill_size is not None and (not isinstance(chunked_prefill_size, int) or chunked_prefill_size < 1):
-            raise ValueError(f"chunked_prefill_size={chunked_prefill_size!r} must be a positive integer, or -1 for no chunking")
-        if not isinstance(tp_size, int) or tp_size < 1:
-            raise ValueError(f"tp_size={tp_size!r} must be a positive integer")
-        if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or not dist_timeout > 0:
-            raise ValueError(f"dist_timeout={dist_timeout!r} must be a positive number of seconds")
-        self.device = resolve_device(device)
-        if self.device.type == "cuda" and tp_size > torch.cuda.device_count():
-            raise ValueError(f"tp_size={tp_size} needs {tp_size} GPUs but torch sees {torch.cuda.device_count()}")
-        make_runner = functools.partial(
-            ModelRunner, model_path, self.device, resolve_dtype(dtype), seed, page_size, kv_cache_bytes, disable_radix_cache,
-            tp_size=tp_size,
-        )
+    def __init__(self, model_path: str | None = None, **kwargs):
+        """``kwargs`` are EngineArgs' fields (engine_args.py), the command line's flags with underscores."""
+        self.args = args = EngineArgs.from_kwargs(model_path=model_path, **kwargs)
+        self.device = args.device
+        make_runner = functools.partial(ModelRunner, args)  # any rank's runner: make_runner(tp_rank=...)
         self.runner = make_runner(tp_rank=0)
         self.workers, self.worker_failure = None, None  # worker_failure: why a worker failed, once one has
-        if tp_size > 1:  # ranks 1.. load their shards in their own processes, with rank 0's pool size
-            self.workers = WorkerGroup(tp_size, self.device, functools.partial(make_runner, num_pages=self.runner.pool.num_pages),
-                                       timeout_s=dist_timeout)
+        if args.tp_size > 1:  # ranks 1.. load their shards in their own processes, with rank 0's pool size
+            self.workers = WorkerGroup(args.tp_size, self.device, functools.partial(make_runner, num_pages=self.runner.pool.num_pages),
+                                       timeout_s=args.dist_timeout)
         self.config = self.runner.config
         self.tokenizer = Tokenizer(self.runner.model_folder)
         self.context_length = self.config.max_position_embeddings
-        if context_length is not None:
-            if context_length < 1:
-                raise ValueError(f"context_length={context_length} must be positive")
-            self.context_length = min(context_length, self.context_length)
+        if args.context_length is not None:
+            self.context_length = min(args.context_length, self.context_length)
         self.eos_token_ids = sorted(set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
-        policy = SchedulePolicy(schedule_policy, self.runner.radix_cache)
-        self.scheduler = Scheduler(self.runner, max_prefill_tokens, chunked_prefill_size, policy)
+        policy = SchedulePolicy(args.schedule_policy, self.runner.radix_cache)
+        self.scheduler = Scheduler(self.runner, args.max_prefill_tokens, args.chunked_prefill_size, policy)
         self._lock = threading.RLock()  # one step at a time, whichever caller drives it
         self._by_id: dict[int, Request] = {}  # requests added with add_request, until collected
 

@@ -17,6 +17,7 @@ from common.config import ModelConfig
 from common.loader import load_model, resolve_model_path
 from common.sampling import Sampler
 
+from .engine_args import EngineArgs
 from .forward_batch import ForwardBatch
 from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
 from .page_allocator import PageAllocator
@@ -37,29 +38,25 @@ class ModelRunner:
     ``ForwardBatch``, and every rank runs the forward on its shard.
     """
 
-    def __init__(
-        self, model_path, device: torch.device, dtype: torch.dtype | None, seed: int | None,
-        page_size: int, kv_cache_bytes: int | None, disable_radix_cache: bool,
-        tp_rank: int = 0, tp_size: int = 1, num_pages: int | None = None,
-    ):
-        self.device = device = rank_device(device, tp_rank)
+    def __init__(self, args: EngineArgs, tp_rank: int = 0, num_pages: int | None = None):
+        self.device = device = rank_device(args.device, tp_rank)
         shard = None
-        if tp_size > 1:
-            shard = TensorParallelShard(ModelConfig.from_file(resolve_model_path(model_path)), tp_rank, tp_size)
-        self.model, self.config, self.model_folder = load_model(model_path, device=device, dtype=dtype, shard=shard)
+        if args.tp_size > 1:
+            shard = TensorParallelShard(ModelConfig.from_file(resolve_model_path(args.model_path)), tp_rank, args.tp_size)
+        self.model, self.config, self.model_folder = load_model(args.model_path, device=device, dtype=args.dtype, shard=shard)
         self.dtype = self.model.lm_head.weight.dtype
-        self.sampler = Sampler(device, seed)
-        self.page_size = page_size
+        self.sampler = Sampler(device, args.seed)
+        self.page_size = args.page_size
         local_config = shard.local_config() if shard else self.config  # this rank's KV heads
         if num_pages is None:
-            num_pages = self.kv_budget(kv_cache_bytes) // PagedKVPool.bytes_per_page(local_config, page_size, self.dtype)
+            num_pages = self.kv_budget(args.kv_cache_bytes) // PagedKVPool.bytes_per_page(local_config, args.page_size, self.dtype)
         if num_pages < 1:
-            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one page of {page_size} tokens")
-        self.pool = PagedKVPool(local_config, num_pages, page_size, device, self.dtype)
+            raise ValueError(f"kv_cache_bytes={args.kv_cache_bytes} is smaller than one page of {args.page_size} tokens")
+        self.pool = PagedKVPool(local_config, num_pages, args.page_size, device, self.dtype)
         self.allocator = PageAllocator(num_pages)
         max_pages_per_request = self.pages_for(self.config.max_position_embeddings)
         self.page_tables = DevicePageTables(min(num_pages, MAX_RUNNING_REQUESTS), max_pages_per_request, device)
-        self.radix_cache = None if disable_radix_cache else RadixCache(self.allocator, page_size)
+        self.radix_cache = None if args.disable_radix_cache else RadixCache(self.allocator, args.page_size)
 
     def kv_budget(self, kv_cache_bytes: int | None) -> int:
         """Bytes for the KV pool: as asked, else a default for the device."""

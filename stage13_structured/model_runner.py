@@ -41,6 +41,7 @@ from common.sampling import Sampler
 
 from . import page_runs  # its thresholds are read as page_runs.X, so a test can change them
 from .cuda_graph_runner import CudaGraphRunner
+from .engine_args import EngineArgs
 from .forward_batch import ForwardBatch
 from .grammar import apply_grammar_masks
 from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
@@ -53,8 +54,6 @@ from .request import Request
 CPU_KV_CACHE_BYTES = 512 << 20  # default pool on CPU; on CUDA a fraction of free memory
 CUDA_FREE_MEMORY_FRACTION = 0.8  # the rest is headroom for activations (long prefills)
 MAX_RUNNING_REQUESTS = 1024  # rows of the device page tables: requests that can hold pages at once
-CUDA_GRAPH_MAX_BS = 256  # largest decode batch replayed from a CUDA graph (SGLang's --cuda-graph-max-bs)
-ATTENTION_BACKENDS = ("runs", "gather")  # decode attention: in place over page runs, or over a gathered copy
 
 
 class ModelRunner:
@@ -65,37 +64,32 @@ class ModelRunner:
     ``ForwardBatch``, and every rank runs the forward on its shard.
     """
 
-    def __init__(
-        self, model_path, device: torch.device, dtype: torch.dtype | None, seed: int | None,
-        page_size: int, kv_cache_bytes: int | None, disable_radix_cache: bool,
-        tp_rank: int = 0, tp_size: int = 1, num_pages: int | None = None, ep_size: int = 1,
-        disable_cuda_graph: bool = False, cuda_graph_max_bs: int = CUDA_GRAPH_MAX_BS, attention_backend: str = "runs",
-    ):
-        self.device = device = rank_device(device, tp_rank)
+    def __init__(self, args: EngineArgs, tp_rank: int = 0, num_pages: int | None = None):
+        self.device = device = rank_device(args.device, tp_rank)
         shard = None
-        if max(tp_size, ep_size) > 1:  # tp_rank is this process's rank among all of them
-            shard = TensorParallelShard(ModelConfig.from_file(resolve_model_path(model_path)), tp_rank, tp_size, ep_size)
-        self.model, self.config, self.model_folder = load_model(model_path, device=device, dtype=dtype, shard=shard)
+        if max(args.tp_size, args.ep_size) > 1:  # tp_rank is this process's rank among all of them
+            shard = TensorParallelShard(ModelConfig.from_file(resolve_model_path(args.model_path)), tp_rank, args.tp_size, args.ep_size)
+        self.model, self.config, self.model_folder = load_model(args.model_path, device=device, dtype=args.dtype, shard=shard)
         self.dtype = self.model.lm_head.weight.dtype
         for layer in self.model.model.layers:  # count routed tokens per expert (load-balance inspection)
             if hasattr(layer.mlp, "expert_token_counts"):
                 layer.mlp.expert_token_counts = torch.zeros(self.config.num_experts, dtype=torch.long, device=device)
-        self.sampler = Sampler(device, seed)
-        self.page_size = page_size
-        self.attention_backend = attention_backend
+        self.sampler = Sampler(device, args.seed)
+        self.page_size = args.page_size
+        self.attention_backend = args.attention_backend
         local_config = shard.local_config() if shard else self.config  # this rank's KV heads
         if num_pages is None:
-            num_pages = self.kv_budget(kv_cache_bytes) // PagedKVPool.bytes_per_page(local_config, page_size, self.dtype)
+            num_pages = self.kv_budget(args.kv_cache_bytes) // PagedKVPool.bytes_per_page(local_config, args.page_size, self.dtype)
         if num_pages < 1:
-            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is smaller than one page of {page_size} tokens")
+            raise ValueError(f"kv_cache_bytes={args.kv_cache_bytes} is smaller than one page of {args.page_size} tokens")
         # One page more than the allocator hands out: decode graphs write their padding rows there.
-        self.pool = PagedKVPool(local_config, num_pages + 1, page_size, device, self.dtype)
+        self.pool = PagedKVPool(local_config, num_pages + 1, args.page_size, device, self.dtype)
         self.allocator = PageAllocator(num_pages)
         max_pages_per_request = self.pages_for(self.config.max_position_embeddings)
         self.page_tables = DevicePageTables(min(num_pages, MAX_RUNNING_REQUESTS), max_pages_per_request, device)
-        self.radix_cache = None if disable_radix_cache else RadixCache(self.allocator, page_size)
-        self.use_cuda_graph = not disable_cuda_graph and device.type == "cuda"
-        self.cuda_graph_max_bs = cuda_graph_max_bs
+        self.radix_cache = None if args.disable_radix_cache else RadixCache(self.allocator, args.page_size)
+        self.use_cuda_graph = not args.disable_cuda_graph and device.type == "cuda"
+        self.cuda_graph_max_bs = args.cuda_graph_max_bs
         self.graphs: CudaGraphRunner | None = None  # set by init_cuda_graphs, once every rank is up
         # The tokens the latest launched step sampled, on the device, and which request each belongs to:
         # the next step's placeholders index into them.

@@ -34,6 +34,7 @@ forward and keeps what the target agrees with (``spec_verify.py``), so a
 request may gain several tokens per forward with exactly the same output.
 """
 
+import dataclasses
 import functools
 import gc
 import threading
@@ -45,8 +46,9 @@ from common.memory import out_of_memory_error
 from common.tokenizer import Tokenizer
 
 from .draft_model import DraftModelWorker
+from .engine_args import EngineArgs, speculative_guesses
 from .grammar import GrammarBackend, RequestGrammar
-from .model_runner import ATTENTION_BACKENDS, CUDA_GRAPH_MAX_BS, LaunchedStep, ModelRunner
+from .model_runner import LaunchedStep, ModelRunner
 from .ngram_draft import NgramDrafter
 from .parallel import WorkerFailure, WorkerGroup
 from .request import GenerateOutput, Request
@@ -54,34 +56,8 @@ from .sampling_params import SamplingParams
 from .schedule_policy import SchedulePolicy
 from .scheduler import Scheduler
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a user can change when a step does not fit in device memory (common/memory.py).
-SPECULATIVE_ALGORITHMS = ("NGRAM", "STANDALONE")  # SGLang's names; EAGLE needs a trained head (see draft_model.py)
-DEFAULT_DRAFT_TOKENS = 4  # tokens a verify feeds per request by default: the newest and 3 guesses
 OUT_OF_MEMORY_HINT = "give activations more room (a smaller kv_cache_bytes) or prefill in smaller chunks (chunked_prefill_size)"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or "auto" picks CUDA when present, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 class Engine:
@@ -91,74 +67,22 @@ class Engine:
     checkpoint folder, a .gguf file or a hub id such as "Qwen/Qwen3-0.6B".
     """
 
-    def __init__(
-        self,
-        model_path: str | None = None,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        context_length: int | None = None,
-        seed: int | None = None,
-        page_size: int = 16,
-        kv_cache_bytes: int | None = None,
-        disable_radix_cache: bool = False,
-        max_prefill_tokens: int = 16384,
-        chunked_prefill_size: int | None = 2048,
-        schedule_policy: str = "fcfs",
-        tp_size: int = 1,
-        ep_size: int = 1,
-        dist_timeout: float = 30.0,
-        disable_cuda_graph: bool = False,
-        cuda_graph_max_bs: int = CUDA_GRAPH_MAX_BS,
-        disable_overlap_schedule: bool = False,
-        attention_backend: str = "runs",
-        disable_jump_forward: bool = False,
-        speculative_algorithm: str | None = None,
-        speculative_draft_model_path: str | None = None,
-        speculative_num_steps: int | None = None,
-        speculative_num_draft_tokens: int | None = None,
-        speculative_eagle_topk: int | None = None,
-    ):
-        if not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size={page_size!r} must be a positive integer")
-        if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens={max_prefill_tokens!r} must be a positive integer")
-        if chunked_prefill_size == -1:  # SGLang's spelling of "off"
-            chunked_prefill_size = None
-        if chunked_prefill_size is not None and (not isinstance(chunked_prefill_size, int) or chunked_prefill_size < 1):
-            raise ValueError(f"chunked_prefill_size={chunked_prefill_size!r} must be a positive integer, or -1 for no chunking")
-        for name, value in (("tp_size", tp_size), ("ep_size", ep_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or not dist_timeout > 0:
-            raise ValueError(f"dist_timeout={dist_timeout!r} must be a positive number of seconds")
-        if not isinstance(cuda_graph_max_bs, int) or isinstance(cuda_graph_max_bs, bool) or cuda_graph_max_bs < 1:
-            raise ValueError(f"cuda_graph_max_bs={cuda_graph_max_bs!r} must be a positive integer")
-        if attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend={attention_backend!r} is not one of {list(ATTENTION_BACKENDS)}")
-        self.num_guesses = speculative_guesses(speculative_algorithm, speculative_draft_model_path, speculative_num_steps,
-                                               speculative_num_draft_tokens, speculative_eagle_topk)
-        self.topk = speculative_eagle_topk or 1
-        if self.topk > 1 and max(tp_size, ep_size) > 1:
-            raise ValueError("speculative_eagle_topk above 1 (draft trees) runs on one rank; use tp_size=1 and ep_size=1")
-        world = max(tp_size, ep_size)  # the expert-parallel ranks are the tensor-parallel ranks
-        if tp_size not in (1, world) or ep_size not in (1, world):
-            raise ValueError(f"tp_size={tp_size} and ep_size={ep_size}: use equal sizes, or 1 for either")
-        self.device = resolve_device(device)
-        if self.device.type == "cuda" and world > torch.cuda.device_count():
-            raise ValueError(f"{world} ranks need {world} GPUs but torch sees {torch.cuda.device_count()}")
-        make_runner = functools.partial(
-            ModelRunner, model_path, self.device, resolve_dtype(dtype), seed, page_size, kv_cache_bytes, disable_radix_cache,
-            tp_size=tp_size, ep_size=ep_size, disable_cuda_graph=disable_cuda_graph, cuda_graph_max_bs=cuda_graph_max_bs,
-            attention_backend=attention_backend,
-        )
+    def __init__(self, model_path: str | None = None, **kwargs):
+        """``kwargs`` are EngineArgs' fields (engine_args.py), the command line's flags with underscores."""
+        self.args = args = EngineArgs.from_kwargs(model_path=model_path, **kwargs)
+        self.num_guesses = speculative_guesses(args)
+        self.topk = args.speculative_eagle_topk or 1
+        world = max(args.tp_size, args.ep_size)  # the expert-parallel ranks are the tensor-parallel ranks
+        self.device = args.device
+        make_runner = functools.partial(ModelRunner, args)  # any rank's runner: make_runner(tp_rank=...)
         self.runner = make_runner(tp_rank=0)
         self.drafter = None
-        if speculative_algorithm == "NGRAM":
+        if args.speculative_algorithm == "NGRAM":
             self.drafter = NgramDrafter()
-        elif speculative_algorithm == "STANDALONE":  # on rank 0 only, with as many pages as the target's pool
-            draft = ModelRunner(speculative_draft_model_path, self.device, resolve_dtype(dtype), seed, page_size, None, True,
-                                num_pages=self.runner.allocator.num_pages, disable_cuda_graph=disable_cuda_graph,
-                                cuda_graph_max_bs=cuda_graph_max_bs, attention_backend=attention_backend)
+        elif args.speculative_algorithm == "STANDALONE":  # on rank 0 only, with as many pages as the target's pool
+            draft_args = dataclasses.replace(args, model_path=args.speculative_draft_model_path, kv_cache_bytes=None,
+                                             disable_radix_cache=True, tp_size=1, ep_size=1)
+            draft = ModelRunner(draft_args, num_pages=self.runner.allocator.num_pages)
             if draft.config.vocab_size != self.runner.config.vocab_size:
                 raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the target's "
                                  f"({self.runner.config.vocab_size}); a draft model must share the target's tokenizer")
@@ -167,24 +91,22 @@ class Engine:
         self.workers, self.worker_failure = None, None  # worker_failure: why a worker failed, once one has
         if world > 1:  # ranks 1.. load their shards in their own processes, with rank 0's pool size
             self.workers = WorkerGroup(world, self.device, functools.partial(make_runner, num_pages=self.runner.allocator.num_pages),
-                                       timeout_s=dist_timeout)
+                                       timeout_s=args.dist_timeout)
         self.runner.init_cuda_graphs()  # the workers record the same graphs alongside
         self.config = self.runner.config
         self.tokenizer = Tokenizer(self.runner.model_folder)
         self.context_length = self.config.max_position_embeddings
-        if context_length is not None:
-            if context_length < 1:
-                raise ValueError(f"context_length={context_length} must be positive")
-            self.context_length = min(context_length, self.context_length)
+        if args.context_length is not None:
+            self.context_length = min(args.context_length, self.context_length)
         self.eos_token_ids = sorted(set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         self.grammars = GrammarBackend(self.tokenizer.hf, self.config.vocab_size, self.eos_token_ids)
-        self.jump_forward = not disable_jump_forward
-        policy = SchedulePolicy(schedule_policy, self.runner.radix_cache)
-        self.scheduler = Scheduler(self.runner, max_prefill_tokens, chunked_prefill_size, policy)
+        self.jump_forward = not args.disable_jump_forward
+        policy = SchedulePolicy(args.schedule_policy, self.runner.radix_cache)
+        self.scheduler = Scheduler(self.runner, args.max_prefill_tokens, args.chunked_prefill_size, policy)
         self._lock = threading.RLock()  # one step at a time, whichever caller drives it
         self._by_id: dict[int, Request] = {}  # requests added with add_request, until collected
         # A draft needs the tokens of the step before it, so speculative steps are not overlapped.
-        self.overlap = not disable_overlap_schedule and self.drafter is None
+        self.overlap = not args.disable_overlap_schedule and self.drafter is None
         self.spec_verify_ct = self.spec_tokens = 0  # verify forwards per request, and the tokens they gave
         self.in_flight: LaunchedStep | None = None  # the launched step whose tokens are not read yet
         self.generated_tokens = 0  # tokens sampled and read since start (the server's throughput metric)
@@ -574,44 +496,6 @@ class Engine:
     def _abort(self, request: Request) -> None:
         self._drain()  # its pending token is read first: the abort then releases exactly what it holds
         self.scheduler.abort(request)
-
-
-def speculative_guesses(algorithm, draft_model_path, num_steps, num_draft_tokens, eagle_topk) -> int:
-    """Check the speculative settings; return how many guesses a verify feeds per request (0: none).
-
-    As in SGLang, ``num_draft_tokens`` counts every token a verify feeds per
-    request, the newest real one included: a chain of ``num_steps`` draft
-    steps feeds ``num_steps + 1``; a tree (``eagle_topk`` above 1: each step's
-    guess and its ``topk - 1`` alternatives) feeds ``num_steps * topk + 1``.
-    Give either, or both when they agree.
-    """
-    if algorithm is None:
-        if any(v is not None for v in (draft_model_path, num_steps, num_draft_tokens, eagle_topk)):
-            raise ValueError("speculative settings were given without speculative_algorithm; "
-                             f"set it to one of {list(SPECULATIVE_ALGORITHMS)}")
-        return 0
-    if algorithm in ("EAGLE", "EAGLE3"):
-        raise ValueError(f"speculative_algorithm={algorithm!r} needs a trained draft head, which this stage does not load; "
-                         f"use {list(SPECULATIVE_ALGORITHMS)}")
-    if algorithm not in SPECULATIVE_ALGORITHMS:
-        raise ValueError(f"speculative_algorithm={algorithm!r} is not one of {list(SPECULATIVE_ALGORITHMS)}")
-    if (algorithm == "STANDALONE") != (draft_model_path is not None):
-        raise ValueError("speculative_draft_model_path is needed with STANDALONE, and only there")
-    for name, value in (("speculative_num_steps", num_steps), ("speculative_num_draft_tokens", num_draft_tokens),
-                        ("speculative_eagle_topk", eagle_topk)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name}={value!r} must be a positive integer")
-    topk = eagle_topk or 1
-    if topk > 1 and algorithm != "STANDALONE":
-        raise ValueError(f"speculative_eagle_topk={topk}: draft trees come from a draft model (STANDALONE); "
-                         "NGRAM guesses one chain")
-    if num_steps is not None and num_draft_tokens is not None and num_draft_tokens != num_steps * topk + 1:
-        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be speculative_num_steps x "
-                         f"speculative_eagle_topk + 1 = {num_steps * topk + 1} (it counts the newest token too)")
-    if num_draft_tokens is not None and (num_draft_tokens < 2 or (num_draft_tokens - 1) % topk):
-        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be 1 + a positive multiple of "
-                         f"speculative_eagle_topk ({topk}): the newest token and topk guesses per step")
-    return num_steps if num_steps is not None else ((num_draft_tokens or DEFAULT_DRAFT_TOKENS) - 1) // topk
 
 
 def _is_batch(prompt) -> bool:

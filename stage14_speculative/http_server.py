@@ -35,10 +35,10 @@ from .api_key import APIKeyCheck
 from .openai_choices import ChatChoices, CompletionChoices
 from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
 from .reasoning_parser import starts_in_reasoning
+from .server_args import MAX_REQUEST_BYTES, ServerArgs
 from .tokenizer_manager import EngineError, TokenizerManager
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
-MAX_REQUEST_BYTES = 16 * 1024 * 1024  # --max-request-bytes: far above any prompt a context holds
 DRAIN_FACTOR = 8  # an oversized body is read and dropped up to this many times the limit, then the connection closes
 
 
@@ -244,17 +244,14 @@ def sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-def serve(engine_kwargs: dict, host: str, port: int, max_queued_requests: int | None = None,
-          served_model_name: str | None = None, api_key: str | None = None,
-          max_request_bytes: int = MAX_REQUEST_BYTES,
-          reasoning_parser: str | None = None) -> None:
+def serve(args: ServerArgs) -> None:
     """Start the engine process, then serve HTTP until interrupted (Ctrl-C or SIGTERM).
     Requests must name the served model (``served_model_name``, else the model path)."""
-    manager = TokenizerManager(engine_kwargs, max_queued_requests)
+    manager = TokenizerManager(args.engine_kwargs(), args.max_queued_requests)
     try:
-        model_name = served_model_name or engine_kwargs.get("model_path") or Path(manager.model_folder).name
-        print(f"serving {model_name} on http://{host}:{port} (OpenAI API under /v1)", flush=True)
-        app = build_app(manager, model_name, api_key, max_request_bytes, reasoning_parser=reasoning_parser)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        model_name = args.served_model_name or args.model_path or Path(manager.model_folder).name
+        print(f"serving {model_name} on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+        app = build_app(manager, model_name, args.api_key, args.max_request_bytes, reasoning_parser=args.reasoning_parser)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         manager.shutdown()  # when uvicorn could not start (a port in use), the lifespan never ran

@@ -3,6 +3,7 @@
 (``--stage``, which picks one stage's tests, lives in the repository's top conftest.py.)
 """
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -56,6 +57,13 @@ def pytest_collection_modifyitems(config, items):
 
 def stage_engine_class(stage: str):
     return importlib.import_module(stage).Engine
+
+
+def stage_has(stage: str, setting: str) -> bool:
+    """Whether ``stage`` has the setting (an EngineArgs field, so an Engine keyword and a flag): the one
+    way a shared test decides from which stage on it applies (``page_size`` from stage 02, ...)."""
+    engine_args = importlib.import_module(f"{stage}.engine_args").EngineArgs
+    return setting in {field.name for field in dataclasses.fields(engine_args)}
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,11 @@ prompt, served later, gives the right tokens), and no page may be left behind.
 """
 
 import importlib
-import inspect
 
 import pytest
 import torch
 
-from conftest import STAGES, stage_engine_class
+from conftest import STAGES, stage_engine_class, stage_has
 
 LIMIT = 40
 PAGE = 4
@@ -42,7 +41,7 @@ def little_memory(engine, forward):
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_step_out_of_device_memory_stops_its_requests_and_the_engine_serves_on(stage, checkpoints, monkeypatch):
     engine_class = stage_engine_class(stage)
-    kwargs = {"page_size": PAGE} if "page_size" in inspect.signature(engine_class).parameters else {}
+    kwargs = {"page_size": PAGE} if stage_has(stage, "page_size") else {}
     with engine_class(model_path=str(checkpoints["dense"]), device="cpu", **kwargs) as engine:
         short, long = engine.generate(SHORT, **GREEDY).token_ids, engine.generate(LONG, **GREEDY).token_ids
         flush = getattr(engine, "flush_cache", lambda: None)

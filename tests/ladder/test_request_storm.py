@@ -12,7 +12,6 @@ small that requests are retracted and cached prefixes evicted. Afterwards:
   and after ``flush_cache()`` every page is back in the free list.
 """
 
-import inspect
 import random
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 
 from checkpoints import write_checkpoint
 from common.sampling import SamplingParams
-from conftest import STAGES, stage_engine_class
+from conftest import STAGES, stage_engine_class, stage_has
 
 STORM_STAGES = [s for s in STAGES if s >= "stage04"]
 PAGE = 4
@@ -117,11 +116,10 @@ def alone(storm_checkpoint):
 def small_pool_engine(stage: str, model_path):
     """The stage's engine with a pool of POOL_PAGES pages and its scheduling options turned on."""
     engine_class = stage_engine_class(stage)
-    options = inspect.signature(engine_class).parameters
     kwargs = dict(model_path=str(model_path), device="cpu", page_size=PAGE, max_prefill_tokens=64)
-    if "chunked_prefill_size" in options:
+    if stage_has(stage, "chunked_prefill_size"):
         kwargs["chunked_prefill_size"] = 16  # long prompts run in chunks beside decodes
-    if "schedule_policy" in options:
+    if stage_has(stage, "schedule_policy"):
         kwargs["schedule_policy"] = "lpm"  # reorders the queue by cached prefix
     probe = engine_class(**kwargs)
     page_bytes = probe.runner.pool.bytes_per_page(probe.config, PAGE, torch.float32)

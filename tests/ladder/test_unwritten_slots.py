@@ -9,11 +9,10 @@ longest. Filling the whole pool with NaN before serving must change no token.
 (Stage 09's padding rows, which run only in CUDA graphs, have their own test.)
 """
 
-import inspect
 
 import pytest
 
-from conftest import STAGES, stage_engine_class
+from conftest import STAGES, stage_engine_class, stage_has
 
 PAGE = 4  # most pages end part-filled
 GREEDY = dict(max_tokens=9, temperature=0, ignore_eos=True)
@@ -24,7 +23,7 @@ PROMPTS = [[5], [7, 8, 9], SHARED + [21, 22, 23], SHARED + [31], [(i * 13) % 900
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_pool_full_of_nan_changes_no_token(stage, checkpoints):
     engine_class = stage_engine_class(stage)
-    kwargs = {"page_size": PAGE} if "page_size" in inspect.signature(engine_class).parameters else {}
+    kwargs = {"page_size": PAGE} if stage_has(stage, "page_size") else {}
     with engine_class(model_path=str(checkpoints["dense"]), device="cpu", **kwargs) as engine:
         pool = getattr(engine.runner, "pool", None)
         if pool is None:

@@ -7,16 +7,15 @@ in a collective for a rank that never comes, for gloo's default 30 minutes.
 
 import contextlib
 import importlib
-import inspect
 import os
 import signal
 import time
 
 import pytest
 
-from conftest import STAGES, stage_engine_class
+from conftest import STAGES, stage_engine_class, stage_has
 
-PARALLEL_STAGES = [s for s in STAGES if "tp_size" in inspect.signature(stage_engine_class(s)).parameters]
+PARALLEL_STAGES = [s for s in STAGES if stage_has(s, "tp_size")]
 PROMPT = [5, 17, 300, 42, 9]
 GREEDY = dict(max_tokens=6, temperature=0, ignore_eos=True)
 

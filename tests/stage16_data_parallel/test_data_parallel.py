@@ -241,7 +241,7 @@ def test_a_node_that_dies_ends_the_group_with_a_clear_error(checkpoints):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--dp-size", "0", "--serve"], "--dp-size must be a positive integer"),
+    (["--dp-size", "0", "--serve"], "dp_size=0 must be a positive integer"),
     (["p", "--dp-size", "2"], "add --serve"),
     (["p", "--tp-size", "2", "--nnodes", "2", "--dist-init-addr", "nohost"], "HOST:PORT"),
     (["p", "--tp-size", "2", "--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "h:1"], "out of range"),
@@ -260,9 +260,9 @@ def test_bad_flags_exit_with_status_2_and_start_nothing(flags, message, capsys):
 def test_gpu_id_step_places_replicas_and_zero_lets_them_share_one_gpu(monkeypatch):
     """SGLang's placement: replica r's ranks from GPU base + r x ranks x step on. Checked before anything
     starts, with torch told of CUDA devices that this machine does not have."""
-    import stage16_data_parallel.engine as engine_module
+    from stage16_data_parallel import engine_args
     from stage16_data_parallel.__main__ import check_replica_devices
-    from stage16_data_parallel.engine import multi_node_settings
+    from stage16_data_parallel.engine_args import multi_node_settings
     from stage16_data_parallel.tokenizer_manager import replica_gpus
 
     kwargs = dict(tp_size=2, ep_size=1, nnodes=1, base_gpu_id=1, gpu_id_step=1, kv_cache_bytes=None, device="cuda")
@@ -271,7 +271,7 @@ def test_gpu_id_step_places_replicas_and_zero_lets_them_share_one_gpu(monkeypatc
     assert [replica_gpus(dict(kwargs, gpu_id_step=2), r) for r in range(2)] == [[1, 3], [5, 7]]
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(engine_module, "resolve_device", lambda device: cuda)
+    monkeypatch.setattr(engine_args, "resolve_device", lambda device: cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     check_replica_devices(dict(kwargs, base_gpu_id=0), 2)  # GPUs 0..3: fits
     with pytest.raises(ValueError, match=r"need GPUs 1 \.\. 4, but torch sees 4 \(--gpu-id-step 0 lets"):

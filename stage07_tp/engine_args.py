@@ -1,0 +1,65 @@
+"""The engine's settings, in one place: ``Engine(**kwargs)`` builds them, the command line is made from them.
+
+Each field is a flag (``--context-length``), an ``Engine`` keyword
+(``context_length=``) and its checks, written once (common/settings.py says
+how). The names are SGLang's (its ``ServerArgs``). Each later stage adds the
+fields of its technique here.
+"""
+
+import dataclasses
+
+import torch
+
+from common.settings import Settings, positive, positive_number, setting
+
+from .schedule_policy import POLICIES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def chunk_size(value: int) -> str | None:
+    return None if value >= 1 or value == -1 else "must be a positive integer, or -1 for no chunking"
+
+
+@dataclasses.dataclass
+class EngineArgs(Settings):
+    model_path: str | None = setting(None, "checkpoint folder, .gguf file or hub id (default: built-in SmolLM2-135M)")
+    device: str | torch.device | None = setting(None, "cpu or cuda (default: cuda when present)")
+    dtype: str | torch.dtype | None = setting(None, "weights and activations (default: float32 on cpu, bfloat16 on cuda)",
+                                              choices=list(DTYPES))
+    context_length: int | None = setting(None, "longest prompt plus output (default: the model's)", check=positive)
+    seed: int | None = setting(None, "seed for requests that bring none")
+    page_size: int = setting(16, "tokens per KV page", check=positive)
+    kv_cache_bytes: int | None = setting(None, "KV pool size (default: 512 MiB on CPU, 80% of free GPU memory)",
+                                         check=positive)
+    disable_radix_cache: bool = setting(False, "do not reuse cached prompt prefixes")
+    max_prefill_tokens: int = setting(16384, "token budget of one prefill batch", check=positive)
+    chunked_prefill_size: int | None = setting(2048, "prompt tokens per step (-1: no chunking)", check=chunk_size)
+    schedule_policy: str = setting("fcfs", "which waiting request goes first", choices=POLICIES)
+    tp_size: int = setting(1, "tensor-parallel ranks (processes; one GPU each on CUDA)", check=positive)
+    dist_timeout: float = setting(30.0, "seconds rank 0 waits for a worker in a step before failing", check=positive_number)
+
+    def validate(self) -> None:
+        self.device = resolve_device(self.device)
+        self.dtype = DTYPES.get(self.dtype, self.dtype)
+        if self.dtype not in (None, *DTYPES.values()):
+            raise ValueError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
+        if self.chunked_prefill_size == -1:  # SGLang's spelling of "off"
+            self.chunked_prefill_size = None
+        if self.device.type == "cuda" and self.tp_size > torch.cuda.device_count():
+            raise ValueError(f"tp_size={self.tp_size} needs {self.tp_size} GPUs but torch sees {torch.cuda.device_count()}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or "auto" picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+    return device

@@ -1,0 +1,127 @@
+"""The engine's settings, in one place: ``Engine(**kwargs)`` builds them, the command line is made from them.
+
+Each field is a flag (``--context-length``), an ``Engine`` keyword
+(``context_length=``) and its checks, written once (common/settings.py says
+how). The names are SGLang's (its ``ServerArgs``). Each later stage adds the
+fields of its technique here.
+"""
+
+import dataclasses
+
+import torch
+
+from common.settings import Settings, positive, positive_number, setting
+
+from .schedule_policy import POLICIES
+
+SPECULATIVE_ALGORITHMS = ("NGRAM", "STANDALONE")  # SGLang's names; EAGLE needs a trained head (see draft_model.py)
+DEFAULT_DRAFT_TOKENS = 4  # tokens a verify feeds per request by default: the newest and 3 guesses
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_BACKENDS = ("runs", "gather")  # decode attention: in place over page runs, or over a gathered copy
+
+
+def chunk_size(value: int) -> str | None:
+    return None if value >= 1 or value == -1 else "must be a positive integer, or -1 for no chunking"
+
+
+@dataclasses.dataclass
+class EngineArgs(Settings):
+    model_path: str | None = setting(None, "checkpoint folder, .gguf file or hub id (default: built-in SmolLM2-135M)")
+    device: str | torch.device | None = setting(None, "cpu or cuda (default: cuda when present)")
+    dtype: str | torch.dtype | None = setting(None, "weights and activations (default: float32 on cpu, bfloat16 on cuda)",
+                                              choices=list(DTYPES))
+    context_length: int | None = setting(None, "longest prompt plus output (default: the model's)", check=positive)
+    seed: int | None = setting(None, "seed for requests that bring none")
+    page_size: int = setting(16, "tokens per KV page", check=positive)
+    kv_cache_bytes: int | None = setting(None, "KV pool size (default: 512 MiB on CPU, 80% of free GPU memory)",
+                                         check=positive)
+    disable_radix_cache: bool = setting(False, "do not reuse cached prompt prefixes")
+    max_prefill_tokens: int = setting(16384, "token budget of one prefill batch", check=positive)
+    chunked_prefill_size: int | None = setting(2048, "prompt tokens per step (-1: no chunking)", check=chunk_size)
+    schedule_policy: str = setting("fcfs", "which waiting request goes first", choices=POLICIES)
+    tp_size: int = setting(1, "tensor-parallel ranks (processes; one GPU each on CUDA)", check=positive)
+    dist_timeout: float = setting(30.0, "seconds rank 0 waits for a worker in a step before failing", check=positive_number)
+    ep_size: int = setting(1, "expert-parallel ranks for MoE models (equal to --tp-size, or alone)", check=positive)
+    cuda_graph_max_bs: int = setting(256, "largest decode batch run as a CUDA graph", check=positive)
+    disable_cuda_graph: bool = setting(False, "run every step eagerly (no CUDA graphs)")
+    disable_overlap_schedule: bool = setting(False, "read each step's tokens before the next step is prepared")
+    attention_backend: str = setting("runs", "decode attention: read the KV pool in place, run by run of pages, or gather "
+                                             "it first", choices=ATTENTION_BACKENDS)
+    disable_jump_forward: bool = setting(False, "sample every token of a constrained output, even those its grammar forces")
+    speculative_algorithm: str | None = setting(
+        None, "guess tokens and verify them in one forward: NGRAM (from the request's own text) or STANDALONE (a draft "
+              "model)", metavar="{NGRAM,STANDALONE}")
+    speculative_draft_model_path: str | None = setting(None, "the draft model of STANDALONE (same tokenizer)")
+    speculative_num_steps: int | None = setting(None, "guesses per request per step", check=positive)
+    speculative_num_draft_tokens: int | None = setting(
+        None, "tokens a verify feeds per request: the newest and the guesses (num-steps + 1; default 4)", check=positive)
+    speculative_eagle_topk: int | None = setting(
+        None, "tokens kept per draft step: 1 a chain; more a tree of alternatives (STANDALONE)", check=positive)
+
+    def validate(self) -> None:
+        self.device = resolve_device(self.device)
+        self.dtype = DTYPES.get(self.dtype, self.dtype)
+        if self.dtype not in (None, *DTYPES.values()):
+            raise ValueError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
+        if self.chunked_prefill_size == -1:  # SGLang's spelling of "off"
+            self.chunked_prefill_size = None
+        world = max(self.tp_size, self.ep_size)  # the expert-parallel ranks are the tensor-parallel ranks
+        if self.tp_size not in (1, world) or self.ep_size not in (1, world):
+            raise ValueError(f"tp_size={self.tp_size} and ep_size={self.ep_size}: use equal sizes, or 1 for either")
+        if self.device.type == "cuda" and world > torch.cuda.device_count():
+            raise ValueError(f"{world} ranks need {world} GPUs but torch sees {torch.cuda.device_count()}")
+        speculative_guesses(self)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or "auto" picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+    return device
+
+
+def speculative_guesses(args: EngineArgs) -> int:
+    """Check the speculative settings; return how many guesses a verify feeds per request (0: none).
+
+    As in SGLang, ``num_draft_tokens`` counts every token a verify feeds per
+    request, the newest real one included: a chain of ``num_steps`` draft
+    steps feeds ``num_steps + 1``; a tree (``eagle_topk`` above 1: each step's
+    guess and its ``topk - 1`` alternatives) feeds ``num_steps * topk + 1``.
+    Give either, or both when they agree.
+    """
+    algorithm, draft_model_path = args.speculative_algorithm, args.speculative_draft_model_path
+    num_steps, num_draft_tokens, eagle_topk = (args.speculative_num_steps, args.speculative_num_draft_tokens,
+                                               args.speculative_eagle_topk)
+    if algorithm is None:
+        if any(v is not None for v in (draft_model_path, num_steps, num_draft_tokens, eagle_topk)):
+            raise ValueError("speculative settings were given without speculative_algorithm; "
+                             f"set it to one of {list(SPECULATIVE_ALGORITHMS)}")
+        return 0
+    if algorithm in ("EAGLE", "EAGLE3"):
+        raise ValueError(f"speculative_algorithm={algorithm!r} needs a trained draft head, which this stage does not load; "
+                         f"use {list(SPECULATIVE_ALGORITHMS)}")
+    if algorithm not in SPECULATIVE_ALGORITHMS:
+        raise ValueError(f"speculative_algorithm={algorithm!r} is not one of {list(SPECULATIVE_ALGORITHMS)}")
+    if (algorithm == "STANDALONE") != (draft_model_path is not None):
+        raise ValueError("speculative_draft_model_path is needed with STANDALONE, and only there")
+    topk = eagle_topk or 1
+    if topk > 1 and max(args.tp_size, args.ep_size) > 1:
+        raise ValueError("speculative_eagle_topk above 1 (draft trees) runs on one rank; use tp_size=1 and ep_size=1")
+    if topk > 1 and algorithm != "STANDALONE":
+        raise ValueError(f"speculative_eagle_topk={topk}: draft trees come from a draft model (STANDALONE); "
+                         "NGRAM guesses one chain")
+    if num_steps is not None and num_draft_tokens is not None and num_draft_tokens != num_steps * topk + 1:
+        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be speculative_num_steps x "
+                         f"speculative_eagle_topk + 1 = {num_steps * topk + 1} (it counts the newest token too)")
+    if num_draft_tokens is not None and (num_draft_tokens < 2 or (num_draft_tokens - 1) % topk):
+        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be 1 + a positive multiple of "
+                         f"speculative_eagle_topk ({topk}): the newest token and topk guesses per step")
+    return num_steps if num_steps is not None else ((num_draft_tokens or DEFAULT_DRAFT_TOKENS) - 1) // topk
