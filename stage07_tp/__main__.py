@@ -2,18 +2,21 @@
 
 Every flag is also an Engine or SamplingParams keyword (dashes become underscores);
 the engine's flags are made from its settings (engine_args.py).
+With ``--nnodes`` above 1, node 0 runs this command as usual and every other
+node runs it with its ``--node-rank`` (and no prompt): it serves its ranks
+until node 0 ends the group.
 """
 
 import argparse
 import sys
 
-from .engine import Engine
+from .engine import Engine, run_worker_node
 from .engine_args import EngineArgs
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m {__package__}", description=__doc__)
-    parser.add_argument("prompt", help="the text to continue")
+    parser.add_argument("prompt", nargs="?", help="the text to continue (not on a worker node)")
     EngineArgs.add_arguments(parser)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=128)
@@ -32,14 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    worker_node = args.node_rank != 0  # this machine runs workers of node 0's engine
+    if not worker_node and args.prompt is None:
+        parser.error("give a prompt")
     sampling = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty, stop=args.stop, ignore_eos=args.ignore_eos,
     )
     try:
-        with Engine(**vars(EngineArgs.from_namespace(args))) as engine:
+        settings = EngineArgs.from_namespace(args)
+        if worker_node:
+            return run_worker_node(settings)
+        with Engine(**vars(settings)) as engine:
             prompt = engine.tokenizer.apply_chat_template(args.prompt) if args.chat else args.prompt
             if args.no_stream:
                 print(engine.generate(prompt, **sampling).text)

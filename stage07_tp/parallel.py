@@ -22,6 +22,12 @@ Norms, the MoE router and rotary tables are small and replicated.
 ``TensorParallelShard`` swaps these layers into the model while it is still on
 the ``meta`` device and tells the loader which slice of each tensor to read,
 so each rank reads only its own bytes from the safetensors files.
+The ranks of one group may span machines (``nnodes``, SGLang's flag). Every
+node runs ``world / nnodes`` consecutive ranks, one GPU each; node 0 runs
+rank 0 (the engine and its scheduler) and its other local ranks,
+every other node runs workers only (``run_worker_node``). They meet at
+``dist_init_addr`` (``host:port`` of node 0), where torch.distributed's TCP
+store forms the group; from then on a remote rank is a rank like any other.
 """
 
 import dataclasses
@@ -29,6 +35,7 @@ import datetime
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 
@@ -196,12 +203,13 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def init_process_group(device: torch.device, rank: int, size: int, port: int, timeout_s: float) -> None:
+def init_process_group(device: torch.device, rank: int, size: int, address: str, timeout_s: float) -> None:
+    """Join the group at ``address`` (``host:port``: node 0's TCP store)."""
     global _step_group
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     _step_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
@@ -223,7 +231,7 @@ def injected_fault(rank: int):
     return check
 
 
-def worker_main(rank: int, size: int, port: int, reports, make_runner, timeout_s: float) -> None:
+def worker_main(rank: int, size: int, address: str, reports, make_runner, timeout_s: float) -> None:
     """A rank > 0: load its shard, report, then run every forward rank 0 broadcasts.
 
     An error in a step is reported too (rank 0 quotes it) before the process exits.
@@ -236,7 +244,7 @@ def worker_main(rank: int, size: int, port: int, reports, make_runner, timeout_s
         reports.put((rank, traceback.format_exc()))
         return
     reports.put((rank, None))
-    init_process_group(runner.device, rank, size, port, timeout_s)
+    init_process_group(runner.device, rank, size, address, timeout_s)
     fault, step = injected_fault(rank), 0
     try:
         while (batch := broadcast_batch(None, runner.device)) is not None:
@@ -280,19 +288,24 @@ class WorkerFailure(RuntimeError):
 
 
 class WorkerGroup:
-    """Ranks 1..N-1 as spawned processes; rank 0 is the engine's own process."""
+    """This node's worker ranks as spawned processes: ranks 1..N-1 on one machine, where rank 0 is
+    the engine's own process. With ``nnodes`` the group spans machines and this node
+    spawns only its own ranks (``local_ranks``); the group forms at ``address``."""
 
-    def __init__(self, size: int, device: torch.device, make_runner, timeout_s: float = 30.0, start_timeout: float = 600.0):
-        self.size, self.port, self.device, self.timeout_s = size, free_port(), rank_device(device, 0), timeout_s
+    def __init__(self, size: int, device: torch.device, make_runner, timeout_s: float = 30.0, start_timeout: float = 600.0,
+                 local_ranks: range | None = None, address: str | None = None, rank_0_here: bool = True):
+        self.size, self.device, self.timeout_s = size, rank_device(device, 0), timeout_s
+        self.address = address or f"127.0.0.1:{free_port()}"
+        self.ranks = list(local_ranks if local_ranks is not None else range(1, size))
         context = mp.get_context("spawn")
         self.reports = ready = context.Queue()  # (rank, None) once started; (rank, traceback) on an error
         self.processes = [
-            context.Process(target=worker_main, args=(rank, size, self.port, ready, make_runner, timeout_s), daemon=True)
-            for rank in range(1, size)
+            context.Process(target=worker_main, args=(rank, size, self.address, ready, make_runner, timeout_s), daemon=True)
+            for rank in self.ranks
         ]
         for process in self.processes:
             process.start()
-        pending, deadline = set(range(1, size)), time.monotonic() + start_timeout
+        pending, deadline = set(self.ranks), time.monotonic() + start_timeout
         while pending:
             try:
                 rank, error = ready.get(timeout=1.0)
@@ -305,7 +318,8 @@ class WorkerGroup:
                 self.kill()
                 raise RuntimeError(f"tensor-parallel rank {rank} failed to start:\n{error}")
             pending.discard(rank)
-        init_process_group(self.device, 0, size, self.port, timeout_s)
+        if rank_0_here:  # (the other nodes' ranks join at address; the group forms once all have)
+            init_process_group(self.device, 0, size, self.address, timeout_s)
 
     def describe_failure(self, error: Exception) -> str:
         """Why a step's collective failed: a worker's own error, a worker gone, or a timeout."""
@@ -313,14 +327,26 @@ class WorkerGroup:
             rank, trace = self.reports.get(timeout=2.0)
             what = f"parallel rank {rank} raised during a step:\n{trace}"
         except queue.Empty:
-            dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, 1) if not p.is_alive()]
+            dead = [(rank, p.exitcode) for rank, p in zip(self.ranks, self.processes) if not p.is_alive()]
             if dead:
                 what = f"parallel rank {dead[0][0]} died mid-serve (exit code {dead[0][1]})"
+            elif len(self.ranks) + 1 < self.size:  # some ranks live on other nodes
+                what = f"a parallel rank on another node died, hung or raised ({error})"
             elif "timed out" in str(error).lower() or "timeout" in str(error).lower():
                 what = f"a parallel rank did not answer within dist_timeout={self.timeout_s:g} s ({error})"
             else:  # no worker died or reported: rank 0's own step failed, leaving the others mid-step
                 what = f"rank 0's step failed, leaving the other ranks behind ({error})"
         return f"{what}\nThe ranks cannot go on together: shut the engine down and start a new one."
+
+    def wait(self) -> int:
+        """A worker node: wait until every local rank has exited (node 0 ended the group, or one
+        failed: the others then fail in their next collective). 0 if all exited cleanly."""
+        for process in self.processes:
+            process.join()
+        failures = [(rank, p.exitcode) for rank, p in zip(self.ranks, self.processes) if p.exitcode]
+        for rank, code in failures:
+            print(f"parallel rank {rank} exited with code {code}", file=sys.stderr)
+        return 1 if failures else 0
 
     def kill(self) -> None:
         for process in self.processes:

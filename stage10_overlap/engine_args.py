@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from common.settings import Settings, positive, positive_number, setting
+from common.settings import Settings, at_least, positive, positive_number, setting
 
 from .schedule_policy import POLICIES
 
@@ -38,10 +38,21 @@ class EngineArgs(Settings):
     schedule_policy: str = setting("fcfs", "which waiting request goes first", choices=POLICIES)
     tp_size: int = setting(1, "tensor-parallel ranks (processes; one GPU each on CUDA)", check=positive)
     dist_timeout: float = setting(30.0, "seconds rank 0 waits for a worker in a step before failing", check=positive_number)
+    nnodes: int = setting(1, "machines one parallel group spans", check=positive)
+    node_rank: int = setting(0, "this machine's place among them (0 runs the engine)", check=at_least(0))
+    dist_init_addr: str | None = setting(None, "HOST:PORT of node 0, where the nodes' ranks meet")
+    base_gpu_id: int = setting(0, "the first GPU this engine's ranks use", check=at_least(0))
+    gpu_id_step: int = setting(1, "the gap between the GPUs of consecutive ranks and replicas (0: replicas share one GPU)",
+                               check=at_least(0))
     ep_size: int = setting(1, "expert-parallel ranks for MoE models (equal to --tp-size, or alone)", check=positive)
     cuda_graph_max_bs: int = setting(256, "largest decode batch run as a CUDA graph", check=positive)
     disable_cuda_graph: bool = setting(False, "run every step eagerly (no CUDA graphs)")
     disable_overlap_schedule: bool = setting(False, "read each step's tokens before the next step is prepared")
+
+    def ranks_per_node(self) -> int:
+        """How many of the group's ranks run on each node (checking where they run)."""
+        return multi_node_settings(self.nnodes, self.node_rank, self.dist_init_addr, max(self.tp_size, self.ep_size),
+                                   self.device, self.kv_cache_bytes, self.base_gpu_id, self.gpu_id_step)
 
     def validate(self) -> None:
         self.device = resolve_device(self.device)
@@ -53,8 +64,7 @@ class EngineArgs(Settings):
         world = max(self.tp_size, self.ep_size)  # the expert-parallel ranks are the tensor-parallel ranks
         if self.tp_size not in (1, world) or self.ep_size not in (1, world):
             raise ValueError(f"tp_size={self.tp_size} and ep_size={self.ep_size}: use equal sizes, or 1 for either")
-        if self.device.type == "cuda" and world > torch.cuda.device_count():
-            raise ValueError(f"{world} ranks need {world} GPUs but torch sees {torch.cuda.device_count()}")
+        self.ranks_per_node()  # where the ranks run: checked on every node
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -70,3 +80,34 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
     return device
+
+
+def multi_node_settings(nnodes, node_rank, dist_init_addr, world: int, device: torch.device, kv_cache_bytes,
+                        base_gpu_id, gpu_id_step) -> int:
+    """Check where this engine's ranks run; return how many run on each node.
+
+    ``nnodes`` machines share the ``world`` ranks of one group, ``world / nnodes``
+    consecutive ranks each, and meet at ``dist_init_addr`` (node 0's ``host:port``).
+    A node's ranks use GPUs ``base_gpu_id``, ``base_gpu_id + gpu_id_step``, ... (SGLang's flags).
+    """
+    if node_rank >= nnodes:
+        raise ValueError(f"node_rank={node_rank} is out of range for nnodes={nnodes} (0 .. {nnodes - 1})")
+    if world % nnodes:
+        raise ValueError(f"nnodes={nnodes} must divide the {world} ranks of the parallel group")
+    if nnodes > 1:
+        host, _, port = (dist_init_addr or "").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"dist_init_addr={dist_init_addr!r} must be node 0's HOST:PORT (such as 10.0.0.1:5000) "
+                             "when nnodes is above 1")
+        if device.type == "cuda" and kv_cache_bytes is None:
+            raise ValueError("with nnodes above 1 on CUDA, give kv_cache_bytes: every node must size its pool alike")
+    elif dist_init_addr is not None and ":" not in dist_init_addr:
+        raise ValueError(f"dist_init_addr={dist_init_addr!r} must be HOST:PORT")
+    ranks_per_node = world // nnodes
+    if device.type == "cuda" and ranks_per_node > 1 and gpu_id_step == 0:
+        raise ValueError(f"gpu_id_step=0 would put {ranks_per_node} ranks of one group on one GPU; NCCL needs a GPU per rank")
+    last = base_gpu_id + (ranks_per_node - 1) * gpu_id_step
+    if device.type == "cuda" and last >= torch.cuda.device_count():
+        raise ValueError(f"{ranks_per_node} ranks from GPU {base_gpu_id} on (every {gpu_id_step}) need GPU {last}, "
+                         f"but torch sees {torch.cuda.device_count()}")
+    return ranks_per_node

@@ -13,7 +13,9 @@ policy choose which waiting requests go first, and hands running requests'
 computed pages to the prefix cache so others can share them at once.
 Finished requests leave at once. Stage 07 splits the model across
 ``tp_size`` processes (tensor parallelism): this process is rank 0 and plans
-every step; the other ranks run the same forward on their shards. Stage 08
+every step; the other ranks run the same forward on their shards. The
+group may span machines (``nnodes``): node 0 runs this Engine, the other
+nodes ``run_worker_node``. Stage 08
 spreads the experts of Qwen3-MoE over ``ep_size`` ranks (expert parallelism).
 Stage 09 replays decode steps from CUDA graphs recorded at start-up
 (``cuda_graph_max_bs``; ``disable_cuda_graph`` turns them off). Stage 10
@@ -57,12 +59,16 @@ class Engine:
         self.args = args = EngineArgs.from_kwargs(model_path=model_path, **kwargs)
         world = max(args.tp_size, args.ep_size)  # the expert-parallel ranks are the tensor-parallel ranks
         self.device = args.device
-        make_runner = functools.partial(ModelRunner, args)  # any rank's runner: make_runner(tp_rank=...)
+        ranks_per_node = args.ranks_per_node()
+        if args.node_rank > 0:
+            raise ValueError(f"node_rank={args.node_rank}: nodes other than 0 run workers only; start them with "
+                             f"`python -m {__package__} --nnodes N --node-rank R --dist-init-addr HOST:PORT ...`")
+        make_runner = functools.partial(ModelRunner, args, ranks_per_node=ranks_per_node)  # any rank's: make_runner(tp_rank=...)
         self.runner = make_runner(tp_rank=0)
         self.workers, self.worker_failure = None, None  # worker_failure: why a worker failed, once one has
         if world > 1:  # ranks 1.. load their shards in their own processes, with rank 0's pool size
             self.workers = WorkerGroup(world, self.device, functools.partial(make_runner, num_pages=self.runner.allocator.num_pages),
-                                       timeout_s=args.dist_timeout)
+                                       timeout_s=args.dist_timeout, local_ranks=range(1, ranks_per_node), address=args.dist_init_addr)
         self.runner.init_cuda_graphs()  # the workers record the same graphs alongside
         self.config = self.runner.config
         self.tokenizer = Tokenizer(self.runner.model_folder)
@@ -371,6 +377,18 @@ class Engine:
     def _abort(self, request: Request) -> None:
         self._drain()  # its pending token is read first: the abort then releases exactly what it holds
         self.scheduler.abort(request)
+
+
+def run_worker_node(args: EngineArgs) -> int:
+    """Node ``node_rank`` (above 0) of a multi-node group: run this node's ranks until node 0 ends
+    the group. The same settings as node 0's Engine; returns 0 when every rank ended cleanly."""
+    if args.node_rank == 0:
+        raise ValueError("node 0 runs the engine itself (Engine, or the server), not workers only")
+    ranks_per_node, first = args.ranks_per_node(), args.node_rank * args.ranks_per_node()
+    make_runner = functools.partial(ModelRunner, args, ranks_per_node=ranks_per_node)
+    group = WorkerGroup(max(args.tp_size, args.ep_size), args.device, make_runner, timeout_s=args.dist_timeout,
+                        address=args.dist_init_addr, local_ranks=range(first, first + ranks_per_node), rank_0_here=False)
+    return group.wait()
 
 
 def _is_batch(prompt) -> bool:

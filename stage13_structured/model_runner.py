@@ -64,8 +64,11 @@ class ModelRunner:
     ``ForwardBatch``, and every rank runs the forward on its shard.
     """
 
-    def __init__(self, args: EngineArgs, tp_rank: int = 0, num_pages: int | None = None):
-        self.device = device = rank_device(args.device, tp_rank)
+    def __init__(self, args: EngineArgs, tp_rank: int = 0, num_pages: int | None = None,
+                 ranks_per_node: int | None = None):
+        # A node's ranks take GPUs base_gpu_id, + gpu_id_step, ... (SGLang's placement).
+        local_rank = tp_rank % (ranks_per_node or max(args.tp_size, args.ep_size))
+        self.device = device = rank_device(args.device, args.base_gpu_id + local_rank * args.gpu_id_step)
         shard = None
         if max(args.tp_size, args.ep_size) > 1:  # tp_rank is this process's rank among all of them
             shard = TensorParallelShard(ModelConfig.from_file(resolve_model_path(args.model_path)), tp_rank, args.tp_size, args.ep_size)

@@ -3,13 +3,16 @@
 Every flag is also an Engine or SamplingParams keyword (dashes become underscores);
 the engine's and the server's flags are made from their settings (server_args.py).
 ``--serve`` starts the OpenAI-compatible server instead (``http_server.py``).
+With ``--nnodes`` above 1, node 0 runs this command as usual and every other
+node runs it with its ``--node-rank`` (and no prompt): it serves its ranks
+until node 0 ends the group.
 """
 
 import argparse
 import json
 import sys
 
-from .engine import Engine
+from .engine import Engine, run_worker_node
 from .reasoning_parser import ReasoningStream, starts_in_reasoning
 from .server_args import ServerArgs
 
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.serve == (args.prompt is not None):
+    worker_node = args.node_rank != 0  # this machine runs workers of node 0's engine
+    if not worker_node and args.serve == (args.prompt is not None):
         parser.error("give a prompt, or --serve to start the server (not both)")
     if args.chat_template_kwargs is not None and not isinstance(args.chat_template_kwargs, dict):
         parser.error("--chat-template-kwargs must be a JSON object")
@@ -57,6 +61,8 @@ def main(argv=None) -> int:
     )
     try:
         settings = ServerArgs.from_namespace(args)
+        if worker_node:
+            return run_worker_node(settings)
         if args.serve:
             from .http_server import serve  # the server's packages load only when serving
 

@@ -72,8 +72,11 @@ class ModelRunner:
     ``ForwardBatch``, and every rank runs the forward on its shard.
     """
 
-    def __init__(self, args: EngineArgs, tp_rank: int = 0, num_pages: int | None = None):
-        self.device = device = rank_device(args.device, tp_rank)
+    def __init__(self, args: EngineArgs, tp_rank: int = 0, num_pages: int | None = None,
+                 ranks_per_node: int | None = None):
+        # A node's ranks take GPUs base_gpu_id, + gpu_id_step, ... (SGLang's placement).
+        local_rank = tp_rank % (ranks_per_node or max(args.tp_size, args.ep_size))
+        self.device = device = rank_device(args.device, args.base_gpu_id + local_rank * args.gpu_id_step)
         shard = None
         if max(args.tp_size, args.ep_size) > 1:  # tp_rank is this process's rank among all of them
             shard = TensorParallelShard(ModelConfig.from_file(resolve_model_path(args.model_path)), tp_rank, args.tp_size, args.ep_size)
@@ -322,25 +325,34 @@ class ModelRunner:
                     self.sampler.record_prompt_logprobs(logits[scored_at], scored)
                 drafted, logits = logits[drafted_at], logits[last_at]
             if verifying:
-                drafts = [requests[i].draft for i in verifying]
-                apply_draft_masks(drafted, [requests[i].grammar for i in verifying], drafts)
-                if trees:  # each tree on the host, one request at a time; the chains as one batch
-                    offsets = list(itertools.accumulate([0] + [len(d) + 1 for d in drafts]))
-                    for k, i in enumerate(verifying):
-                        if i in trees:
-                            tree_tokens[i], in_place[i] = verify_tree(drafted[offsets[k] : offsets[k + 1]], drafts[k],
-                                                                      requests[i].draft_parents, requests[i].sampling, self.sampler)
-                    chains = [k for k, i in enumerate(verifying) if i not in trees]
-                    (chain_rows,) = copy_to_device([[r for k in chains for r in range(offsets[k], offsets[k + 1])]], self.device)
-                    verifying, drafts, drafted = [verifying[k] for k in chains], [drafts[k] for k in chains], drafted[chain_rows]
-                if verifying:
-                    verified = verify(drafted, drafts, [requests[i].sampling for i in verifying], self.sampler)
+                verifying, verified, tree_tokens, in_place = self.verify_drafts(requests, verifying, drafted, trees)
         if complete:
             apply_grammar_masks(logits, [requests[i].grammar for i in complete])
         sampled = self.sampler(logits, [requests[i].sampling for i in complete]) if complete else None
         self.last_sampled = sampled
         self.last_sampled_index = {requests[i].id: j for j, i in enumerate(complete)}
         return LaunchedStep(requests, complete, sampled, verifying, verified, tree_tokens, in_place)
+
+    def verify_drafts(self, requests: list[Request], verifying: list[int], drafted: torch.Tensor, trees: list[int]):
+        """Stage 14: check each verifying request's guesses against the target's logits of their rows
+        (``drafted``). Trees are checked on the host, one request at a time; chains as one batch.
+        Returns the chain requests, their ``(tokens, accepted)`` on the device, and each tree's tokens
+        and kept guesses on the chain."""
+        verified, tree_tokens, in_place = None, {}, {}
+        drafts = [requests[i].draft for i in verifying]
+        apply_draft_masks(drafted, [requests[i].grammar for i in verifying], drafts)
+        if trees:
+            offsets = list(itertools.accumulate([0] + [len(d) + 1 for d in drafts]))
+            for k, i in enumerate(verifying):
+                if i in trees:
+                    tree_tokens[i], in_place[i] = verify_tree(drafted[offsets[k] : offsets[k + 1]], drafts[k],
+                                                              requests[i].draft_parents, requests[i].sampling, self.sampler)
+            chains = [k for k, i in enumerate(verifying) if i not in trees]
+            (chain_rows,) = copy_to_device([[r for k in chains for r in range(offsets[k], offsets[k + 1])]], self.device)
+            verifying, drafts, drafted = [verifying[k] for k in chains], [drafts[k] for k in chains], drafted[chain_rows]
+        if verifying:
+            verified = verify(drafted, drafts, [requests[i].sampling for i in verifying], self.sampler)
+        return verifying, verified, tree_tokens, in_place
 
     def tree_layout(self, requests: list[Request], new_lengths: list[int], seq_lens: list[int], trees: list[int],
                     positions: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -78,6 +78,15 @@ def build_app(manager: TokenizerManager, model_name: str, api_key: str | None = 
     async def engine_error(_, error: EngineError):
         return JSONResponse(protocol.error_body(str(error), error.status), status_code=error.status)
 
+    add_info_routes(app, manager, model_name)
+    add_adapter_routes(app, manager, model_name, max_request_bytes)
+    add_generation_routes(app, manager, model_name, max_request_bytes, reasoning_parser)
+    return app
+
+
+def add_info_routes(app: FastAPI, manager: TokenizerManager, model_name: str) -> None:
+    """/health, /v1/models and /metrics."""
+
     @app.get("/health")
     async def health():
         alive = manager.engine_alive
@@ -94,6 +103,14 @@ def build_app(manager: TokenizerManager, model_name: str, api_key: str | None = 
                     for name, path in sorted(manager.lora_adapters.items())]
         return {"object": "list", "data": [card] + adapters}
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(manager.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def add_adapter_routes(app: FastAPI, manager: TokenizerManager, model_name: str, max_request_bytes: int) -> None:
+    """Stage 15: /load_lora_adapter and /unload_lora_adapter change the adapters served."""
+
     @app.post("/load_lora_adapter")
     async def load_lora_adapter(http_request: HTTPRequest):
         request = protocol.parse_request(LoadLoRAAdapterRequest, await read_body(http_request, max_request_bytes))
@@ -108,9 +125,10 @@ def build_app(manager: TokenizerManager, model_name: str, api_key: str | None = 
         await manager.update_lora_adapter(request.lora_name, None)
         return {"success": True, "loaded_adapters": manager.lora_adapters}
 
-    @app.get("/metrics")
-    async def metrics():
-        return Response(manager.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+def add_generation_routes(app: FastAPI, manager: TokenizerManager, model_name: str, max_request_bytes: int,
+                          reasoning_parser: str | None) -> None:
+    """/v1/completions and /v1/chat/completions: parse and tokenize (on a tokenizer thread), then generate."""
 
     def parse(model: type, http_body: bytes):
         request = protocol.parse_request(model, http_body)
@@ -153,7 +171,8 @@ def build_app(manager: TokenizerManager, model_name: str, api_key: str | None = 
         body = await read_body(http_request, max_request_bytes)
         request, prompts = await manager.run_on_tokenizer_thread(parse_completion, body)
         choices = CompletionChoices(request, prompts, manager.token_text, manager.tokenizer.decode)
-        return await generate(http_request, request, prompts, [request.max_tokens] * len(prompts), choices)
+        return await generate(manager, model_name, http_request, request, prompts, [request.max_tokens] * len(prompts),
+                              choices, adapter_of(request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: HTTPRequest):
@@ -162,59 +181,60 @@ def build_app(manager: TokenizerManager, model_name: str, api_key: str | None = 
         in_reasoning = reasoning_parser is not None and starts_in_reasoning(reasoning_parser, prompt_text)
         choices = ChatChoices(request, manager.token_text, reasoning_parser is not None, in_reasoning)
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        return await generate(http_request, request, [prompt_ids], [max_tokens], choices)
+        return await generate(manager, model_name, http_request, request, [prompt_ids], [max_tokens], choices, adapter_of(request))
 
-    async def generate(http_request, request: SamplingFields, prompts, max_tokens, choices):
-        """Run n choices per prompt; answer with one JSON body, or a stream of chunks, which
-        ``choices`` (openai_choices.py) shapes for its endpoint."""
-        params = []
-        for prompt_ids, limit in zip(prompts, max_tokens):
-            if len(prompt_ids) >= manager.context_length:  # refused here: a huge prompt never crosses the pipe
-                raise BadRequest(f"the prompt has {len(prompt_ids):,} tokens but the model's context is "
-                                 f"{manager.context_length} tokens; shorten it", "prompt")
-            if limit is None:  # up to the context (the engine refuses a prompt that fills it)
-                limit = max(1, manager.context_length - len(prompt_ids))
-            elif 0 < len(prompt_ids) < manager.context_length < len(prompt_ids) + limit:  # as OpenAI and vLLM answer
-                raise BadRequest(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {limit}, "
-                                 f"{len(prompt_ids) + limit} in all, but the model's context is {manager.context_length} "
-                                 "tokens; lower max_tokens or shorten the prompt", "max_tokens")
-            params += request.sampling_params(choices.engine_max_tokens(limit), **choices.logprobs)
-        group_prompts = [ids for ids in prompts for _ in range(request.n)]
-        group = manager.generate(group_prompts, params, adapter_of(request))
-        rid = protocol.new_id(choices.id_prefix)
-        name = request.model or model_name  # answers name the model (or adapter) asked for
-        if request.stream:
-            first = await anext(group)  # waits for acceptance: a refusal still gets its status code
-            events = stream_events(group, first, rid, name, request, choices, len(group_prompts))
-            return StreamingResponse(events, media_type="text/event-stream")
-        outputs = await collect_unless_disconnected(http_request, group, len(group_prompts))
-        if outputs is None:
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        answers = [choices.final(i, output) for i, output in enumerate(outputs)]
-        return choices.response(rid, name, answers, protocol.usage(choices.usage_outputs(outputs), request.n))
 
-    async def stream_events(group, first, rid: str, served_as: str, request: SamplingFields, choices, count: int):
-        """The Server-Sent Events of one streamed request; closing it aborts what still runs."""
-        outputs = [None] * count
-        try:
-            for body in choices.opening(rid, served_as):
+async def generate(manager: TokenizerManager, model_name: str, http_request: HTTPRequest,
+                   request: SamplingFields, prompts, max_tokens, choices, adapter: str | None):
+    """Run n choices per prompt; answer with one JSON body, or a stream of chunks, which
+    ``choices`` (openai_choices.py) shapes for its endpoint."""
+    params = []
+    for prompt_ids, limit in zip(prompts, max_tokens):
+        if len(prompt_ids) >= manager.context_length:  # refused here: a huge prompt never crosses the pipe
+            raise BadRequest(f"the prompt has {len(prompt_ids):,} tokens but the model's context is "
+                             f"{manager.context_length} tokens; shorten it", "prompt")
+        if limit is None:  # up to the context (the engine refuses a prompt that fills it)
+            limit = max(1, manager.context_length - len(prompt_ids))
+        elif 0 < len(prompt_ids) < manager.context_length < len(prompt_ids) + limit:  # as OpenAI and vLLM answer
+            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {limit}, "
+                             f"{len(prompt_ids) + limit} in all, but the model's context is {manager.context_length} "
+                             "tokens; lower max_tokens or shorten the prompt", "max_tokens")
+        params += request.sampling_params(choices.engine_max_tokens(limit), **choices.logprobs)
+    group_prompts = [ids for ids in prompts for _ in range(request.n)]
+    group = manager.generate(group_prompts, params, adapter)
+    rid = protocol.new_id(choices.id_prefix)
+    name = request.model or model_name  # answers name the model (or adapter) asked for
+    if request.stream:
+        first = await anext(group)  # waits for acceptance: a refusal still gets its status code
+        events = stream_events(group, first, rid, name, request, choices, len(group_prompts))
+        return StreamingResponse(events, media_type="text/event-stream")
+    outputs = await collect_unless_disconnected(http_request, group, len(group_prompts))
+    if outputs is None:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    answers = [choices.final(i, output) for i, output in enumerate(outputs)]
+    return choices.response(rid, name, answers, protocol.usage(choices.usage_outputs(outputs), request.n))
+
+
+async def stream_events(group, first, rid: str, served_as: str, request: SamplingFields, choices, count: int):
+    """The Server-Sent Events of one streamed request; closing it aborts what still runs."""
+    outputs = [None] * count
+    try:
+        for body in choices.opening(rid, served_as):
+            yield sse(body)
+        async for index, update in prepend(first, group):
+            if update.output is not None:
+                outputs[index] = update.output
+            for body in choices.chunks(rid, served_as, index, update):
                 yield sse(body)
-            async for index, update in prepend(first, group):
-                if update.output is not None:
-                    outputs[index] = update.output
-                for body in choices.chunks(rid, served_as, index, update):
-                    yield sse(body)
-            if request.include_usage:
-                usage = protocol.usage(choices.usage_outputs(outputs), request.n)
-                yield sse(protocol.usage_chunk(rid, served_as, choices.object_kind, usage))
-            yield "data: [DONE]\n\n"
-        except EngineError as error:  # the engine failed mid-stream: the status line is already sent
-            yield sse(protocol.error_body(str(error), error.status))
-            yield "data: [DONE]\n\n"
-        finally:
-            await group.aclose()
-
-    return app
+        if request.include_usage:
+            usage = protocol.usage(choices.usage_outputs(outputs), request.n)
+            yield sse(protocol.usage_chunk(rid, served_as, choices.object_kind, usage))
+        yield "data: [DONE]\n\n"
+    except EngineError as error:  # the engine failed mid-stream: the status line is already sent
+        yield sse(protocol.error_body(str(error), error.status))
+        yield "data: [DONE]\n\n"
+    finally:
+        await group.aclose()
 
 
 def completion_prompts(manager: TokenizerManager, prompt) -> list[list[int]]:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    worker_node = args.node_rank != 0  # stage 16: this machine runs workers of node 0's engine
+    worker_node = args.node_rank != 0  # this machine runs workers of node 0's engine
     if not worker_node and args.serve == (args.prompt is not None):
         parser.error("give a prompt, or --serve to start the server (not both)")
     if args.dp_size > 1 and not args.serve:

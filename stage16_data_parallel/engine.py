@@ -13,7 +13,9 @@ policy choose which waiting requests go first, and hands running requests'
 computed pages to the prefix cache so others can share them at once.
 Finished requests leave at once. Stage 07 splits the model across
 ``tp_size`` processes (tensor parallelism): this process is rank 0 and plans
-every step; the other ranks run the same forward on their shards. Stage 08
+every step; the other ranks run the same forward on their shards. The
+group may span machines (``nnodes``): node 0 runs this Engine, the other
+nodes ``run_worker_node``. Stage 08
 spreads the experts of Qwen3-MoE over ``ep_size`` ranks (expert parallelism).
 Stage 09 replays decode steps from CUDA graphs recorded at start-up
 (``cuda_graph_max_bs``; ``disable_cuda_graph`` turns them off). Stage 10
@@ -36,8 +38,7 @@ Stage 15 serves LoRA adapters on the one base model (``lora_paths``): each
 request names its adapter (``lora_path``) or none, and one batch mixes them
 (``lora_pool.py``, ``lora_layers.py``). Stage 16 scales out: the server runs
 ``dp_size`` of these engines as replicas (``tokenizer_manager.py``,
-``router.py``), and one engine's parallel group may span machines
-(``nnodes``): node 0 runs this Engine, the other nodes ``run_worker_node``.
+``router.py``).
 """
 
 import dataclasses
@@ -83,7 +84,7 @@ class Engine:
         ranks_per_node = args.ranks_per_node()
         if args.node_rank > 0:
             raise ValueError(f"node_rank={args.node_rank}: nodes other than 0 run workers only; start them with "
-                             "`python -m stage16_data_parallel --nnodes N --node-rank R --dist-init-addr HOST:PORT ...`")
+                             f"`python -m {__package__} --nnodes N --node-rank R --dist-init-addr HOST:PORT ...`")
         make_runner = functools.partial(ModelRunner, args, ranks_per_node=ranks_per_node)  # any rank's: make_runner(tp_rank=...)
         self.runner = make_runner(tp_rank=0)
         self.drafter = None

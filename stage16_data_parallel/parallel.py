@@ -39,9 +39,9 @@ the sum.
 ``TensorParallelShard`` swaps these layers into the model while it is still on
 the ``meta`` device and tells the loader which slice of each tensor to read,
 so each rank reads only its own bytes from the safetensors files.
-Stage 16: the ranks of one group may span machines (``nnodes``). Every
+The ranks of one group may span machines (``nnodes``, SGLang's flag). Every
 node runs ``world / nnodes`` consecutive ranks, one GPU each; node 0 runs
-rank 0 (the engine, its scheduler and the server) and its other local ranks,
+rank 0 (the engine and its scheduler) and its other local ranks,
 every other node runs workers only (``run_worker_node``). They meet at
 ``dist_init_addr`` (``host:port`` of node 0), where torch.distributed's TCP
 store forms the group; from then on a remote rank is a rank like any other.
@@ -337,7 +337,7 @@ class WorkerFailure(RuntimeError):
 
 class WorkerGroup:
     """This node's worker ranks as spawned processes: ranks 1..N-1 on one machine, where rank 0 is
-    the engine's own process. Stage 16: with ``nnodes`` the group spans machines and this node
+    the engine's own process. With ``nnodes`` the group spans machines and this node
     spawns only its own ranks (``local_ranks``); the group forms at ``address``."""
 
     def __init__(self, size: int, device: torch.device, make_runner, timeout_s: float = 30.0, start_timeout: float = 600.0,
@@ -378,7 +378,7 @@ class WorkerGroup:
             dead = [(rank, p.exitcode) for rank, p in zip(self.ranks, self.processes) if not p.is_alive()]
             if dead:
                 what = f"parallel rank {dead[0][0]} died mid-serve (exit code {dead[0][1]})"
-            elif len(self.ranks) + 1 < self.size:  # stage 16: some ranks live on other nodes
+            elif len(self.ranks) + 1 < self.size:  # some ranks live on other nodes
                 what = f"a parallel rank on another node died, hung or raised ({error})"
             elif "timed out" in str(error).lower() or "timeout" in str(error).lower():
                 what = f"a parallel rank did not answer within dist_timeout={self.timeout_s:g} s ({error})"

@@ -106,20 +106,19 @@ def test_online_serving_benchmark_drives_a_server(checkpoints, tmp_path):
 def test_random_checkpoints_give_every_id_text(tmp_path, monkeypatch):
     """A random model samples every id of Qwen3's vocabulary; each must decode to text, or a served
     stream would send nothing for it (and its time to first token would wait for one that has text)."""
-    from tokenizers import Tokenizer
-
     from benchmarks import checkpoints
+    from common.tokenizer import Tokenizer
 
-    builtin = Tokenizer.from_file(str(resolve_model_path(None) / "tokenizer.json")).get_vocab_size()
-    tiny = dict(checkpoints.QWEN3_BASE, vocab_size=builtin + 40, hidden_size=16, intermediate_size=32,
+    builtin = Tokenizer(resolve_model_path(None))
+    size = len(builtin.hf)
+    tiny = dict(checkpoints.QWEN3_BASE, vocab_size=size + 40, hidden_size=16, intermediate_size=32,
                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
     monkeypatch.setitem(checkpoints.SHAPES, "tiny", tiny)
-    tokenizer = Tokenizer.from_file(str(checkpoints.random_checkpoint("tiny", root=tmp_path) / "tokenizer.json"))
-    assert tokenizer.get_vocab_size() == builtin + 40
-    assert all(tokenizer.decode([i]).strip() for i in range(builtin - 5, builtin + 40))
-    assert tokenizer.decode([builtin + 3]) == f" w{builtin + 3}"
-    assert tokenizer.encode("hello world").ids == Tokenizer.from_file(
-        str(resolve_model_path(None) / "tokenizer.json")).encode("hello world").ids  # encoding is unchanged
+    covered = Tokenizer(checkpoints.random_checkpoint("tiny", root=tmp_path))
+    assert len(covered.hf) == size + 40
+    assert all(covered.decode([i]).strip() for i in range(size - 5, size + 40))
+    assert covered.decode([size + 3]) == f" w{size + 3}"
+    assert covered.encode("hello world") == builtin.encode("hello world")  # encoding is unchanged
 
 
 def test_the_front_end_benchmark_delivers_every_token_of_its_scripted_engine(tmp_path):

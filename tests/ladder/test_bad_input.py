@@ -144,7 +144,7 @@ BAD_FLAGS = [
     (["--model-path", "/no/such/model"], "model path"), (["--page-size", "0"], "page_size"),
     (["--kv-cache-bytes", "10"], "kv_cache_bytes"), (["--max-prefill-tokens", "0"], "max_prefill_tokens"),
     (["--chunked-prefill-size", "0"], "chunked_prefill_size"), (["--tp-size", "0"], "tp_size"),
-    (["--ep-size", "0"], "ep_size"), (["--cuda-graph-max-bs", "0"], "cuda_graph_max_bs"),
+    (["--ep-size", "0"], "ep_size"), (["--nnodes", "0"], "nnodes"), (["--base-gpu-id", "-1"], "base_gpu_id"), (["--cuda-graph-max-bs", "0"], "cuda_graph_max_bs"),
     (["--attention-backend", "flash"], "invalid choice"),
     (["--temperature", "hot"], "invalid float value"), (["--dtype", "int8"], "invalid choice"),
 ]

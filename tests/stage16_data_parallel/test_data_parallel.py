@@ -1,27 +1,22 @@
-"""Stage 16: data-parallel replicas behind one server, and one parallel group across two nodes.
+"""Stage 16: data-parallel replicas behind one server (a group across nodes: tests/ladder/test_multi_node.py).
 
 The oracles: a single engine (dp=1) for every reply; the same prompts' prefix-cache hits with
-one replica, against which cache-aware routing keeps its hits and round-robin loses them; tensor
-parallelism on one node for the two-node group. Then the faults: a replica killed mid-serve.
+one replica, against which cache-aware routing keeps its hits and round-robin loses them. Then the
+faults: a replica killed mid-serve.
 """
 
 import concurrent.futures
-import contextlib
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT
 from stage16_data_parallel import Engine
 from stage16_data_parallel.__main__ import main
-from stage16_data_parallel.parallel import WorkerFailure, free_port
 from test_server import Server, http
 
 ASK = dict(max_tokens=8, temperature=0)
@@ -190,54 +185,6 @@ def test_a_replica_busy_with_a_long_step_is_not_taken_for_hung(builtin_folder):
 def engine_index(server: Server, pid: int) -> int:
     """Which replica the killed process was (replica 0 was started first: the lower pid)."""
     return 0 if all(pid <= other for other in engine_children(server.process.pid) + [pid]) else 1
-
-
-def start_node_1(model: str, address: str) -> subprocess.Popen:
-    """The second machine's command, in a session of its own (so a test can end it, workers and all)."""
-    return subprocess.Popen([sys.executable, "-m", "stage16_data_parallel", "--model-path", model, "--device", "cpu",
-                             "--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", address],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def end(node: subprocess.Popen) -> None:
-    """Kill a node's launcher and the workers it started (its session), if any are left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(node.pid, signal.SIGKILL)
-    node.wait(timeout=30)
-
-
-@pytest.mark.distributed
-def test_two_nodes_give_the_tokens_of_two_ranks_on_one(checkpoints):
-    model = str(checkpoints["dense"])
-    prompts = [[5, 6, 7, 8], [300, 301]]
-    with Engine(model_path=model, device="cpu", tp_size=2) as one_node:
-        expected = [o.token_ids for o in one_node.generate_batch(prompts, **ASK)]
-    address = f"127.0.0.1:{free_port()}"
-    node1 = start_node_1(model, address)
-    try:
-        with Engine(model_path=model, device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address) as node0:
-            assert node0.workers.processes == []  # rank 1 runs on the other node
-            got = [o.token_ids for o in node0.generate_batch(prompts, **ASK)]
-        assert node1.wait(timeout=60) == 0, node1.stdout.read().decode()[-2000:]  # node 0 ended the group
-    finally:
-        end(node1)
-    assert got == expected
-
-
-@pytest.mark.distributed
-def test_a_node_that_dies_ends_the_group_with_a_clear_error(checkpoints):
-    model, address = str(checkpoints["dense"]), f"127.0.0.1:{free_port()}"
-    node1 = start_node_1(model, address)
-    try:
-        with Engine(model_path=model, device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address) as node0:
-            node0.generate([5, 6, 7], **ASK)
-            end(node1)  # the other machine goes away, workers and all
-            with pytest.raises(WorkerFailure, match="another node"):
-                node0.generate([5, 6, 7], **ASK)
-            with pytest.raises(WorkerFailure):  # and it stays failed, as stage 07's engine does
-                node0.generate([8], **ASK)
-    finally:
-        end(node1)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,0 +1,81 @@
+"""One tensor-parallel group across two nodes (stage 07 on: ``--nnodes``, ``--node-rank``,
+``--dist-init-addr``), two processes on this machine standing in for two machines.
+
+The oracle: tensor parallelism on one node. Run for the stage that brings it and the newest.
+"""
+
+import contextlib
+import importlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, STAGES, stage_has
+
+MULTI_NODE_STAGES = [s for s in STAGES if stage_has(s, "nnodes")]
+MULTI_NODE_STAGES = sorted({MULTI_NODE_STAGES[0], MULTI_NODE_STAGES[-1]})
+ASK = dict(max_tokens=8, temperature=0)
+
+
+def engine_of(stage: str):
+    parallel = importlib.import_module(f"{stage}.parallel")
+    return importlib.import_module(stage).Engine, parallel.WorkerFailure
+
+
+def free_port() -> int:
+    return importlib.import_module(f"{STAGES[-1]}.parallel").free_port()
+
+
+def start_node_1(stage: str, model: str, address: str) -> subprocess.Popen:
+    """The second machine's command, in a session of its own (so a test can end it, workers and all)."""
+    return subprocess.Popen([sys.executable, "-m", stage, "--model-path", model, "--device", "cpu",
+                             "--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", address],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def end(node: subprocess.Popen) -> None:
+    """Kill a node's launcher and the workers it started (its session), if any are left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(node.pid, signal.SIGKILL)
+    node.wait(timeout=30)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", MULTI_NODE_STAGES)
+def test_two_nodes_give_the_tokens_of_two_ranks_on_one(stage, checkpoints):
+    engine_class, _ = engine_of(stage)
+    model = str(checkpoints["dense"])
+    prompts = [[5, 6, 7, 8], [300, 301]]
+    with engine_class(model_path=model, device="cpu", tp_size=2) as one_node:
+        expected = [o.token_ids for o in one_node.generate_batch(prompts, **ASK)]
+    address = f"127.0.0.1:{free_port()}"
+    node1 = start_node_1(stage, model, address)
+    try:
+        with engine_class(model_path=model, device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address) as node0:
+            assert node0.workers.processes == []  # rank 1 runs on the other node
+            got = [o.token_ids for o in node0.generate_batch(prompts, **ASK)]
+        assert node1.wait(timeout=60) == 0, node1.stdout.read().decode()[-2000:]  # node 0 ended the group
+    finally:
+        end(node1)
+    assert got == expected
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", MULTI_NODE_STAGES[-1:])  # the same code path in every stage; the newest
+def test_a_node_that_dies_ends_the_group_with_a_clear_error(stage, checkpoints):
+    engine_class, worker_failure = engine_of(stage)
+    model, address = str(checkpoints["dense"]), f"127.0.0.1:{free_port()}"
+    node1 = start_node_1(stage, model, address)
+    try:
+        with engine_class(model_path=model, device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address) as node0:
+            node0.generate([5, 6, 7], **ASK)
+            end(node1)  # the other machine goes away, workers and all
+            with pytest.raises(worker_failure, match="another node"):
+                node0.generate([5, 6, 7], **ASK)
+            with pytest.raises(worker_failure):  # and it stays failed, as stage 07's engine does
+                node0.generate([8], **ASK)
+    finally:
+        end(node1)
