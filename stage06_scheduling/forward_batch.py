@@ -10,12 +10,24 @@ round trip until the sampled tokens are read. (SGLang's ForwardBatch; nano-vllm'
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from common.device_copy import copy_to_device
 
-HEADER_SIZE = 7  # T, B, N, U, longest new run, longest sequence, total keys
+
+class BatchSizes(NamedTuple):
+    """A step's sizes, which the host knows without asking the device. Another rank receives
+    them first (one short tensor), then the packed fields they measure."""
+
+    num_tokens: int  # T
+    num_seqs: int  # B
+    num_logits_rows: int  # N
+    num_updates: int  # U
+    max_new_length: int  # the most tokens one sequence feeds
+    max_seq_len: int  # the longest sequence, after this step
+    total_keys: int  # every sequence's keys, together
 
 
 @dataclass
@@ -31,44 +43,28 @@ class ForwardBatch:
     update_rows: torch.Tensor  # [U] page-table entries to write before the forward:
     update_columns: torch.Tensor  # [U]   table[row, column] = page
     update_pages: torch.Tensor  # [U]
-    header: list[int]  # the sizes below, which the host knows without asking the device
+    sizes: BatchSizes
     packed: torch.Tensor  # the one device tensor all the fields above are views of
-
-    @property
-    def num_tokens(self) -> int:
-        return self.header[0]
-
-    @property
-    def max_new_length(self) -> int:
-        return self.header[4]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.header[5]
-
-    @property
-    def total_keys(self) -> int:
-        return self.header[6]
 
     @classmethod
     def build(cls, device: torch.device, input_ids: list[int], positions: list[int], seq_rows: list[int],
               new_lengths: list[int], seq_lens: list[int], logits_rows: list[int],
               updates: tuple[list[int], list[int], list[int]]) -> "ForwardBatch":
         """Plain lists -> a ForwardBatch on ``device``, through one host-to-device copy."""
-        header = [len(input_ids), len(seq_rows), len(logits_rows), len(updates[0]),
-                  max(new_lengths), max(seq_lens), sum(seq_lens)]
+        sizes = BatchSizes(len(input_ids), len(seq_rows), len(logits_rows), len(updates[0]),
+                  max(new_lengths), max(seq_lens), sum(seq_lens))
         (packed,) = copy_to_device([input_ids + positions + seq_rows + new_lengths + seq_lens + logits_rows
                                     + updates[0] + updates[1] + updates[2]], device)
-        return cls.from_packed(packed, header)
+        return cls.from_packed(packed, sizes)
 
     @staticmethod
-    def packed_size(header: list[int]) -> int:
-        tokens, seqs, logits, updates = header[:4]
+    def packed_size(sizes: BatchSizes) -> int:
+        tokens, seqs, logits, updates = sizes[:4]
         return 2 * tokens + 3 * seqs + logits + 3 * updates
 
     @classmethod
-    def from_packed(cls, packed: torch.Tensor, header: list[int]) -> "ForwardBatch":
+    def from_packed(cls, packed: torch.Tensor, sizes: BatchSizes) -> "ForwardBatch":
         """Cut the packed tensor back into its fields (also how a receiving rank rebuilds a batch)."""
-        tokens, seqs, logits, updates = header[:4]
+        tokens, seqs, logits, updates = sizes[:4]
         fields = packed.split([tokens, tokens, seqs, seqs, seqs, logits, updates, updates, updates])
-        return cls(*fields, header=header, packed=packed)
+        return cls(*fields, sizes=sizes, packed=packed)

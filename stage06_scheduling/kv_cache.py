@@ -102,7 +102,7 @@ class PagedAttention:
         self.pool = pool
         page_size = pool.page_size
         positions = batch.positions
-        token_rows = batch.seq_rows.repeat_interleave(batch.new_lengths, output_size=batch.num_tokens)
+        token_rows = batch.seq_rows.repeat_interleave(batch.new_lengths, output_size=batch.sizes.num_tokens)
         # Where each new token's K/V goes: its page (from the table) and its offset in the page.
         self.slots = tables.table[token_rows, positions // page_size] * page_size + positions % page_size
         packed = self.packed if self.packed is not None else positions.is_cuda
@@ -110,11 +110,11 @@ class PagedAttention:
             zero = batch.seq_lens.new_zeros(1)
             self.cu_seqlens_q = torch.cat([zero, batch.new_lengths.cumsum(0)])
             self.cu_seqlens_k = torch.cat([zero, batch.seq_lens.cumsum(0)])
-            total = batch.total_keys
+            total = batch.sizes.total_keys
             key_rows = batch.seq_rows.repeat_interleave(batch.seq_lens, output_size=total)
             key_pos = torch.arange(total, device=positions.device) - self.cu_seqlens_k[:-1].repeat_interleave(batch.seq_lens, output_size=total)
             self.key_slots = tables.table[key_rows, key_pos // page_size] * page_size + key_pos % page_size
-            self.max_q, self.max_k = batch.max_new_length, batch.max_seq_len
+            self.max_q, self.max_k = batch.sizes.max_new_length, batch.sizes.max_seq_len
         else:
             self._plan_cpu(tables, batch)
         self.packed_layout = packed

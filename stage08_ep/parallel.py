@@ -65,9 +65,9 @@ from torch import nn
 from common.config import ModelConfig
 from common.qwen3 import MLP, SparseMoE
 
-from .forward_batch import HEADER_SIZE, ForwardBatch
+from .forward_batch import BatchSizes, ForwardBatch
 
-STOP = -1  # a header of these tells the workers to exit
+STOP = -1  # sizes of these tell the workers to exit
 
 # Workers wait for the next step on a group of their own, on the CPU (gloo), with no timeout
 # worth the name: an engine may sit idle for days. Every other collective runs on the default
@@ -309,25 +309,25 @@ def worker_main(rank: int, size: int, address: str, reports, make_runner, timeou
 def broadcast_batch(batch: ForwardBatch | None, device: torch.device) -> ForwardBatch | None:
     """Rank 0 sends the step's ForwardBatch (None: stop); the other ranks receive it.
 
-    Two tensor broadcasts, no pickling: first the header (the batch's sizes),
+    Two tensor broadcasts, no pickling: first the batch's sizes (``BatchSizes``),
     on the CPU step group the workers idle on, so a receiver knows how long
     the packed tensor is; then the packed tensor itself, which is already on
     rank 0's device.
     """
     if dist.get_rank() == 0:
-        header = torch.tensor(batch.header if batch is not None else [STOP] * HEADER_SIZE)
-        dist.broadcast(header, src=0, group=_step_group)
+        sizes = torch.tensor(batch.sizes if batch is not None else [STOP] * len(BatchSizes._fields))
+        dist.broadcast(sizes, src=0, group=_step_group)
         if batch is not None:
             dist.broadcast(batch.packed, src=0)
         return batch
-    header_tensor = torch.empty(HEADER_SIZE, dtype=torch.int64)
-    dist.broadcast(header_tensor, src=0, group=_step_group)
-    header = header_tensor.tolist()
-    if header[0] == STOP:
+    received = torch.empty(len(BatchSizes._fields), dtype=torch.int64)
+    dist.broadcast(received, src=0, group=_step_group)
+    sizes = BatchSizes(*received.tolist())
+    if sizes.num_tokens == STOP:
         return None
-    packed = torch.empty(ForwardBatch.packed_size(header), dtype=torch.int64, device=device)
+    packed = torch.empty(ForwardBatch.packed_size(sizes), dtype=torch.int64, device=device)
     dist.broadcast(packed, src=0)
-    return ForwardBatch.from_packed(packed, header)
+    return ForwardBatch.from_packed(packed, sizes)
 
 
 class WorkerFailure(RuntimeError):

@@ -36,6 +36,7 @@ flash kernel does not run (fp32) run eagerly, as in stage 08. (SGLang's
 
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,13 @@ def batch_buckets(max_bs: int) -> list[int]:
 def key_bucket(num_keys: int) -> int:
     """The packed-key buffer length for ``num_keys`` keys: the next power of two (at least MIN_KEY_BUCKET)."""
     return max(MIN_KEY_BUCKET, 1 << (num_keys - 1).bit_length())
+
+
+class GraphKey(NamedTuple):
+    """Which recorded graph a batch replays (``CudaGraphRunner.bucket``)."""
+
+    batch_size: int  # the batch padded up to a recorded size
+    keys: int  # the packed-key buffer's length (0 with runs)
 
 
 class StaticAttention(PagedAttention):
@@ -167,7 +175,7 @@ class CudaGraphRunner:
         self.inputs = torch.zeros(4, self.max_bs, dtype=torch.int64, device=device)
         self.input_ids, self.positions, self.seq_rows, self.seq_lens = self.inputs
         self.padding_inputs = torch.tensor([[0], [0], [self.padding_row], [1]], device=device)  # token 0 at position 0
-        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.graphs: dict[GraphKey, DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
         self.replays = 0  # decode steps run through a graph
@@ -182,17 +190,17 @@ class CudaGraphRunner:
         if progress:
             print(f" in {self.capture_seconds:.1f} s", file=sys.stderr)
 
-    def bucket(self, batch: ForwardBatch) -> tuple[int, int] | None:
+    def bucket(self, batch: ForwardBatch) -> GraphKey | None:
         """The graph key for a batch, or None when it must run eagerly.
 
         Only pure decode batches qualify: one new token and one logits row per
         sequence, at most ``max_bs`` sequences.
         """
-        tokens, seqs, logits_rows = batch.header[:3]
+        tokens, seqs, logits_rows = batch.sizes.num_tokens, batch.sizes.num_seqs, batch.sizes.num_logits_rows
         if not (tokens == seqs == logits_rows) or seqs > self.max_bs:
             return None
         bs = next(size for size in self.batch_sizes if size >= seqs)
-        return bs, key_bucket(batch.total_keys + bs - seqs)  # each padding row reads one key
+        return GraphKey(bs, key_bucket(batch.sizes.total_keys + bs - seqs))  # each padding row reads one key
 
     def graph_for(self, bs: int, keys: int) -> DecodeGraph:
         """The graph of this bucket, recorded now if this is its first use."""
@@ -213,7 +221,7 @@ class CudaGraphRunner:
             self.memory_bytes += self._reserved() - reserved
         return self.graphs[bs, keys]
 
-    def run(self, batch: ForwardBatch, bucket: tuple[int, int]) -> torch.Tensor:
+    def run(self, batch: ForwardBatch, bucket: GraphKey) -> torch.Tensor:
         """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
 
         Four copies of the step's small arrays (already on the device) and
@@ -222,7 +230,7 @@ class CudaGraphRunner:
         """
         bs, keys = bucket
         graph = self.graph_for(bs, keys)
-        n = batch.header[1]
+        n = batch.sizes.num_seqs
         self.input_ids[:n] = batch.input_ids
         self.positions[:n] = batch.positions
         self.seq_rows[:n] = batch.seq_rows

@@ -46,6 +46,7 @@ keys over every SM.
 
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,14 @@ def batch_buckets(max_bs: int) -> list[int]:
 def key_bucket(num_keys: int) -> int:
     """The packed-key buffer length for ``num_keys`` keys: the next power of two (at least MIN_KEY_BUCKET)."""
     return max(MIN_KEY_BUCKET, 1 << (num_keys - 1).bit_length())
+
+
+class GraphKey(NamedTuple):
+    """Which recorded graph a batch replays (``CudaGraphRunner.bucket``)."""
+
+    batch_size: int  # the batch padded up to a recorded size
+    keys: int  # the packed-key buffer's length (0 with runs)
+    run_slots: int = 0  # stage 12: runs per sequence (0: the keys are gathered)
 
 
 class StaticAttention(PagedAttention):
@@ -206,7 +215,7 @@ class CudaGraphRunner:
         self.runs = runs
         self.run_inputs = torch.zeros(2, self.max_bs * MAX_RUN_SLOTS, dtype=torch.int64, device=device)
         self.run_starts, self.run_lens = self.run_inputs
-        self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}
+        self.graphs: dict[GraphKey, DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
         self.replays = 0  # decode steps run through a graph
@@ -224,20 +233,20 @@ class CudaGraphRunner:
         if progress:
             print(f" in {self.capture_seconds:.1f} s", file=sys.stderr)
 
-    def bucket(self, batch: ForwardBatch) -> tuple[int, int, int] | None:
+    def bucket(self, batch: ForwardBatch) -> GraphKey | None:
         """The graph key for a batch, or None when it must run eagerly.
 
         Only pure decode batches qualify: one new token and one logits row per
         sequence, at most ``max_bs`` sequences (and, with runs, at most
         ``MAX_RUN_SLOTS`` runs per sequence).
         """
-        tokens, seqs, logits_rows = batch.header[:3]
+        tokens, seqs, logits_rows = batch.sizes.num_tokens, batch.sizes.num_seqs, batch.sizes.num_logits_rows
         if not (tokens == seqs == logits_rows) or seqs > self.max_bs:
             return None
         bs = next(size for size in self.batch_sizes if size >= seqs)
-        if batch.run_slots and bs > 1:
-            return (bs, 0, batch.run_slots) if batch.run_slots <= MAX_RUN_SLOTS else None
-        return bs, key_bucket(batch.total_keys + bs - seqs), 0  # each padding row reads one key
+        if batch.sizes.run_slots and bs > 1:
+            return GraphKey(bs, 0, batch.sizes.run_slots) if batch.sizes.run_slots <= MAX_RUN_SLOTS else None
+        return GraphKey(bs, key_bucket(batch.sizes.total_keys + bs - seqs), 0)  # each padding row reads one key
 
     def graph_for(self, bs: int, keys: int, run_slots: int) -> DecodeGraph:
         """The graph of this bucket, recorded now if this is its first use."""
@@ -271,7 +280,7 @@ class CudaGraphRunner:
         lens.zero_()
         starts[:, 0], lens[:, 0] = self.padding_slot, 1
 
-    def run(self, batch: ForwardBatch, bucket: tuple[int, int, int]) -> torch.Tensor:
+    def run(self, batch: ForwardBatch, bucket: GraphKey) -> torch.Tensor:
         """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
 
         Four copies of the step's small arrays (already on the device; six
@@ -281,7 +290,7 @@ class CudaGraphRunner:
         """
         bs, keys, run_slots = bucket
         graph = self.graph_for(bs, keys, run_slots)
-        n = batch.header[1]
+        n = batch.sizes.num_seqs
         self.input_ids[:n] = batch.input_ids
         self.positions[:n] = batch.positions
         self.seq_rows[:n] = batch.seq_rows

@@ -13,12 +13,26 @@ runs of pool slots (``page_runs.py``), ``run_slots`` per sequence.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from common.device_copy import copy_to_device
 
-HEADER_SIZE = 9  # T, B, N, U, longest new run, longest sequence, total keys, run slots R, longest run
+
+class BatchSizes(NamedTuple):
+    """A step's sizes, which the host knows without asking the device. Another rank receives
+    them first (one short tensor), then the packed fields they measure."""
+
+    num_tokens: int  # T
+    num_seqs: int  # B
+    num_logits_rows: int  # N
+    num_updates: int  # U
+    max_new_length: int  # the most tokens one sequence feeds
+    max_seq_len: int  # the longest sequence, after this step
+    total_keys: int  # every sequence's keys, together
+    run_slots: int  # R: runs per sequence (0: no runs; attention gathers the keys)
+    max_run_len: int  # the longest run
 
 
 @dataclass
@@ -36,33 +50,8 @@ class ForwardBatch:
     update_pages: torch.Tensor  # [U]
     run_starts: torch.Tensor  # [B * R] first pool slot of each sequence's r-th run (decode batches)
     run_lens: torch.Tensor  # [B * R] its tokens; 0 for an empty run slot
-    header: list[int]  # the sizes below, which the host knows without asking the device
+    sizes: BatchSizes
     packed: torch.Tensor  # the one device tensor all the fields above are views of
-
-    @property
-    def num_tokens(self) -> int:
-        return self.header[0]
-
-    @property
-    def max_new_length(self) -> int:
-        return self.header[4]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.header[5]
-
-    @property
-    def total_keys(self) -> int:
-        return self.header[6]
-
-    @property
-    def run_slots(self) -> int:
-        """Runs per sequence (0: no runs; attention gathers the keys)."""
-        return self.header[7]
-
-    @property
-    def max_run_len(self) -> int:
-        return self.header[8]
 
     @classmethod
     def build(cls, device: torch.device, input_ids: list[int], positions: list[int], seq_rows: list[int],
@@ -72,21 +61,21 @@ class ForwardBatch:
         """Plain lists -> a ForwardBatch on ``device``, through one host-to-device copy.
         ``runs`` is (run slots per sequence, run starts, run lengths), or none."""
         slots, run_starts, run_lens = runs
-        header = [len(input_ids), len(seq_rows), len(logits_rows), len(updates[0]),
-                  max(new_lengths), max(seq_lens), sum(seq_lens), slots, max(run_lens, default=0)]
+        sizes = BatchSizes(len(input_ids), len(seq_rows), len(logits_rows), len(updates[0]),
+                  max(new_lengths), max(seq_lens), sum(seq_lens), slots, max(run_lens, default=0))
         (packed,) = copy_to_device([input_ids + positions + seq_rows + new_lengths + seq_lens + logits_rows
                                     + updates[0] + updates[1] + updates[2] + run_starts + run_lens], device)
-        return cls.from_packed(packed, header)
+        return cls.from_packed(packed, sizes)
 
     @staticmethod
-    def packed_size(header: list[int]) -> int:
-        tokens, seqs, logits, updates = header[:4]
-        return 2 * tokens + 3 * seqs + logits + 3 * updates + 2 * seqs * header[7]
+    def packed_size(sizes: BatchSizes) -> int:
+        tokens, seqs, logits, updates = sizes[:4]
+        return 2 * tokens + 3 * seqs + logits + 3 * updates + 2 * seqs * sizes.run_slots
 
     @classmethod
-    def from_packed(cls, packed: torch.Tensor, header: list[int]) -> "ForwardBatch":
+    def from_packed(cls, packed: torch.Tensor, sizes: BatchSizes) -> "ForwardBatch":
         """Cut the packed tensor back into its fields (also how a receiving rank rebuilds a batch)."""
-        tokens, seqs, logits, updates = header[:4]
-        runs = seqs * header[7]
+        tokens, seqs, logits, updates = sizes[:4]
+        runs = seqs * sizes.run_slots
         fields = packed.split([tokens, tokens, seqs, seqs, seqs, logits, updates, updates, updates, runs, runs])
-        return cls(*fields, header=header, packed=packed)
+        return cls(*fields, sizes=sizes, packed=packed)

@@ -58,6 +58,7 @@ slot itself (``lora_layers.py``). Padding rows and base rows use slot 0
 
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,16 @@ def batch_buckets(max_bs: int) -> list[int]:
 def key_bucket(num_keys: int) -> int:
     """The packed-key buffer length for ``num_keys`` keys: the next power of two (at least MIN_KEY_BUCKET)."""
     return max(MIN_KEY_BUCKET, 1 << (num_keys - 1).bit_length())
+
+
+class GraphKey(NamedTuple):
+    """Which recorded graph a batch replays (``CudaGraphRunner.bucket``)."""
+
+    batch_size: int  # the batch padded up to a recorded size
+    keys: int  # the packed-key buffer's length (0 with runs)
+    run_slots: int = 0  # stage 12: runs per sequence (0: the keys are gathered)
+    width: int = 1  # stage 14: tokens per sequence (1: decode; more: a verify)
+    lora: bool = False  # stage 15: some rows use adapters
 
 
 class StaticAttention(PagedAttention):
@@ -243,7 +254,7 @@ class CudaGraphRunner:
         self.runs = runs
         self.run_inputs = torch.zeros(2, self.max_bs * MAX_RUN_SLOTS, dtype=torch.int64, device=device)
         self.run_starts, self.run_lens = self.run_inputs
-        self.graphs: dict[tuple[int, int, int, int, bool], DecodeGraph] = {}
+        self.graphs: dict[GraphKey, DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
         self.replays = 0  # decode steps run through a graph
@@ -261,7 +272,7 @@ class CudaGraphRunner:
         if progress:
             print(f" in {self.capture_seconds:.1f} s", file=sys.stderr)
 
-    def bucket(self, batch: ForwardBatch) -> tuple[int, int, int, int, bool] | None:
+    def bucket(self, batch: ForwardBatch) -> GraphKey | None:
         """The graph key for a batch, or None when it must run eagerly.
 
         Only pure decode batches qualify: one new token and one logits row per
@@ -271,16 +282,16 @@ class CudaGraphRunner:
         padding rows write within the padding page) and every row is scored.
         Stage 15: the last entry says whether the batch has LoRA rows.
         """
-        tokens, seqs, logits_rows = batch.header[:3]
-        width = batch.max_new_length
+        tokens, seqs, logits_rows = batch.sizes.num_tokens, batch.sizes.num_seqs, batch.sizes.num_logits_rows
+        width = batch.sizes.max_new_length
         if tokens != seqs * width or logits_rows != tokens or width > self.pool.page_size or seqs > self.max_bs:
             return None
         bs, lora = next(size for size in self.batch_sizes if size >= seqs), self.lora is not None and batch.has_lora
         if width > 1:
-            return bs, key_bucket(batch.total_keys + (bs - seqs) * width), 0, width, lora  # a padding row reads its own
-        if batch.run_slots and bs > 1:
-            return (bs, 0, batch.run_slots, 1, lora) if batch.run_slots <= MAX_RUN_SLOTS else None
-        return bs, key_bucket(batch.total_keys + bs - seqs), 0, 1, lora  # each padding row reads one key
+            return GraphKey(bs, key_bucket(batch.sizes.total_keys + (bs - seqs) * width), 0, width, lora)  # a padding row reads its own
+        if batch.sizes.run_slots and bs > 1:
+            return GraphKey(bs, 0, batch.sizes.run_slots, 1, lora) if batch.sizes.run_slots <= MAX_RUN_SLOTS else None
+        return GraphKey(bs, key_bucket(batch.sizes.total_keys + bs - seqs), 0, 1, lora)  # each padding row reads one key
 
     def graph_for(self, bs: int, keys: int, run_slots: int, width: int = 1, lora: bool = False) -> DecodeGraph:
         """The graph of this bucket, recorded now if this is its first use."""
@@ -336,7 +347,7 @@ class CudaGraphRunner:
         lens.zero_()
         starts[:, 0], lens[:, 0] = self.padding_slot, 1
 
-    def run(self, batch: ForwardBatch, bucket: tuple[int, int, int, int, bool]) -> torch.Tensor:
+    def run(self, batch: ForwardBatch, bucket: GraphKey) -> torch.Tensor:
         """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
 
         Four copies of the step's small arrays (already on the device; six
@@ -346,7 +357,7 @@ class CudaGraphRunner:
         """
         bs, keys, run_slots, width, lora = bucket
         graph = self.graph_for(bs, keys, run_slots, width, lora)
-        n = batch.header[1]
+        n = batch.sizes.num_seqs
         if lora:  # base rows and padding rows: slot 0
             self.lora_slots[: bs * width] = 0
             self.lora_slots[: n * width] = batch.lora_slots

@@ -17,13 +17,27 @@ computes with the same adapters.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from common.device_copy import copy_to_device
 
-# T, B, N, U, longest new run, longest sequence, total keys, run slots R, longest run, LoRA pool slots L
-HEADER_SIZE = 10
+
+class BatchSizes(NamedTuple):
+    """A step's sizes, which the host knows without asking the device. Another rank receives
+    them first (one short tensor), then the packed fields they measure."""
+
+    num_tokens: int  # T
+    num_seqs: int  # B
+    num_logits_rows: int  # N
+    num_updates: int  # U
+    max_new_length: int  # the most tokens one sequence feeds
+    max_seq_len: int  # the longest sequence, after this step
+    total_keys: int  # every sequence's keys, together
+    run_slots: int  # R: runs per sequence (0: no runs; attention gathers the keys)
+    max_run_len: int  # the longest run
+    lora_pool_slots: int  # L: the adapter pool's slots when some row uses an adapter, else 0
 
 
 @dataclass
@@ -43,38 +57,13 @@ class ForwardBatch:
     run_lens: torch.Tensor  # [B * R] its tokens; 0 for an empty run slot
     lora_slots: torch.Tensor  # [T] each token's adapter slot (0: the base); [0] when no row has an adapter
     lora_table: torch.Tensor  # [L] the adapter id each pool slot holds (-1: none); [0] likewise
-    header: list[int]  # the sizes below, which the host knows without asking the device
+    sizes: BatchSizes
     packed: torch.Tensor  # the one device tensor all the fields above are views of
-
-    @property
-    def num_tokens(self) -> int:
-        return self.header[0]
-
-    @property
-    def max_new_length(self) -> int:
-        return self.header[4]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.header[5]
-
-    @property
-    def total_keys(self) -> int:
-        return self.header[6]
-
-    @property
-    def run_slots(self) -> int:
-        """Runs per sequence (0: no runs; attention gathers the keys)."""
-        return self.header[7]
-
-    @property
-    def max_run_len(self) -> int:
-        return self.header[8]
 
     @property
     def has_lora(self) -> bool:
         """Does any row of this batch use an adapter?"""
-        return self.header[9] > 0
+        return self.sizes.lora_pool_slots > 0
 
     @classmethod
     def build(cls, device: torch.device, input_ids: list[int], positions: list[int], seq_rows: list[int],
@@ -86,24 +75,25 @@ class ForwardBatch:
         ``runs`` is (run slots per sequence, run starts, run lengths), or none; ``lora`` is
         (token slots, pool table) when some row uses an adapter, else none."""
         slots, run_starts, run_lens = runs
-        header = [len(input_ids), len(seq_rows), len(logits_rows), len(updates[0]),
-                  max(new_lengths), max(seq_lens), sum(seq_lens), slots, max(run_lens, default=0), len(lora[1])]
+        sizes = BatchSizes(len(input_ids), len(seq_rows), len(logits_rows), len(updates[0]),
+                  max(new_lengths), max(seq_lens), sum(seq_lens), slots, max(run_lens, default=0),
+                           len(lora[1]))
         (packed,) = copy_to_device([input_ids + positions + seq_rows + new_lengths + seq_lens + logits_rows
                                     + updates[0] + updates[1] + updates[2] + run_starts + run_lens
                                     + lora[0] + lora[1]], device)
-        return cls.from_packed(packed, header)
+        return cls.from_packed(packed, sizes)
 
     @staticmethod
-    def packed_size(header: list[int]) -> int:
-        tokens, seqs, logits, updates = header[:4]
-        lora = tokens + header[9] if header[9] else 0
-        return 2 * tokens + 3 * seqs + logits + 3 * updates + 2 * seqs * header[7] + lora
+    def packed_size(sizes: BatchSizes) -> int:
+        tokens, seqs, logits, updates = sizes[:4]
+        lora = tokens + sizes.lora_pool_slots if sizes.lora_pool_slots else 0
+        return 2 * tokens + 3 * seqs + logits + 3 * updates + 2 * seqs * sizes.run_slots + lora
 
     @classmethod
-    def from_packed(cls, packed: torch.Tensor, header: list[int]) -> "ForwardBatch":
+    def from_packed(cls, packed: torch.Tensor, sizes: BatchSizes) -> "ForwardBatch":
         """Cut the packed tensor back into its fields (also how a receiving rank rebuilds a batch)."""
-        tokens, seqs, logits, updates = header[:4]
-        runs, lora_tokens = seqs * header[7], tokens if header[9] else 0
+        tokens, seqs, logits, updates = sizes[:4]
+        runs, lora_tokens = seqs * sizes.run_slots, tokens if sizes.lora_pool_slots else 0
         fields = packed.split([tokens, tokens, seqs, seqs, seqs, logits, updates, updates, updates, runs, runs,
-                               lora_tokens, header[9]])
-        return cls(*fields, header=header, packed=packed)
+                               lora_tokens, sizes.lora_pool_slots])
+        return cls(*fields, sizes=sizes, packed=packed)

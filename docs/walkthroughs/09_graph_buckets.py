@@ -31,8 +31,8 @@ original_run = graphs.run
 
 
 def traced_run(batch, bucket):
-    rows = batch.header[1]
-    print(f"decode {rows} rows, {batch.total_keys:3d} keys -> graph (bs {bucket[0]}, keys {bucket[1]}), "
+    rows = batch.sizes.num_seqs
+    print(f"decode {rows} rows, {batch.sizes.total_keys:3d} keys -> graph (bs {bucket[0]}, keys {bucket[1]}), "
           f"{bucket[0] - rows} padding rows")
     hidden = original_run(batch, bucket)
     if bucket[0] == 8 and not first_step:  # keep the buffers and the plan of the first padded step

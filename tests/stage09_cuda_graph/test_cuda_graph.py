@@ -40,7 +40,7 @@ def attach_graphs(engine, max_bs: int) -> list[tuple[int, int]]:
     used, run = [], runner.graphs.run
 
     def counting_run(batch, bucket):
-        used.append((bucket[0], batch.header[1]))
+        used.append((bucket[0], batch.sizes.num_seqs))
         return run(batch, bucket)
 
     runner.graphs.run = counting_run
@@ -140,7 +140,7 @@ def test_the_plan_computed_in_the_graph_is_stage08s(engine_for, checkpoints):
         assert bucket[0] == 8  # 5 real rows and 3 padding rows
         graphs.run(batch, bucket)
         plan = graphs.graphs[bucket].attention
-        n, total = len(running), batch.total_keys
+        n, total = len(running), batch.sizes.total_keys
         assert plan.slots[:n].tolist() == eager.slots.tolist()
         assert plan.slots[n:].tolist() == [graphs.padding_slot] * 3
         assert plan.cu_seqlens_k[: n + 1].tolist() == eager.cu_seqlens_k.tolist()

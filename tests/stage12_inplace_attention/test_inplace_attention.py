@@ -41,7 +41,7 @@ class RunLog:
         forward = engine.runner.forward
 
         def logged(batch):
-            self.slots.append(batch.run_slots)
+            self.slots.append(batch.sizes.run_slots)
             return forward(batch)
 
         engine.runner.forward = logged

@@ -89,7 +89,7 @@ def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
                                         runner.config.max_position_embeddings, capture=False, runs=True)
         runner.graphs.verify_inputs.fill_(5)  # junk: run() must overwrite what it uses
         used, run = [], runner.graphs.run
-        runner.graphs.run = lambda batch, bucket: used.append((bucket, batch.header[1])) or run(batch, bucket)
+        runner.graphs.run = lambda batch, bucket: used.append((bucket, batch.sizes.num_seqs)) or run(batch, bucket)
         got = [outputs(engine, batch, **{**GREEDY, "max_tokens": n}) for batch, n in batches]
     assert [[o.token_ids for o in out] for out in got] == [[o.token_ids for o in out] for out in expected]
     verified = [(bucket, n) for bucket, n in used if bucket[3] > 1]
