@@ -93,9 +93,9 @@ def serve_scripted(stage: str, port: int, model_folder: str, step_ms: float, pre
     """The stage's real server, its engine processes replaced by ``scripted_engine_process``."""
     import importlib
 
-    manager_module = importlib.import_module(stage + ".tokenizer_manager")
+    handle_module = importlib.import_module(stage + ".engine_handle")  # what starts an engine process
     script = dict(stage=stage, model_folder=model_folder, step_ms=step_ms, prefill_ms_per_1k=prefill_ms_per_1k)
-    manager_module.run_engine_process = functools.partial(scripted_engine_process, script)
+    handle_module.run_engine_process = functools.partial(scripted_engine_process, script)
     args = importlib.import_module(stage + ".server_args").ServerArgs(model_path=model_folder, device="cpu", port=port,
                                                                       served_model_name="m")
     importlib.import_module(stage + ".http_server").serve(args)

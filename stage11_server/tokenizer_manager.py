@@ -1,10 +1,11 @@
-"""The front end's handle on the engine process: start it, send requests, route updates back.
+"""The front end's client of the engine process: send it requests, route its updates back.
 
 SGLang calls this part the TokenizerManager: it lives in the HTTP process,
 turns text into token ids before a request crosses to the engine, and hands
 each HTTP handler the updates of its own requests. Handlers are coroutines
-on one asyncio loop; a reader thread blocks on the pipe and passes every
-update batch to that loop, which puts each update on its request's queue.
+on one asyncio loop; a reader thread blocks on the engine's pipe
+(``engine_handle.py``) and passes every update batch to that loop, which
+puts each update on its request's queue.
 
 Tokenizing is the front end's one heavy job, so it runs on worker threads
 (``run_on_tokenizer_thread``) and is bounded: text far longer than the context could
@@ -15,7 +16,6 @@ is started again, with back-off, while the server keeps answering.
 
 import asyncio
 import itertools
-import multiprocessing as mp
 import signal
 import sys
 import threading
@@ -23,20 +23,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from queue import SimpleQueue
 
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 
-from .engine_process import (
-    SHUTDOWN,
-    AbortRequest,
-    EngineReady,
-    GenerateRequest,
-    RequestUpdate,
-    UpdateBatch,
-    run_engine_process,
-)
+from .engine_handle import EngineHandle
+from .engine_process import AbortRequest, GenerateRequest, RequestUpdate, UpdateBatch
 from .metrics import ServerMetrics
 
 # A token of real text is a few characters; text longer than this many characters per token of context is
@@ -64,8 +56,12 @@ class TokenizerManager:
 
     def __init__(self, engine_kwargs: dict, max_queued_requests: int | None = None):
         self.engine_kwargs, self.max_queued_requests = engine_kwargs, max_queued_requests  # kept for restarts
-        self.process, self.conn = self._start_engine()
-        ready = self._wait_ready()
+        self.engine = EngineHandle(engine_kwargs, max_queued_requests)
+        try:
+            ready = self.engine.wait_ready()
+        except BaseException:
+            self.engine.stop()
+            raise
         self.model_folder = ready.model_folder
         self.tokenizer = Tokenizer(ready.model_folder)
         self.context_length = ready.context_length
@@ -77,45 +73,16 @@ class TokenizerManager:
         self.loop: asyncio.AbstractEventLoop | None = None
         # Parsing and tokenizing run here: a large request's work never holds up a small one's.
         self.tokenizer_threads = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
-        # Messages for the engine: a thread of their own writes them, so the event loop never waits on a
-        # full pipe while the engine is busy with a step (and stops accepting connections meanwhile).
-        self.outbox: SimpleQueue = SimpleQueue()
-        threading.Thread(target=self._send_messages, name="engine-sender", daemon=True).start()
-
-    def _start_engine(self):
-        context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
-        conn, child_conn = context.Pipe()
-        # Not a daemon: with tp/ep the engine process starts worker processes of its own.
-        process = context.Process(target=run_engine_process, name="engine",
-                                  args=(child_conn, self.engine_kwargs, self.max_queued_requests))
-        process.start()
-        child_conn.close()
-        return process, conn
-
-    def _wait_ready(self) -> EngineReady:
-        while not self.conn.poll(0.5):
-            if not self.process.is_alive():
-                raise ValueError(f"the engine process exited during start-up (exit code {self.process.exitcode})")
-        ready = self.conn.recv()
-        if ready.error is not None:
-            self.process.join()
-            raise ValueError(f"the engine could not start: {ready.error}")
-        return ready
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Begin routing updates to coroutines on ``loop`` (the server's event loop)."""
         self.loop = loop
-        threading.Thread(target=self._read_updates, args=(self.conn,), name="engine-reader", daemon=True).start()
+        threading.Thread(target=self._read_updates, args=(self.engine,), name="engine-reader", daemon=True).start()
 
     def shutdown(self) -> None:
         """Stop the engine process (it releases its engine and workers), or kill it if it hangs."""
         self.stopping = True  # a restart in progress gives up
-        if self.process.is_alive():
-            self._send(SHUTDOWN)
-            self.process.join(timeout=30)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
+        self.engine.stop()
 
     # ----- requests ---------------------------------------------------------------------
 
@@ -191,23 +158,14 @@ class TokenizerManager:
                     self._send(AbortRequest(rid))
 
     def _send(self, message) -> None:
-        """Queue a message for the engine process (the sender thread writes it)."""
-        self.outbox.put(message)
-
-    def _send_messages(self) -> None:
-        while True:
-            message = self.outbox.get()
-            try:
-                self.conn.send(message)
-            except (BrokenPipeError, OSError):
-                pass  # the engine died: the reader thread sees its pipe close and fails the requests
+        self.engine.send(message)
 
     # ----- the reader thread, and bringing a dead engine back ---------------------------
 
-    def _read_updates(self, conn) -> None:
+    def _read_updates(self, engine: EngineHandle) -> None:
         try:
             while True:
-                batch: UpdateBatch = conn.recv()
+                batch: UpdateBatch = engine.conn.recv()
                 self.loop.call_soon_threadsafe(self._dispatch, batch)
         except (EOFError, OSError):  # the engine process ended
             self.loop.call_soon_threadsafe(self._engine_exited)
@@ -235,33 +193,35 @@ class TokenizerManager:
 
     def _restart(self) -> None:
         """Start engine processes, waiting longer after each failure, until one is ready."""
-        self.process.join(timeout=5)
-        log(f"the engine process exited ({exit_reason(self.process.exitcode)}); starting a new one")
+        old = self.engine.process
+        old.join(timeout=5)
+        log(f"the engine process exited ({exit_reason(old.exitcode)}); starting a new one")
         for attempt in itertools.count():
             time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
             if self.stopping:
                 return
-            if self.process.is_alive():
-                self.process.kill()  # its pipe closed but it lingers: make room for the new one
-                self.process.join()
+            if old.is_alive():
+                old.kill()  # its pipe closed but it lingers: make room for the new one
+                old.join()
+            engine = EngineHandle(self.engine_kwargs, self.max_queued_requests)
             try:
-                self.process, self.conn = self._start_engine()
-                self._wait_ready()
+                engine.wait_ready()
             except ValueError as error:
                 log(f"restarting the engine failed (try {attempt + 1}): {error}")
                 continue
             if self.stopping:  # the server began to stop while this engine started
-                self.shutdown()
+                engine.stop()
                 return
-            self.loop.call_soon_threadsafe(self._engine_back)
+            self.loop.call_soon_threadsafe(self._engine_back, engine)
             return
 
-    def _engine_back(self) -> None:
+    def _engine_back(self, engine: EngineHandle) -> None:
+        self.engine = engine
         self.restarts += 1
         self.metrics.engine_restarted()
-        log(f"the engine process is serving again (pid {self.process.pid}, restart {self.restarts})")
+        log(f"the engine process is serving again (pid {engine.process.pid}, restart {self.restarts})")
         self.engine_alive = True
-        threading.Thread(target=self._read_updates, args=(self.conn,), name="engine-reader", daemon=True).start()
+        threading.Thread(target=self._read_updates, args=(engine,), name="engine-reader", daemon=True).start()
 
 
 def exit_reason(code: int | None) -> str:

@@ -24,7 +24,6 @@ error. Then it is started again, and routed to once it is ready.
 
 import asyncio
 import itertools
-import multiprocessing as mp
 import signal
 import sys
 import threading
@@ -32,23 +31,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from queue import SimpleQueue
 
 import torch
 
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 
-from .engine_process import (
-    SHUTDOWN,
-    AbortRequest,
-    EngineReady,
-    GenerateRequest,
-    LoRAAdapterRequest,
-    RequestUpdate,
-    UpdateBatch,
-    run_engine_process,
-)
+from .engine_handle import EngineHandle
+from .engine_process import AbortRequest, GenerateRequest, LoRAAdapterRequest, RequestUpdate, UpdateBatch
 from .metrics import ServerMetrics
 from .router import Router
 
@@ -71,57 +61,6 @@ class EngineError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-class Replica:
-    """One engine process and the pipe to it."""
-
-    def __init__(self, index: int, context, engine_kwargs: dict, max_queued_requests: int | None,
-                 cpu_threads: int | None = None):
-        self.index, self.alive = index, True
-        self.heartbeat = context.Value("Q", 0, lock=False)  # counted up by a thread in the engine process
-        self.last_beat, self.last_beat_time = 0, time.monotonic()
-        self.conn, child_conn = context.Pipe()
-        # Not a daemon: with tp/ep the engine process starts worker processes of its own.
-        self.process = context.Process(target=run_engine_process,
-                                       args=(child_conn, engine_kwargs, max_queued_requests, cpu_threads, self.heartbeat),
-                                       name=f"engine-{index}")
-        self.process.start()
-        child_conn.close()
-        # Messages for the engine: a thread of their own writes them, so the event loop never waits on a
-        # full pipe while the engine is busy with a step (and stops accepting connections meanwhile).
-        self.outbox: SimpleQueue = SimpleQueue()
-        threading.Thread(target=self._send_messages, name=f"engine-sender-{index}", daemon=True).start()
-
-    def wait_ready(self) -> EngineReady:
-        while not self.conn.poll(0.5):
-            if not self.process.is_alive():
-                raise ValueError(f"engine process {self.index} exited during start-up (exit code {self.process.exitcode})")
-        ready = self.conn.recv()
-        if ready.error is not None:
-            self.process.join()
-            raise ValueError(f"the engine could not start: {ready.error}")
-        return ready
-
-    def send(self, message) -> None:
-        """Queue a message for the engine process (the sender thread writes it)."""
-        self.outbox.put(message)
-
-    def _send_messages(self) -> None:
-        while True:
-            message = self.outbox.get()
-            try:
-                self.conn.send(message)
-            except (BrokenPipeError, OSError):
-                return  # it died: its reader thread reports that
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            self.send(SHUTDOWN)
-            self.process.join(timeout=30)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
 
 
 def replica_gpus(engine_kwargs: dict, replica: int) -> list[int]:
@@ -163,10 +102,9 @@ class TokenizerManager:
         # Parsing and tokenizing run here: a large request's work never holds up a small one's.
         self.tokenizer_threads = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
 
-    def _start_replica(self, index: int) -> Replica:
-        context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
+    def _start_replica(self, index: int) -> EngineHandle:
         kwargs = dict(self.engine_kwargs, base_gpu_id=replica_gpus(self.engine_kwargs, index)[0])
-        return Replica(index, context, kwargs, self.max_queued_requests, self.cpu_threads)
+        return EngineHandle(kwargs, self.max_queued_requests, index, self.cpu_threads)
 
     @property
     def engine_alive(self) -> bool:
@@ -302,7 +240,7 @@ class TokenizerManager:
 
     # ----- the reader threads, the watchdog, and bringing dead replicas back --------------
 
-    def _read_updates(self, replica: Replica) -> None:
+    def _read_updates(self, replica: EngineHandle) -> None:
         try:
             while True:
                 batch: UpdateBatch = replica.conn.recv()
@@ -384,7 +322,7 @@ class TokenizerManager:
             self.loop.call_soon_threadsafe(self._replica_back, replica)
             return
 
-    def _replica_back(self, replica: Replica) -> None:
+    def _replica_back(self, replica: EngineHandle) -> None:
         self.restarts += 1
         log(f"engine replica {replica.index} is serving again (pid {replica.process.pid}, restart {self.restarts})")
         self.replicas[replica.index] = replica
