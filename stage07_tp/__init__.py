@@ -3,7 +3,8 @@ matrix across N processes (gloo on CPU, NCCL on GPUs, one GPU per rank):
 column-parallel q/k/v/gate/up, row-parallel o/down with an all-reduce,
 vocab-parallel embedding and lm_head. Each rank reads only its slices of the
 checkpoint. This process is rank 0: it schedules, broadcasts each step's
-batch, and samples from the gathered logits."""
+batch, and samples from the gathered logits. The ranks may span machines
+(``--nnodes``, ``--node-rank``, ``--dist-init-addr``)."""
 
 from common.sampling import SamplingParams
 

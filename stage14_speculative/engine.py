@@ -15,8 +15,8 @@ Finished requests leave at once. Stage 07 splits the model across
 ``tp_size`` processes (tensor parallelism): this process is rank 0 and plans
 every step; the other ranks run the same forward on their shards. The
 group may span machines (``nnodes``): node 0 runs this Engine, the other
-nodes ``run_worker_node``. Stage 08
-spreads the experts of Qwen3-MoE over ``ep_size`` ranks (expert parallelism).
+nodes ``run_worker_node``. Stage 08 spreads the experts of Qwen3-MoE over
+``ep_size`` ranks (expert parallelism).
 Stage 09 replays decode steps from CUDA graphs recorded at start-up
 (``cuda_graph_max_bs``; ``disable_cuda_graph`` turns them off). Stage 10
 overlaps the host with the GPU: each step is launched before the tokens of
