@@ -19,8 +19,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineArgs(Settings):
     model_path: str | None = setting(None, "checkpoint folder, .gguf file or hub id (default: built-in SmolLM2-135M)")
     device: str | torch.device | None = setting(None, "cpu or cuda (default: cuda when present)")
-    dtype: str | torch.dtype | None = setting(None, "weights and activations (default: float32 on cpu, bfloat16 on cuda)",
-                                              choices=list(DTYPES))
+    dtype: str | torch.dtype | None = setting(
+        None, "weights and activations (default: float32 on cpu, bfloat16 on cuda)", choices=list(DTYPES))
     context_length: int | None = setting(None, "longest prompt plus output (default: the model's)", check=positive)
     seed: int | None = setting(None, "seed for requests that bring none")
     page_size: int = setting(16, "tokens per KV page", check=positive)

@@ -25,8 +25,8 @@ def chunk_size(value: int) -> str | None:
 class EngineArgs(Settings):
     model_path: str | None = setting(None, "checkpoint folder, .gguf file or hub id (default: built-in SmolLM2-135M)")
     device: str | torch.device | None = setting(None, "cpu or cuda (default: cuda when present)")
-    dtype: str | torch.dtype | None = setting(None, "weights and activations (default: float32 on cpu, bfloat16 on cuda)",
-                                              choices=list(DTYPES))
+    dtype: str | torch.dtype | None = setting(
+        None, "weights and activations (default: float32 on cpu, bfloat16 on cuda)", choices=list(DTYPES))
     context_length: int | None = setting(None, "longest prompt plus output (default: the model's)", check=positive)
     seed: int | None = setting(None, "seed for requests that bring none")
     page_size: int = setting(16, "tokens per KV page", check=positive)
@@ -37,13 +37,14 @@ class EngineArgs(Settings):
     chunked_prefill_size: int | None = setting(2048, "prompt tokens per step (-1: no chunking)", check=chunk_size)
     schedule_policy: str = setting("fcfs", "which waiting request goes first", choices=POLICIES)
     tp_size: int = setting(1, "tensor-parallel ranks (processes; one GPU each on CUDA)", check=positive)
-    dist_timeout: float = setting(30.0, "seconds rank 0 waits for a worker in a step before failing", check=positive_number)
+    dist_timeout: float = setting(30.0, "seconds rank 0 waits for a worker in a step before failing",
+                                  check=positive_number)
     nnodes: int = setting(1, "machines one parallel group spans", check=positive)
     node_rank: int = setting(0, "this machine's place among them (0 runs the engine)", check=at_least(0))
     dist_init_addr: str | None = setting(None, "HOST:PORT of node 0, where the nodes' ranks meet")
     base_gpu_id: int = setting(0, "the first GPU this engine's ranks use", check=at_least(0))
-    gpu_id_step: int = setting(1, "the gap between the GPUs of consecutive ranks and replicas (0: replicas share one GPU)",
-                               check=at_least(0))
+    gpu_id_step: int = setting(
+        1, "the gap between the GPUs of consecutive ranks and replicas (0: replicas share one GPU)", check=at_least(0))
     ep_size: int = setting(1, "expert-parallel ranks for MoE models (equal to --tp-size, or alone)", check=positive)
     cuda_graph_max_bs: int = setting(256, "largest decode batch run as a CUDA graph", check=positive)
     disable_cuda_graph: bool = setting(False, "run every step eagerly (no CUDA graphs)")

@@ -63,12 +63,14 @@ class Engine:
         if args.node_rank > 0:
             raise ValueError(f"node_rank={args.node_rank}: nodes other than 0 run workers only; start them with "
                              f"`python -m {__package__} --nnodes N --node-rank R --dist-init-addr HOST:PORT ...`")
-        make_runner = functools.partial(ModelRunner, args, ranks_per_node=ranks_per_node)  # any rank's: make_runner(tp_rank=...)
+        # Any rank's runner, on any node: make_runner(tp_rank=...).
+        make_runner = functools.partial(ModelRunner, args, ranks_per_node=ranks_per_node)
         self.runner = make_runner(tp_rank=0)
         self.workers, self.worker_failure = None, None  # worker_failure: why a worker failed, once one has
         if world > 1:  # ranks 1.. load their shards in their own processes, with rank 0's pool size
             self.workers = WorkerGroup(world, self.device, functools.partial(make_runner, num_pages=self.runner.allocator.num_pages),
-                                       timeout_s=args.dist_timeout, local_ranks=range(1, ranks_per_node), address=args.dist_init_addr)
+                                       timeout_s=args.dist_timeout, local_ranks=range(1, ranks_per_node),
+                                       address=args.dist_init_addr)
         self.runner.init_cuda_graphs()  # the workers record the same graphs alongside
         self.config = self.runner.config
         self.tokenizer = Tokenizer(self.runner.model_folder)
@@ -384,10 +386,12 @@ def run_worker_node(args: EngineArgs) -> int:
     the group. The same settings as node 0's Engine; returns 0 when every rank ended cleanly."""
     if args.node_rank == 0:
         raise ValueError("node 0 runs the engine itself (Engine, or the server), not workers only")
-    ranks_per_node, first = args.ranks_per_node(), args.node_rank * args.ranks_per_node()
+    ranks_per_node = args.ranks_per_node()
+    first = args.node_rank * ranks_per_node
     make_runner = functools.partial(ModelRunner, args, ranks_per_node=ranks_per_node)
     group = WorkerGroup(max(args.tp_size, args.ep_size), args.device, make_runner, timeout_s=args.dist_timeout,
-                        address=args.dist_init_addr, local_ranks=range(first, first + ranks_per_node), rank_0_here=False)
+                        address=args.dist_init_addr, local_ranks=range(first, first + ranks_per_node),
+                        rank_0_here=False)
     return group.wait()
 
 
