@@ -21,8 +21,10 @@ sys.path.insert(0, str(ROOT / "tests" / "server"))
 if os.environ.get("QWEN3_LADDER_SCRATCH"):
     sys.path.insert(0, os.environ["QWEN3_LADDER_SCRATCH"])
 
+import hang_guard
 from checkpoints import KINDS, write_checkpoint
 from common.loader import resolve_model_path
+from hang_guard import pytest_runtest_logfinish, pytest_runtest_setup, pytest_terminal_summary, pytest_unconfigure  # noqa: F401 (hooks)
 
 # Every stage folder present; shared end-to-end tests run once per stage.
 STAGES = sorted(p.name for p in ROOT.glob("stage[0-9][0-9]_*") if (p / "__init__.py").exists())
@@ -30,6 +32,7 @@ SERVER_STAGES = [s for s in STAGES if (ROOT / s / "http_server.py").exists()]  #
 
 
 def pytest_configure(config):
+    hang_guard.pytest_configure(config)
     config.addinivalue_line("markers", "every_serving_stage: a server test that runs for every serving stage, "
                                        "not only the newest")
 
