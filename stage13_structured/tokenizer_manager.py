@@ -3,23 +3,18 @@
 SGLang calls this part the TokenizerManager: it lives in the HTTP process,
 turns text into token ids before a request crosses to the engine, and hands
 each HTTP handler the updates of its own requests. Handlers are coroutines
-on one asyncio loop; a reader thread blocks on the engine's pipe
-(``engine_handle.py``) and passes every update batch to that loop, which
-puts each update on its request's queue.
+on one asyncio loop; the engine's supervisor (``engine_supervisor.py``)
+reads the engine's pipe on a thread and passes every update batch to that
+loop, where ``_dispatch`` puts each update on its request's queue.
 
 Tokenizing is the front end's one heavy job, so it runs on worker threads
 (``run_on_tokenizer_thread``) and is bounded: text far longer than the context could
 ever hold is refused after tokenizing only a head of it. An engine process
-that dies (killed, crashed) fails its requests in flight with an error and
-is started again, with back-off, while the server keeps answering.
+that dies (killed, crashed) fails its requests in flight with an error; the
+supervisor starts it again while the server keeps answering.
 """
 
 import asyncio
-import itertools
-import signal
-import sys
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,20 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 
-from .engine_handle import EngineHandle
-from .engine_process import AbortRequest, GenerateRequest, RequestUpdate, UpdateBatch
+from .engine_process import GenerateRequest, RequestUpdate, UpdateBatch
+from .engine_supervisor import EngineSupervisor, log
 from .metrics import ServerMetrics
 
 # A token of real text is a few characters; text longer than this many characters per token of context is
 # refused once its first (context x this) characters alone fill the context, without tokenizing the rest.
 MAX_CHARS_PER_TOKEN = 16
 TOKENIZER_THREADS = 4  # requests parsed and tokenized at once (the Rust tokenizer runs without the GIL)
-RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # waits before each try to start a dead engine again
-
-
-def log(message: str) -> None:
-    """The server's log is its stderr, shared with the engine process (whose tracebacks land there too)."""
-    print(f"[server] {message}", file=sys.stderr, flush=True)
 
 
 class EngineError(Exception):
@@ -55,34 +44,28 @@ class TokenizerManager:
     """Starts the engine process and serves as its client inside the HTTP process."""
 
     def __init__(self, engine_kwargs: dict, max_queued_requests: int | None = None):
-        self.engine_kwargs, self.max_queued_requests = engine_kwargs, max_queued_requests  # kept for restarts
-        self.engine = EngineHandle(engine_kwargs, max_queued_requests)
-        try:
-            ready = self.engine.wait_ready()
-        except BaseException:
-            self.engine.stop()
-            raise
+        self.metrics = ServerMetrics()
+        self.queues: dict[str, tuple[asyncio.Queue, int]] = {}  # rid -> (its group's queue, its index)
+        self.engines = EngineSupervisor(engine_kwargs, max_queued_requests, on_updates=self._dispatch,
+                                        on_exit=self._engine_exited, on_restart=self.metrics.engine_restarted)
+        ready = self.engines.wait_ready()
         self.model_folder = ready.model_folder
         self.tokenizer = Tokenizer(ready.model_folder)
         self.context_length = ready.context_length
-        self.metrics = ServerMetrics()
-        self.queues: dict[str, tuple[asyncio.Queue, int]] = {}  # rid -> (its group's queue, its index)
-        self.engine_alive = True
-        self.restarts = 0  # engine processes started again after one died
-        self.stopping = False
-        self.loop: asyncio.AbstractEventLoop | None = None
         # Parsing and tokenizing run here: a large request's work never holds up a small one's.
         self.tokenizer_threads = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenizer")
 
+    @property
+    def engine_alive(self) -> bool:
+        return self.engines.alive
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Begin routing updates to coroutines on ``loop`` (the server's event loop)."""
-        self.loop = loop
-        threading.Thread(target=self._read_updates, args=(self.engine,), name="engine-reader", daemon=True).start()
+        self.engines.start(loop)
 
     def shutdown(self) -> None:
         """Stop the engine process (it releases its engine and workers), or kill it if it hangs."""
-        self.stopping = True  # a restart in progress gives up
-        self.engine.stop()
+        self.engines.stop()
 
     # ----- requests ---------------------------------------------------------------------
 
@@ -134,7 +117,7 @@ class TokenizerManager:
         unfinished = set(rids)
         try:
             for rid, prompt_ids, p in zip(rids, prompts, params):
-                self._send(GenerateRequest(rid, prompt_ids, p))
+                self.engines.send(GenerateRequest(rid, prompt_ids, p))
             accepted, early = 0, []
             while accepted < len(rids):  # the first update of each request says whether it was accepted
                 index, update = await queue.get()
@@ -154,21 +137,10 @@ class TokenizerManager:
         finally:
             for rid in rids:
                 del self.queues[rid]
-                if rid in unfinished and self.engine_alive:
-                    self._send(AbortRequest(rid))
+                if rid in unfinished:
+                    self.engines.abort(rid)
 
-    def _send(self, message) -> None:
-        self.engine.send(message)
-
-    # ----- the reader thread, and bringing a dead engine back ---------------------------
-
-    def _read_updates(self, engine: EngineHandle) -> None:
-        try:
-            while True:
-                batch: UpdateBatch = engine.conn.recv()
-                self.loop.call_soon_threadsafe(self._dispatch, batch)
-        except (EOFError, OSError):  # the engine process ended
-            self.loop.call_soon_threadsafe(self._engine_exited)
+    # ----- what the engine sends (called on the event loop by the supervisor) ---------
 
     def _dispatch(self, batch: UpdateBatch) -> None:
         self.metrics.observe_stats(batch.stats)
@@ -180,54 +152,13 @@ class TokenizerManager:
                 queue.put_nowait((index, update))
 
     def _engine_exited(self) -> None:
-        """The engine's pipe closed: fail its requests in flight, then start a new engine (unless
-        the server is stopping)."""
-        self.engine_alive = False
-        if self.stopping:
-            return
+        """The engine's pipe closed: fail its requests in flight (the supervisor starts a new engine)."""
         log(f"the engine process's pipe closed; {len(self.queues)} requests in flight failed")
-        for rid, (queue, index) in self.queues.items():
-            queue.put_nowait((index, RequestUpdate(rid, error="the engine process exited while serving this "
-                                                   "request; it is being restarted, retry", status=500)))
-        threading.Thread(target=self._restart, name="engine-restart", daemon=True).start()
+        for rid in self.queues:
+            self.fail(rid, "the engine process exited while serving this request; it is being restarted, retry")
 
-    def _restart(self) -> None:
-        """Start engine processes, waiting longer after each failure, until one is ready."""
-        old = self.engine.process
-        old.join(timeout=5)
-        log(f"the engine process exited ({exit_reason(old.exitcode)}); starting a new one")
-        for attempt in itertools.count():
-            time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
-            if self.stopping:
-                return
-            if old.is_alive():
-                old.kill()  # its pipe closed but it lingers: make room for the new one
-                old.join()
-            engine = EngineHandle(self.engine_kwargs, self.max_queued_requests)
-            try:
-                engine.wait_ready()
-            except ValueError as error:
-                log(f"restarting the engine failed (try {attempt + 1}): {error}")
-                continue
-            if self.stopping:  # the server began to stop while this engine started
-                engine.stop()
-                return
-            self.loop.call_soon_threadsafe(self._engine_back, engine)
-            return
-
-    def _engine_back(self, engine: EngineHandle) -> None:
-        self.engine = engine
-        self.restarts += 1
-        self.metrics.engine_restarted()
-        log(f"the engine process is serving again (pid {engine.process.pid}, restart {self.restarts})")
-        self.engine_alive = True
-        threading.Thread(target=self._read_updates, args=(engine,), name="engine-reader", daemon=True).start()
-
-
-def exit_reason(code: int | None) -> str:
-    """A process's exit code in words: ``killed by SIGKILL`` for -9."""
-    if code is None:
-        return "still running, its pipe closed"
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
+    def fail(self, rid: str, message: str) -> None:
+        """End a request with an error (500) its caller sees (if it is still waiting)."""
+        if rid in self.queues:
+            queue, index = self.queues[rid]
+            queue.put_nowait((index, RequestUpdate(rid, error=message, status=500)))

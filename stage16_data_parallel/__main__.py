@@ -103,7 +103,7 @@ def check_replica_devices(engine_kwargs: dict, dp_size: int) -> None:
         return
     import torch
 
-    from .tokenizer_manager import replica_gpus
+    from .data_parallel_controller import replica_gpus
 
     step, base = engine_kwargs["gpu_id_step"], engine_kwargs["base_gpu_id"]
     if step == 0 and engine_kwargs["kv_cache_bytes"] is None:

@@ -23,7 +23,7 @@ class EngineHandle:
     def __init__(self, engine_kwargs: dict, max_queued_requests: int | None, index: int = 0,
                  cpu_threads: int | None = None):
         context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
-        self.index, self.alive = index, True
+        self.index = index
         self.heartbeat = context.Value("Q", 0, lock=False)  # counted up by a thread in the engine process
         self.last_beat, self.last_beat_time = 0, time.monotonic()
         self.conn, child_conn = context.Pipe()

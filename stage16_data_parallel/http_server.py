@@ -95,7 +95,7 @@ def add_info_routes(app: FastAPI, manager: TokenizerManager, model_name: str) ->
     async def health():
         if not manager.engine_alive:
             return Response(status_code=503, content="the engine processes exited; they are being restarted")
-        down = manager.replicas_down()  # stage 16: some replicas serve, others are gone (and being restarted)
+        down = manager.engines.down()  # stage 16: some replicas serve, others are gone (and being restarted)
         return Response(status_code=200, content=f"degraded: replicas {down} are down" if down else "")
 
     @app.get("/v1/models")

@@ -6,10 +6,6 @@ tokens generated, and with speculative decoding the verify forwards and
 the tokens they gave), and each finished request's output (prompt, cached and
 generated tokens, latencies). Names follow SGLang's ``sglang:*`` metrics
 with a ``ladder:`` prefix, so existing dashboards need only a rename.
-
-Stage 16: with several data-parallel replicas the engine counts are summed
-over the replicas, and ``ladder:replica_*`` gauges, labelled ``replica``,
-give each replica's own (``ladder:replica_up`` is 0 once one is down).
 """
 
 import time
@@ -26,20 +22,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class ServerMetrics:
     """Prometheus collectors for one server, in a registry of their own."""
 
-    def __init__(self, replicas: int = 1):
+    def __init__(self):
         self.registry = registry = CollectorRegistry()
-        self.replica_up = Gauge("ladder:replica_up", "1 while the replica serves, 0 once it is down", ["replica"],
-                                registry=registry)
-        self.replica_running = Gauge("ladder:replica_running_reqs", "Requests in the replica's running batch", ["replica"],
-                                     registry=registry)
-        self.replica_waiting = Gauge("ladder:replica_queue_reqs", "Requests waiting in the replica", ["replica"],
-                                     registry=registry)
-        self.replica_requests = Counter("ladder:replica_requests", "Requests the router sent to the replica", ["replica"],
-                                        registry=registry)
-        for replica in range(replicas):
-            self.replica_up.labels(str(replica)).set(1)
-            self.replica_requests.labels(str(replica))
-        self._stats: dict[int, dict[str, int]] = {}  # each replica's latest counts
         self.num_running_reqs = Gauge("ladder:num_running_reqs", "Requests in the running batch", registry=registry)
         self.num_queue_reqs = Gauge("ladder:num_queue_reqs", "Requests waiting to be scheduled", registry=registry)
         self.kv_pages_total = Gauge("ladder:kv_pages_total", "Pages in the KV pool", registry=registry)
@@ -79,14 +63,10 @@ class ServerMetrics:
         self._generated: deque[tuple[float, int]] = deque()  # (time, tokens generated so far), oldest first
         self._generated_before = 0  # tokens of engine processes that died (a new one counts from zero)
 
-    def observe_stats(self, stats: dict[str, int], replica: int = 0) -> None:
-        """A replica's counts, sent with every update batch; the gauges show their sums."""
+    def observe_stats(self, stats: dict[str, int]) -> None:
+        """The engine's counts, sent with every update batch."""
         if not stats:
             return
-        self.replica_running.labels(str(replica)).set(stats["running"])
-        self.replica_waiting.labels(str(replica)).set(stats["waiting"])
-        self._stats[replica] = stats
-        stats = {key: sum(s[key] for s in self._stats.values()) for key in stats}
         self.num_running_reqs.set(stats["running"])
         self.num_queue_reqs.set(stats["waiting"])
         self.kv_pages_total.set(stats["pages_total"])
@@ -100,19 +80,9 @@ class ServerMetrics:
         self._generated.append((time.monotonic(), generated))
         self._forget_before(time.monotonic() - THROUGHPUT_WINDOW_S)
 
-    def engine_restarted(self, replica: int = 0) -> None:
-        """A replica's new engine process counts from zero: its old one's tokens stay counted."""
-        self._generated_before += self._stats.pop(replica, {}).get("generated_tokens", 0)
-        self.replica_up.labels(str(replica)).set(1)
-
-    def replica_down(self, replica: int) -> None:
-        """A replica died: nothing of it runs or waits any more (its generated tokens still count)."""
-        if replica in self._stats:
-            self._stats[replica] = dict(self._stats[replica], running=0, waiting=0, pages_used=0, pages_cached=0,
-                                        pages_total=0)
-        self.replica_up.labels(str(replica)).set(0)
-        self.replica_running.labels(str(replica)).set(0)
-        self.replica_waiting.labels(str(replica)).set(0)
+    def engine_restarted(self) -> None:
+        """A new engine process counts from zero: the old one's tokens stay counted."""
+        self._generated_before = self._generated[-1][1] if self._generated else 0
 
     def observe_finished(self, output: GenerateOutput) -> None:
         self._prompt += output.prompt_tokens

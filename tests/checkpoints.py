@@ -155,3 +155,16 @@ def write_near_copy(folder: Path, out: Path, noise: float, seed: int = 1) -> Pat
         if "token" in file.name:
             shutil.copy(file, Path(out) / file.name)
     return Path(out)
+
+
+def write_adapter(base_folder, out, targets, rank, alpha, rslora, seed):
+    """A PEFT adapter with random A and B (``init_lora_weights=False``), as PEFT saves it."""
+    from peft import LoraConfig, get_peft_model  # a dev dependency; only the LoRA tests need it
+
+    from reference import load_hf
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_hf(base_folder), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                                                            use_rslora=rslora, init_lora_weights=False))
+    model.save_pretrained(out)
+    return str(out)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from checkpoints import write_checkpoint
+from checkpoints import write_adapter, write_checkpoint
 from reference import RecordingSampler, hf_greedy, load_hf
 from stage14_speculative import Engine as Stage14Engine
 from stage15_lora import Engine
@@ -31,15 +31,6 @@ ADAPTERS = {"qv": (["q_proj", "v_proj"], 8, 16, False), "all": (ALL, 4, 8, True)
             "mlp": (["o_proj", "gate_proj", "up_proj", "down_proj"], 16, 32, False)}
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [300, 301, 302], [17, 230, 4012, 88, 17, 230]]
 GREEDY = dict(max_tokens=10, temperature=0, ignore_eos=True)
-
-
-def write_adapter(base_folder, out, targets, rank, alpha, rslora, seed):
-    """A PEFT adapter with random A and B (``init_lora_weights=False``), as PEFT saves it."""
-    torch.manual_seed(seed)
-    model = get_peft_model(load_hf(base_folder), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                                                            use_rslora=rslora, init_lora_weights=False))
-    model.save_pretrained(out)
-    return str(out)
 
 
 @pytest.fixture(scope="module")

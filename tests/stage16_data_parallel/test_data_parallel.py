@@ -6,6 +6,7 @@ faults: a replica killed mid-serve.
 """
 
 import concurrent.futures
+import json
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoints import write_adapter
 from stage16_data_parallel import Engine
 from stage16_data_parallel.__main__ import main
 from test_server import Server, http
@@ -86,10 +88,17 @@ def engine_children(pid: int) -> list[int]:
     return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
-def test_a_killed_replica_ends_its_requests_the_server_goes_on_and_the_replica_comes_back(checkpoints):
+def test_a_killed_replica_ends_its_requests_the_server_goes_on_and_the_replica_comes_back(checkpoints, tmp_path):
+    """Also adapters: one loaded at run time reaches every replica (the restarted one too), and a
+    refused load is answered once."""
+    adapter = write_adapter(checkpoints["dense"], tmp_path / "all", ["q_proj", "v_proj"], 4, 8, False, seed=0)
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", lora_paths={"all": adapter}) as engine:
+        expected = [engine.generate([9, 7, i], lora_path="all", **ASK).text for i in range(4)]
     server = Server("stage16_data_parallel", "--model-path", str(checkpoints["dense"]), "--dp-size", "2",
-                    "--load-balance-method", "round_robin")
+                    "--load-balance-method", "round_robin", "--max-lora-rank", "4", "--lora-target-modules", "all")
     try:
+        load = {"lora_name": "all", "lora_path": adapter}
+        assert http("POST", f"{server.url}/load_lora_adapter", json.dumps(load).encode())[0] == 200
         streams = [server.client.completions.create(model="m", prompt=[5, 6, 7 + i], max_tokens=400, temperature=0,
                                                     extra_body={"ignore_eos": True}, stream=True) for i in range(2)]
         firsts = [next(iter(stream)) for stream in streams]  # both replicas are generating
@@ -125,6 +134,11 @@ def test_a_killed_replica_ends_its_requests_the_server_goes_on_and_the_replica_c
         assert all(after[f'ladder:replica_requests_total{{replica="{r}"}}'] > served[f'ladder:replica_requests_total{{replica="{r}"}}']
                    for r in "01")
         assert "engine replica" in server.output() and "serving again" in server.output()
+        got = [server.client.completions.create(model="all", prompt=[9, 7, i], **ASK).choices[0].text for i in range(4)]
+        assert got == expected  # round robin: both replicas, the restarted one included, serve the adapter
+        status, body = http("POST", f"{server.url}/load_lora_adapter", json.dumps(dict(load, lora_name="x",
+                                                                                         lora_path="/nowhere")).encode())
+        assert status == 400 and b"adapter_config.json" in body
     finally:
         server.stop()
 
@@ -209,8 +223,8 @@ def test_gpu_id_step_places_replicas_and_zero_lets_them_share_one_gpu(monkeypatc
     starts, with torch told of CUDA devices that this machine does not have."""
     from stage16_data_parallel import engine_args
     from stage16_data_parallel.__main__ import check_replica_devices
+    from stage16_data_parallel.data_parallel_controller import replica_gpus
     from stage16_data_parallel.engine_args import multi_node_settings
-    from stage16_data_parallel.tokenizer_manager import replica_gpus
 
     kwargs = dict(tp_size=2, ep_size=1, nnodes=1, base_gpu_id=1, gpu_id_step=1, kv_cache_bytes=None, device="cuda")
     assert [replica_gpus(kwargs, r) for r in range(3)] == [[1, 2], [3, 4], [5, 6]]
