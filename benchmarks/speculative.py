@@ -90,7 +90,7 @@ def verify_step(args) -> dict:
         ids = [engine.add_request([rng.randrange(vocab) for _ in range(args.context)], max_tokens=1024, temperature=0,
                                   ignore_eos=True) for _ in range(bs)]
         requests = [engine._by_id[i] for i in ids]
-        engine.drafter.propose = lambda reqs, limits: [[] for _ in reqs]  # prefill and one decode, no guesses
+        engine.speculator.drafter.propose = lambda reqs, limits: [[] for _ in reqs]  # prefill and one decode, no guesses
         while any(not r.output_ids for r in requests):
             engine.step()
         for k in args.guesses:

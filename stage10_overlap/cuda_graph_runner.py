@@ -184,7 +184,7 @@ class CudaGraphRunner:
         """Record every batch bucket for short sequences, largest first (smaller graphs then
         reuse the memory of larger ones in the shared pool)."""
         for i, bs in enumerate(reversed(self.batch_sizes)):
-            self.graph_for(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE))
+            self.graph_for(GraphKey(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE)))
             if progress:
                 print(f"\rcapturing CUDA graphs: {i + 1}/{len(self.batch_sizes)} (bs {bs})", end="", file=sys.stderr)
         if progress:
@@ -202,9 +202,10 @@ class CudaGraphRunner:
         bs = next(size for size in self.batch_sizes if size >= seqs)
         return GraphKey(bs, key_bucket(batch.sizes.total_keys + bs - seqs))  # each padding row reads one key
 
-    def graph_for(self, bs: int, keys: int) -> DecodeGraph:
+    def graph_for(self, key: GraphKey) -> DecodeGraph:
         """The graph of this bucket, recorded now if this is its first use."""
-        if (bs, keys) not in self.graphs:
+        if key not in self.graphs:
+            bs, keys = key
             start, reserved = time.perf_counter(), self._reserved()
             # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
             self.inputs[:, :bs] = self.padding_inputs
@@ -215,11 +216,11 @@ class CudaGraphRunner:
                 attention.begin_step()
                 return self.model(self.input_ids[:bs], self.positions[:bs], attention)
 
-            self.graphs[bs, keys] = DecodeGraph(forward, self.capture, self.memory_pool)
-            self.graphs[bs, keys].attention = attention  # its plan, for inspection
+            graph = self.graphs[key] = DecodeGraph(forward, self.capture, self.memory_pool)
+            graph.attention = attention  # its plan, for inspection
             self.capture_seconds += time.perf_counter() - start
             self.memory_bytes += self._reserved() - reserved
-        return self.graphs[bs, keys]
+        return self.graphs[key]
 
     def run(self, batch: ForwardBatch, bucket: GraphKey) -> torch.Tensor:
         """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
@@ -228,8 +229,8 @@ class CudaGraphRunner:
         one fill of the padding columns; the graph computes the rest.
         Page-table updates were applied by the caller.
         """
-        bs, keys = bucket
-        graph = self.graph_for(bs, keys)
+        bs = bucket.batch_size
+        graph = self.graph_for(bucket)
         n = batch.sizes.num_seqs
         self.input_ids[:n] = batch.input_ids
         self.positions[:n] = batch.positions

@@ -225,9 +225,9 @@ class CudaGraphRunner:
         reuse the memory of larger ones in the shared pool)."""
         for i, bs in enumerate(reversed(self.batch_sizes)):
             if self.runs and bs > 1:
-                self.graph_for(bs, 0, 1)
+                self.graph_for(GraphKey(bs, 0, 1))
             else:
-                self.graph_for(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE), 0)
+                self.graph_for(GraphKey(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE), 0))
             if progress:
                 print(f"\rcapturing CUDA graphs: {i + 1}/{len(self.batch_sizes)} (bs {bs})", end="", file=sys.stderr)
         if progress:
@@ -248,9 +248,10 @@ class CudaGraphRunner:
             return GraphKey(bs, 0, batch.sizes.run_slots) if batch.sizes.run_slots <= MAX_RUN_SLOTS else None
         return GraphKey(bs, key_bucket(batch.sizes.total_keys + bs - seqs), 0)  # each padding row reads one key
 
-    def graph_for(self, bs: int, keys: int, run_slots: int) -> DecodeGraph:
+    def graph_for(self, key: GraphKey) -> DecodeGraph:
         """The graph of this bucket, recorded now if this is its first use."""
-        if (bs, keys, run_slots) not in self.graphs:
+        if key not in self.graphs:
+            bs, keys, run_slots = key
             start, reserved = time.perf_counter(), self._reserved()
             # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
             self.inputs[:, :bs] = self.padding_inputs
@@ -267,11 +268,11 @@ class CudaGraphRunner:
                 attention.begin_step()
                 return self.model(self.input_ids[:bs], self.positions[:bs], attention)
 
-            self.graphs[bs, keys, run_slots] = DecodeGraph(forward, self.capture, self.memory_pool)
-            self.graphs[bs, keys, run_slots].attention = attention  # its plan, for inspection
+            graph = self.graphs[key] = DecodeGraph(forward, self.capture, self.memory_pool)
+            graph.attention = attention  # its plan, for inspection
             self.capture_seconds += time.perf_counter() - start
             self.memory_bytes += self._reserved() - reserved
-        return self.graphs[bs, keys, run_slots]
+        return self.graphs[key]
 
     def _pad_runs(self, n: int, bs: int, run_slots: int) -> None:
         """Rows ``n .. bs - 1`` are padding: one run of one key at the padding slot, then empty runs."""
@@ -288,8 +289,8 @@ class CudaGraphRunner:
         computes the rest.
         Page-table updates were applied by the caller.
         """
-        bs, keys, run_slots = bucket
-        graph = self.graph_for(bs, keys, run_slots)
+        bs, run_slots = bucket.batch_size, bucket.run_slots
+        graph = self.graph_for(bucket)
         n = batch.sizes.num_seqs
         self.input_ids[:n] = batch.input_ids
         self.positions[:n] = batch.positions

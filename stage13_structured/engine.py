@@ -382,29 +382,11 @@ class Engine:
                 request.append_token(token)
                 self.generated_tokens += 1
                 if request.grammar is not None:
-                    self._follow_grammar(request, token)
+                    self.generated_tokens += request.grammar.follow(request, token, self.jump_forward)
         for request in launched.requests:
             if not request.finished:
                 self.runner.cache_unfinished(request)
         self.scheduler.retire_finished()
-
-    def _follow_grammar(self, request: Request, token: int) -> None:
-        """Advance the request's grammar past its new token; append the tokens the grammar then
-        forces (jump-forward: the next step feeds them in one forward); end the request once the
-        grammar is complete."""
-        grammar = request.grammar
-        if request.finished:  # a stop rule ended it (EOS: the grammar allowed it, so it was complete)
-            return
-        grammar.accept(token)
-        # Forced tokens carry no sampling step, so a request that wants log-probabilities samples each one.
-        if self.jump_forward and not grammar.done and not request.params.return_logprob:
-            for forced in grammar.forced_tokens(request.params.max_tokens - request.num_generated):
-                request.append_token(forced)
-                self.generated_tokens += 1
-                if request.finished:
-                    return
-        if grammar.done:
-            request.finish_by_grammar()
 
     def _drain(self) -> None:
         """Read the step in flight, if any (before changes that must see every token)."""

@@ -124,6 +124,25 @@ class RequestGrammar:
             raise RuntimeError(f"forced tokens broke the grammar: {self.matcher.get_error()}")
         return forced
 
+    def follow(self, request, token: int, jump_forward: bool) -> int:
+        """Advance past the request's new ``token``; with ``jump_forward``, append the tokens the
+        grammar then forces (the next step feeds them in one forward); end the request once the
+        grammar is complete. Returns how many tokens it appended."""
+        if request.finished:  # a stop rule ended it (EOS: the grammar allowed it, so it was complete)
+            return 0
+        self.accept(token)
+        appended = 0
+        # Forced tokens carry no sampling step, so a request that wants log-probabilities samples each one.
+        if jump_forward and not self.done and not request.params.return_logprob:
+            for forced in self.forced_tokens(request.params.max_tokens - request.num_generated):
+                request.append_token(forced)
+                appended += 1
+                if request.finished:
+                    return appended
+        if self.done:
+            request.finish_by_grammar()
+        return appended
+
     def valid_prefix(self, draft: list[int]) -> list[int]:
         """The leading guesses of a draft that the grammar allows (the matcher is left as it was)."""
         return draft[: self.matcher.validate_tokens(draft)] if draft else draft

@@ -29,8 +29,8 @@ the host while the device runs the forward.
 Stage 14: a request may carry a draft, guesses of its next tokens
 (``ngram_draft.py``, ``draft_model.py``). It feeds its newest token and the
 guesses as one causal chunk, every row of the chunk gets logits, and
-``spec_verify.py`` keeps the guesses the target agrees with, plus one token
-of the target's own. ``truncate_cache`` gives back the pages of the rest.
+``speculative_step.py`` keeps the guesses the target agrees with, plus one
+token of the target's own. ``truncate_cache`` gives back the pages of the rest.
 """
 
 import itertools
@@ -50,14 +50,14 @@ from . import page_runs  # its thresholds are read as page_runs.X, so a test can
 from .cuda_graph_runner import CudaGraphRunner
 from .engine_args import EngineArgs
 from .forward_batch import ForwardBatch
-from .grammar import apply_draft_masks, apply_grammar_masks
+from .grammar import apply_grammar_masks
 from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
 from .page_allocator import PageAllocator
 from .page_runs import pack_runs, token_runs
 from .parallel import TensorParallelShard, broadcast_batch, rank_device, tp_group_active
 from .radix_cache import RadixCache
 from .request import Request
-from .spec_verify import verify, verify_tree
+from .speculative_step import tree_layout, verify_drafts
 
 CPU_KV_CACHE_BYTES = 512 << 20  # default pool on CPU; on CUDA a fraction of free memory
 CUDA_FREE_MEMORY_FRACTION = 0.8  # the rest is headroom for activations (long prefills)
@@ -309,7 +309,7 @@ class ModelRunner:
         if self.parallel and tp_group_active():
             broadcast_batch(batch, self.device)  # the other ranks run the same forward on their shards
         trees = [i for i in verifying if requests[i].draft_parents is not None]
-        rope_positions, tree_masks = self.tree_layout(requests, new_lengths, seq_lens, trees, positions) if trees else (None, None)
+        rope_positions, tree_masks = tree_layout(requests, new_lengths, seq_lens, trees, positions, self.device) if trees else (None, None)
         logits = self.forward(batch, rope_positions, tree_masks)
         verified, tree_tokens, in_place = None, {}, {}
         if scored or verifying:
@@ -325,53 +325,14 @@ class ModelRunner:
                     self.sampler.record_prompt_logprobs(logits[scored_at], scored)
                 drafted, logits = logits[drafted_at], logits[last_at]
             if verifying:
-                verifying, verified, tree_tokens, in_place = self.verify_drafts(requests, verifying, drafted, trees)
+                verifying, verified, tree_tokens, in_place = verify_drafts(requests, verifying, drafted, trees, self.sampler,
+                                                                           self.device)
         if complete:
             apply_grammar_masks(logits, [requests[i].grammar for i in complete])
         sampled = self.sampler(logits, [requests[i].sampling for i in complete]) if complete else None
         self.last_sampled = sampled
         self.last_sampled_index = {requests[i].id: j for j, i in enumerate(complete)}
         return LaunchedStep(requests, complete, sampled, verifying, verified, tree_tokens, in_place)
-
-    def verify_drafts(self, requests: list[Request], verifying: list[int], drafted: torch.Tensor, trees: list[int]):
-        """Stage 14: check each verifying request's guesses against the target's logits of their rows
-        (``drafted``). Trees are checked on the host, one request at a time; chains as one batch.
-        Returns the chain requests, their ``(tokens, accepted)`` on the device, and each tree's tokens
-        and kept guesses on the chain."""
-        verified, tree_tokens, in_place = None, {}, {}
-        drafts = [requests[i].draft for i in verifying]
-        apply_draft_masks(drafted, [requests[i].grammar for i in verifying], drafts)
-        if trees:
-            offsets = list(itertools.accumulate([0] + [len(d) + 1 for d in drafts]))
-            for k, i in enumerate(verifying):
-                if i in trees:
-                    tree_tokens[i], in_place[i] = verify_tree(drafted[offsets[k] : offsets[k + 1]], drafts[k],
-                                                              requests[i].draft_parents, requests[i].sampling, self.sampler)
-            chains = [k for k, i in enumerate(verifying) if i not in trees]
-            (chain_rows,) = copy_to_device([[r for k in chains for r in range(offsets[k], offsets[k + 1])]], self.device)
-            verifying, drafts, drafted = [verifying[k] for k in chains], [drafts[k] for k in chains], drafted[chain_rows]
-        if verifying:
-            verified = verify(drafted, drafts, [requests[i].sampling for i in verifying], self.sampler)
-        return verifying, verified, tree_tokens, in_place
-
-    def tree_layout(self, requests: list[Request], new_lengths: list[int], seq_lens: list[int], trees: list[int],
-                    positions: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Where a draft tree's guesses sit. Their K/V take the chunk's slots in order, but each
-        guess's position (for RoPE) is its depth in the tree, and it sees the prefix, the newest
-        token and its own ancestors only. Returns the positions for RoPE and, per tree, its mask
-        ``[new tokens, keys]``."""
-        rope, masks, ends = list(positions), {}, list(itertools.accumulate(new_lengths))
-        for i in trees:
-            parents, first, start = requests[i].draft_parents, ends[i] - new_lengths[i], seq_lens[i] - new_lengths[i]
-            mask = torch.zeros(new_lengths[i], seq_lens[i], dtype=torch.bool)
-            mask[:, : start + 1] = True  # the prefix and the newest token
-            for j, parent in enumerate(parents):
-                mask[j + 1, start + 1 + j] = True  # itself
-                mask[j + 1] |= mask[parent + 1] if parent >= 0 else mask[0]  # what its parent sees
-                rope[first + 1 + j] = rope[first + 1 + parent] + 1 if parent >= 0 else start + 1
-            masks[i] = mask.to(self.device)
-        (rope_positions,) = copy_to_device([rope], self.device)
-        return rope_positions, masks
 
     def decode_runs(self, requests: list[Request], seq_lens: list[int]) -> tuple[int, list[int], list[int]]:
         """Where each sequence's keys lie: its page runs as pool slot ranges, padded with empty

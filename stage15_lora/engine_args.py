@@ -12,13 +12,12 @@ import torch
 
 from common.settings import Settings, at_least, positive, positive_number, setting
 
-from .lora_adapter import TARGET_MODULES
+from .lora_adapter import TARGET_MODULES, adapter_folders
 from .lora_layers import LORA_BACKENDS, grouped_mm_works
 from .lora_pool import DEFAULT_MAX_LORAS_PER_BATCH
 from .schedule_policy import POLICIES
+from .speculative_args import speculative_guesses
 
-SPECULATIVE_ALGORITHMS = ("NGRAM", "STANDALONE")  # SGLang's names; EAGLE needs a trained head (see draft_model.py)
-DEFAULT_DRAFT_TOKENS = 4  # tokens a verify feeds per request by default: the newest and 3 guesses
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("runs", "gather")  # decode attention: in place over page runs, or over a gathered copy
 
@@ -147,58 +146,3 @@ def multi_node_settings(nnodes, node_rank, dist_init_addr, world: int, device: t
     return ranks_per_node
 
 
-def speculative_guesses(args: EngineArgs) -> int:
-    """Check the speculative settings; return how many guesses a verify feeds per request (0: none).
-
-    As in SGLang, ``num_draft_tokens`` counts every token a verify feeds per
-    request, the newest real one included: a chain of ``num_steps`` draft
-    steps feeds ``num_steps + 1``; a tree (``eagle_topk`` above 1: each step's
-    guess and its ``topk - 1`` alternatives) feeds ``num_steps * topk + 1``.
-    Give either, or both when they agree.
-    """
-    algorithm, draft_model_path = args.speculative_algorithm, args.speculative_draft_model_path
-    num_steps, num_draft_tokens, eagle_topk = (args.speculative_num_steps, args.speculative_num_draft_tokens,
-                                               args.speculative_eagle_topk)
-    if algorithm is None:
-        if any(v is not None for v in (draft_model_path, num_steps, num_draft_tokens, eagle_topk)):
-            raise ValueError("speculative settings were given without speculative_algorithm; "
-                             f"set it to one of {list(SPECULATIVE_ALGORITHMS)}")
-        return 0
-    if algorithm in ("EAGLE", "EAGLE3"):
-        raise ValueError(f"speculative_algorithm={algorithm!r} needs a trained draft head, which this stage does not load; "
-                         f"use {list(SPECULATIVE_ALGORITHMS)}")
-    if algorithm not in SPECULATIVE_ALGORITHMS:
-        raise ValueError(f"speculative_algorithm={algorithm!r} is not one of {list(SPECULATIVE_ALGORITHMS)}")
-    if (algorithm == "STANDALONE") != (draft_model_path is not None):
-        raise ValueError("speculative_draft_model_path is needed with STANDALONE, and only there")
-    topk = eagle_topk or 1
-    if topk > 1 and max(args.tp_size, args.ep_size) > 1:
-        raise ValueError("speculative_eagle_topk above 1 (draft trees) runs on one rank; use tp_size=1 and ep_size=1")
-    if topk > 1 and algorithm != "STANDALONE":
-        raise ValueError(f"speculative_eagle_topk={topk}: draft trees come from a draft model (STANDALONE); "
-                         "NGRAM guesses one chain")
-    if num_steps is not None and num_draft_tokens is not None and num_draft_tokens != num_steps * topk + 1:
-        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be speculative_num_steps x "
-                         f"speculative_eagle_topk + 1 = {num_steps * topk + 1} (it counts the newest token too)")
-    if num_draft_tokens is not None and (num_draft_tokens < 2 or (num_draft_tokens - 1) % topk):
-        raise ValueError(f"speculative_num_draft_tokens={num_draft_tokens} must be 1 + a positive multiple of "
-                         f"speculative_eagle_topk ({topk}): the newest token and topk guesses per step")
-    return num_steps if num_steps is not None else ((num_draft_tokens or DEFAULT_DRAFT_TOKENS) - 1) // topk
-
-
-def adapter_folders(lora_paths, max_lora_rank) -> dict[str, str] | None:
-    """The adapters to serve as {name: folder}.
-
-    ``lora_paths`` is a dict, or SGLang's command-line form: a list of
-    ``name=path`` (or a bare path, which is also its name).
-    """
-    if lora_paths is None:
-        return None
-    if isinstance(lora_paths, (list, tuple)):
-        pairs = [item.split("=", 1) if isinstance(item, str) and "=" in item else [item, item] for item in lora_paths]
-        lora_paths = dict(pairs)
-    if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in lora_paths.items()):
-        raise ValueError("lora_paths must map adapter names to folders ({name: path}, or a list of 'name=path')")
-    if not lora_paths and max_lora_rank is None:
-        raise ValueError("lora_paths is empty: give adapters, or max_lora_rank to load them later")
-    return lora_paths

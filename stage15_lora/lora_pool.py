@@ -167,6 +167,22 @@ class LoRAPool:
         return DELTAS[self.backend](out, x, a, b, self.rows)
 
 
+def request_adapters(lora_path, count: int, pool: LoRAPool | None) -> list[str | None]:
+    """The adapter of each of ``count`` prompts: ``lora_path`` is one adapter name (or None) for
+    all of them, or a list with one per prompt. ``ValueError`` for a name ``pool`` does not serve."""
+    names = list(lora_path) if isinstance(lora_path, (list, tuple)) else [lora_path] * count
+    if len(names) != count:
+        raise ValueError(f"lora_path has {len(names)} entries for {count} prompts; give one per prompt")
+    for name in names:
+        if name is None:
+            continue
+        if pool is None:
+            raise ValueError(f"lora_path={name!r}, but this engine serves no LoRA adapters; start it with lora_paths")
+        if name not in pool.adapters:
+            raise ValueError(f"no LoRA adapter named {name!r} is loaded (loaded: {sorted(pool.adapters)})")
+    return names
+
+
 def resolve_target_modules(target_modules, adapters_modules: list[list[str]]) -> list[str]:
     """``lora_target_modules``: given names, "all", or (None) those the start-up adapters use."""
     if target_modules is None:

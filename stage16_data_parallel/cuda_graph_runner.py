@@ -264,9 +264,9 @@ class CudaGraphRunner:
         reuse the memory of larger ones in the shared pool)."""
         for i, bs in enumerate(reversed(self.batch_sizes)):
             if self.runs and bs > 1:
-                self.graph_for(bs, 0, 1, 1)
+                self.graph_for(GraphKey(bs, 0, 1))
             else:
-                self.graph_for(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE), 0, 1)
+                self.graph_for(GraphKey(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE), 0))
             if progress:
                 print(f"\rcapturing CUDA graphs: {i + 1}/{len(self.batch_sizes)} (bs {bs})", end="", file=sys.stderr)
         if progress:
@@ -290,12 +290,13 @@ class CudaGraphRunner:
         if width > 1:
             return GraphKey(bs, key_bucket(batch.sizes.total_keys + (bs - seqs) * width), 0, width, lora)  # a padding row reads its own
         if batch.sizes.run_slots and bs > 1:
-            return GraphKey(bs, 0, batch.sizes.run_slots, 1, lora) if batch.sizes.run_slots <= MAX_RUN_SLOTS else None
-        return GraphKey(bs, key_bucket(batch.sizes.total_keys + bs - seqs), 0, 1, lora)  # each padding row reads one key
+            return GraphKey(bs, 0, batch.sizes.run_slots, lora=lora) if batch.sizes.run_slots <= MAX_RUN_SLOTS else None
+        return GraphKey(bs, key_bucket(batch.sizes.total_keys + bs - seqs), 0, lora=lora)  # each padding row reads one key
 
-    def graph_for(self, bs: int, keys: int, run_slots: int, width: int = 1, lora: bool = False) -> DecodeGraph:
+    def graph_for(self, key: GraphKey) -> DecodeGraph:
         """The graph of this bucket, recorded now if this is its first use."""
-        if (bs, keys, run_slots, width, lora) not in self.graphs:
+        if key not in self.graphs:
+            bs, keys, run_slots, width, lora = key
             start, reserved = time.perf_counter(), self._reserved()
             # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
             self.inputs[:, :bs] = self.padding_inputs
@@ -324,11 +325,11 @@ class CudaGraphRunner:
                 finally:
                     self.lora.begin(None)
 
-            graph = self.graphs[bs, keys, run_slots, width, lora] = DecodeGraph(forward, self.capture, self.memory_pool)
+            graph = self.graphs[key] = DecodeGraph(forward, self.capture, self.memory_pool)
             graph.attention = attention  # its plan, for inspection
             self.capture_seconds += time.perf_counter() - start
             self.memory_bytes += self._reserved() - reserved
-        return self.graphs[bs, keys, run_slots, width, lora]
+        return self.graphs[key]
 
     def _pad_verify(self, n: int, bs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Verify rows ``n .. bs - 1`` are padding: tokens 0 at positions ``0 .. width - 1`` of the
@@ -355,8 +356,8 @@ class CudaGraphRunner:
         computes the rest.
         Page-table updates were applied by the caller.
         """
-        bs, keys, run_slots, width, lora = bucket
-        graph = self.graph_for(bs, keys, run_slots, width, lora)
+        bs, run_slots, width, lora = bucket.batch_size, bucket.run_slots, bucket.width, bucket.lora
+        graph = self.graph_for(bucket)
         n = batch.sizes.num_seqs
         if lora:  # base rows and padding rows: slot 0
             self.lora_slots[: bs * width] = 0

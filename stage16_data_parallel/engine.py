@@ -32,16 +32,16 @@ appended without sampling (``disable_jump_forward`` turns that off).
 Stage 14 decodes speculatively (``speculative_algorithm``): before each
 step, cheap guesses of every decoding request's next tokens (its own
 n-grams, or a small draft model); the step verifies them all in one target
-forward and keeps what the target agrees with (``spec_verify.py``), so a
-request may gain several tokens per forward with exactly the same output.
+forward and keeps what the target agrees with (``speculation.py``,
+``spec_verify.py``), so a request may gain several tokens per forward with
+exactly the same output.
 Stage 15 serves LoRA adapters on the one base model (``lora_paths``): each
 request names its adapter (``lora_path``) or none, and one batch mixes them
 (``lora_pool.py``, ``lora_layers.py``). Stage 16 scales out: the server runs
-``dp_size`` of these engines as replicas (``tokenizer_manager.py``,
+``dp_size`` of these engines as replicas (``data_parallel_controller.py``,
 ``router.py``).
 """
 
-import dataclasses
 import functools
 import gc
 import threading
@@ -52,16 +52,16 @@ import torch
 from common.memory import out_of_memory_error
 from common.tokenizer import Tokenizer
 
-from .draft_model import DraftModelWorker
-from .engine_args import EngineArgs, speculative_guesses
+from .engine_args import EngineArgs
 from .grammar import GrammarBackend, RequestGrammar
+from .lora_pool import request_adapters
 from .model_runner import LaunchedStep, ModelRunner
-from .ngram_draft import NgramDrafter
 from .parallel import WorkerFailure, WorkerGroup
 from .request import GenerateOutput, Request
 from .sampling_params import SamplingParams
 from .schedule_policy import SchedulePolicy
 from .scheduler import Scheduler
+from .speculation import make_speculator
 
 # What a user can change when a step does not fit in device memory (common/memory.py).
 OUT_OF_MEMORY_HINT = "give activations more room (a smaller kv_cache_bytes) or prefill in smaller chunks (chunked_prefill_size)"
@@ -77,8 +77,6 @@ class Engine:
     def __init__(self, model_path: str | None = None, **kwargs):
         """``kwargs`` are EngineArgs' fields (engine_args.py), the command line's flags with underscores."""
         self.args = args = EngineArgs.from_kwargs(model_path=model_path, **kwargs)
-        self.num_guesses = speculative_guesses(args)
-        self.topk = args.speculative_eagle_topk or 1
         world = max(args.tp_size, args.ep_size)  # the expert-parallel ranks are the tensor-parallel ranks
         self.device = args.device
         ranks_per_node = args.ranks_per_node()
@@ -88,19 +86,7 @@ class Engine:
         # Any rank's runner, on any node: make_runner(tp_rank=...).
         make_runner = functools.partial(ModelRunner, args, ranks_per_node=ranks_per_node)
         self.runner = make_runner(tp_rank=0)
-        self.drafter = None
-        if args.speculative_algorithm == "NGRAM":
-            self.drafter = NgramDrafter()
-        elif args.speculative_algorithm == "STANDALONE":  # on rank 0 only, with as many pages as the target's pool
-            draft_args = dataclasses.replace(args, model_path=args.speculative_draft_model_path, kv_cache_bytes=None,
-                                             disable_radix_cache=True, tp_size=1, ep_size=1, lora_paths=None,
-                                             max_lora_rank=None, nnodes=1, dist_init_addr=None)
-            draft = ModelRunner(draft_args, num_pages=self.runner.allocator.num_pages)
-            if draft.config.vocab_size != self.runner.config.vocab_size:
-                raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the target's "
-                                 f"({self.runner.config.vocab_size}); a draft model must share the target's tokenizer")
-            draft.init_cuda_graphs(progress=False)
-            self.drafter = DraftModelWorker(draft, self.runner.config.max_position_embeddings, self.topk)
+        self.speculator = make_speculator(args, self.runner)  # None unless speculative_algorithm is set
         self.lora_paths = dict(args.lora_paths or {})  # adapters being served: name -> folder
         self.workers, self.worker_failure = None, None  # worker_failure: why a worker failed, once one has
         if world > 1:  # ranks 1.. load their shards in their own processes, with rank 0's pool size
@@ -121,8 +107,7 @@ class Engine:
         self._lock = threading.RLock()  # one step at a time, whichever caller drives it
         self._by_id: dict[int, Request] = {}  # requests added with add_request, until collected
         # A draft needs the tokens of the step before it, so speculative steps are not overlapped.
-        self.overlap = not args.disable_overlap_schedule and self.drafter is None
-        self.spec_verify_ct = self.spec_tokens = 0  # verify forwards per request, and the tokens they gave
+        self.overlap = not args.disable_overlap_schedule and self.speculator is None
         self.in_flight: LaunchedStep | None = None  # the launched step whose tokens are not read yet
         self.generated_tokens = 0  # tokens sampled and read since start (the server's throughput metric)
 
@@ -225,8 +210,8 @@ class Engine:
                 "pages_used": total - free - cached,
                 "pages_cached": cached,
                 "generated_tokens": self.generated_tokens,
-                "spec_verify_ct": self.spec_verify_ct,
-                "spec_tokens": self.spec_tokens,
+                "spec_verify_ct": self.speculator.spec_verify_ct if self.speculator else 0,
+                "spec_tokens": self.speculator.spec_tokens if self.speculator else 0,
             }
 
     def load_lora_adapter(self, lora_name: str, lora_path: str) -> None:
@@ -273,7 +258,7 @@ class Engine:
         if getattr(self, "workers", None) is not None:
             self.workers.shutdown(graceful=self.worker_failure is None)
             self.workers = None
-        self.runner = self.scheduler = self.drafter = None
+        self.runner = self.scheduler = self.speculator = None
         if self.device.type == "cuda":
             gc.collect()  # recorded graphs and the closures they replay form cycles that hold the KV pool
             torch.cuda.empty_cache()
@@ -292,7 +277,7 @@ class Engine:
             raise ValueError("this engine was shut down; create a new Engine")
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of texts or token-id lists")
-        adapters = self._request_adapters(kwargs.pop("lora_path", None), len(prompts))
+        adapters = request_adapters(kwargs.pop("lora_path", None), len(prompts), self.runner.lora)
         if isinstance(sampling_params, (list, tuple)):
             if kwargs or len(sampling_params) != len(prompts):
                 raise ValueError("give one SamplingParams per prompt, and no extra keywords")
@@ -312,20 +297,6 @@ class Engine:
             request.grammar = RequestGrammar(matcher) if matcher is not None else None
             request.lora_path = adapter
         return requests
-
-    def _request_adapters(self, lora_path, count: int) -> list[str | None]:
-        """``lora_path``: one adapter name (or None) for every prompt, or a list with one per prompt."""
-        names = list(lora_path) if isinstance(lora_path, (list, tuple)) else [lora_path] * count
-        if len(names) != count:
-            raise ValueError(f"lora_path has {len(names)} entries for {count} prompts; give one per prompt")
-        for name in names:
-            if name is None:
-                continue
-            if self.runner.lora is None:
-                raise ValueError(f"lora_path={name!r}, but this engine serves no LoRA adapters; start it with lora_paths")
-            if name not in self.runner.lora.adapters:
-                raise ValueError(f"no LoRA adapter named {name!r} is loaded (loaded: {sorted(self.runner.lora.adapters)})")
-        return names
 
     def _check_fits_pool(self, request: Request) -> None:
         """A request that needs more pages than the whole pool could never run: refuse it now."""
@@ -434,8 +405,8 @@ class Engine:
         if self.in_flight is not None and any(r.grammar is not None for r in self.in_flight.requests):
             # A grammar's next mask needs the token in flight: read it before the next step is formed.
             self._drain()
-        if self.drafter is not None:
-            self._propose_drafts()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running, self.context_length)
         batch, new_lengths = self.scheduler.next_batch()
         try:
             launched = self.runner.launch(batch, new_lengths) if batch else None
@@ -463,93 +434,23 @@ class Engine:
                 continue
             request.pending_tokens -= 1
             if request.draft:
-                self._keep_verified(request, len(tokens), launched.in_place.get(i))
+                self.speculator.keep_verified(request, len(tokens), launched.in_place.get(i))
             for j, token in enumerate(tokens):
                 if request.finished:  # a stop rule ended it on an earlier token: the rest are dropped
                     break
                 request.append_token(token)
                 self.generated_tokens += 1
                 if request.grammar is not None:  # (jump-forward after the last: the draft's rows held the rest)
-                    self._follow_grammar(request, token, jump=j == len(tokens) - 1)
-            if self.drafter is not None:  # ended on a kept guess: no K/V past its tokens is trusted
+                    self.generated_tokens += request.grammar.follow(request, token,
+                                                                    self.jump_forward and j == len(tokens) - 1)
+            if self.speculator is not None:  # ended on a kept guess: no K/V past its tokens is trusted
                 request.num_cached = min(request.num_cached, len(request.all_ids))
         for request in launched.requests:
             if not request.finished:
                 self.runner.cache_unfinished(request)
         self.scheduler.retire_finished()
-        if self.drafter is not None:
-            self.drafter.retain(self.scheduler.running)
-
-    def _propose_drafts(self) -> None:
-        """Guess the next tokens of every request that decodes next step; the step verifies them.
-
-        A draft never runs past what the request may still generate (its
-        max_tokens and the context, counting the target's own token after the
-        guesses), and a constrained request keeps only the guesses its grammar
-        allows. Requests that penalize repeats or return log-probabilities
-        decode one token at a time.
-        """
-        ready, limits = [], []
-        for request in self.scheduler.running:
-            request.draft, request.draft_parents = [], None
-            if (request.num_cached == request.seq_len - 1 and request.num_generated and not request.finished
-                    and not request.params.uses_penalties and not request.params.return_logprob):
-                ready.append(request)
-                limits.append(min(self.num_guesses, request.params.max_tokens - request.num_generated - 1,
-                                  self.context_length - request.seq_len - 1))
-        for request, draft in zip(ready, self.drafter.propose(ready, limits) if ready else []):
-            request.draft = request.grammar.valid_prefix(draft) if request.grammar is not None else draft
-            if self.topk > 1 and request.grammar is None and request.draft:
-                self._grow_tree(request)
-        # A verify replays a CUDA graph when every row has the same width: pad the drafts with
-        # guesses that are never kept (-1), as long as each fits below the context.
-        if (self.runner.graphs is not None and self.topk == 1 and any(r.draft for r in ready)
-                and all(r.seq_len + self.num_guesses < self.context_length for r in ready)):
-            for request in ready:
-                request.draft += [-1] * (self.num_guesses - len(request.draft))
-
-    def _grow_tree(self, request: Request) -> None:
-        """Turn the request's chain of guesses into a draft tree: after the chain, each depth's
-        alternatives (the draft model's next best tokens there), each following the chain's guess
-        before it. A tree's guesses never overshoot: at most one token per depth is kept."""
-        chain = request.draft
-        alternatives = self.drafter.alternatives.get(request.id, [])[: len(chain)]
-        request.draft_parents = list(range(-1, len(chain) - 1))
-        for depth, tokens in enumerate(alternatives):
-            request.draft = request.draft + tokens
-            request.draft_parents += [depth - 1] * len(tokens)
-
-    def _keep_verified(self, request: Request, gained: int, in_place: int | None) -> None:
-        """After a verify: the request's K/V is trusted up to its newest token and the guesses kept
-        in place (a chain's kept guesses, ``gained - 1``; of a tree's, those on its chain). The
-        pages of the rest go back to the pool. A kept alternative and the token after it are fed
-        again next step, as a chunk."""
-        kept = gained - 1 if in_place is None else in_place
-        request.num_cached -= len(request.draft) - kept
-        request.draft, request.draft_parents = [], None
-        self.runner.truncate_cache(request)
-        request.spec_verify_ct += 1
-        request.spec_tokens += gained
-        self.spec_verify_ct += 1
-        self.spec_tokens += gained
-
-    def _follow_grammar(self, request: Request, token: int, jump: bool = True) -> None:
-        """Advance the request's grammar past its new token; append the tokens the grammar then
-        forces (jump-forward: the next step feeds them in one forward); end the request once the
-        grammar is complete."""
-        grammar = request.grammar
-        if request.finished:  # a stop rule ended it (EOS: the grammar allowed it, so it was complete)
-            return
-        grammar.accept(token)
-        # Forced tokens carry no sampling step, so a request that wants log-probabilities samples each one.
-        if jump and self.jump_forward and not grammar.done and not request.params.return_logprob:
-            for forced in grammar.forced_tokens(request.params.max_tokens - request.num_generated):
-                request.append_token(forced)
-                self.generated_tokens += 1
-                if request.finished:
-                    return
-        if grammar.done:
-            request.finish_by_grammar()
+        if self.speculator is not None:
+            self.speculator.retain(self.scheduler.running)
 
     def _drain(self) -> None:
         """Read the step in flight, if any (before changes that must see every token)."""

@@ -106,3 +106,21 @@ def _shape(config: ModelConfig, projection: str) -> tuple[int, int]:
     q, kv, inter = config.num_attention_heads * d, config.num_key_value_heads * d, config.intermediate_size
     return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
             "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}[projection]
+
+
+def adapter_folders(lora_paths, max_lora_rank) -> dict[str, str] | None:
+    """The adapters to serve as {name: folder}.
+
+    ``lora_paths`` is a dict, or SGLang's command-line form: a list of
+    ``name=path`` (or a bare path, which is also its name).
+    """
+    if lora_paths is None:
+        return None
+    if isinstance(lora_paths, (list, tuple)):
+        pairs = [item.split("=", 1) if isinstance(item, str) and "=" in item else [item, item] for item in lora_paths]
+        lora_paths = dict(pairs)
+    if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in lora_paths.items()):
+        raise ValueError("lora_paths must map adapter names to folders ({name: path}, or a list of 'name=path')")
+    if not lora_paths and max_lora_rank is None:
+        raise ValueError("lora_paths is empty: give adapters, or max_lora_rank to load them later")
+    return lora_paths

@@ -23,7 +23,7 @@ text = engine.tokenizer.decode
 
 # Record what each step guessed and how many pages each verify gave back.
 guesses, given_back = [], []
-propose, truncate = engine.drafter.propose, engine.runner.truncate_cache
+propose, truncate = engine.speculator.drafter.propose, engine.runner.truncate_cache
 
 
 def recording_propose(requests, limits):
@@ -38,7 +38,7 @@ def recording_truncate(request):
     given_back.append(held - len(request.page_table))
 
 
-engine.drafter.propose = recording_propose
+engine.speculator.drafter.propose = recording_propose
 engine.runner.truncate_cache = recording_truncate
 
 # %% [markdown]

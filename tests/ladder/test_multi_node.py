@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,11 +31,13 @@ def free_port() -> int:
     return importlib.import_module(f"{STAGES[-1]}.parallel").free_port()
 
 
-def start_node_1(stage: str, model: str, address: str) -> subprocess.Popen:
-    """The second machine's command, in a session of its own (so a test can end it, workers and all)."""
-    return subprocess.Popen([sys.executable, "-m", stage, "--model-path", model, "--device", "cpu",
-                             "--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", address],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+def start_node_1(stage: str, model: str, address: str, log: Path) -> subprocess.Popen:
+    """The second machine's command, in a session of its own (so a test can end it, workers and all).
+    Its output goes to a file: an unread pipe would stop a node that prints more than the pipe holds."""
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", stage, "--model-path", model, "--device", "cpu",
+                                 "--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", address],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def end(node: subprocess.Popen) -> None:
@@ -46,19 +49,19 @@ def end(node: subprocess.Popen) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", MULTI_NODE_STAGES[:1])
-def test_two_nodes_give_the_tokens_of_two_ranks_on_one(stage, checkpoints):
+def test_two_nodes_give_the_tokens_of_two_ranks_on_one(stage, checkpoints, tmp_path):
     engine_class, _ = engine_of(stage)
     model = str(checkpoints["dense"])
     prompts = [[5, 6, 7, 8], [300, 301]]
     with engine_class(model_path=model, device="cpu", tp_size=2) as one_node:
         expected = [o.token_ids for o in one_node.generate_batch(prompts, **ASK)]
     address = f"127.0.0.1:{free_port()}"
-    node1 = start_node_1(stage, model, address)
+    node1 = start_node_1(stage, model, address, tmp_path / "node1.log")
     try:
         with engine_class(model_path=model, device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address) as node0:
             assert node0.workers.processes == []  # rank 1 runs on the other node
             got = [o.token_ids for o in node0.generate_batch(prompts, **ASK)]
-        assert node1.wait(timeout=60) == 0, node1.stdout.read().decode()[-2000:]  # node 0 ended the group
+        assert node1.wait(timeout=60) == 0, (tmp_path / "node1.log").read_text()[-2000:]  # node 0 ended the group
     finally:
         end(node1)
     assert got == expected
@@ -66,10 +69,10 @@ def test_two_nodes_give_the_tokens_of_two_ranks_on_one(stage, checkpoints):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", MULTI_NODE_STAGES[-1:])
-def test_a_node_that_dies_ends_the_group_with_a_clear_error(stage, checkpoints):
+def test_a_node_that_dies_ends_the_group_with_a_clear_error(stage, checkpoints, tmp_path):
     engine_class, worker_failure = engine_of(stage)
     model, address = str(checkpoints["dense"]), f"127.0.0.1:{free_port()}"
-    node1 = start_node_1(stage, model, address)
+    node1 = start_node_1(stage, model, address, tmp_path / "node1.log")
     try:
         with engine_class(model_path=model, device="cpu", tp_size=2, nnodes=2, node_rank=0, dist_init_addr=address) as node0:
             node0.generate([5, 6, 7], **ASK)

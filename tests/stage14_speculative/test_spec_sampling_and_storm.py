@@ -99,7 +99,7 @@ def test_a_storm_with_speculation_loses_and_leaks_nothing(algorithm, storm_check
         runner = engine.runner
         submitted, outputs_by_id, _ = drive_storm(engine)
         assert len(submitted) > STEPS and outputs_by_id.keys() == submitted.keys(), "a request was lost"
-        assert engine.scheduler.num_retractions > 0 and engine.spec_verify_ct > 0
+        assert engine.scheduler.num_retractions > 0 and engine.speculator.spec_verify_ct > 0
         for rid, (prompt, params) in submitted.items():
             out = outputs_by_id[rid]
             assert len(out.token_ids) <= params.max_tokens
@@ -110,5 +110,5 @@ def test_a_storm_with_speculation_loses_and_leaks_nothing(algorithm, storm_check
         assert radix.locked_pages == 0
         assert runner.allocator.num_free + radix.total_pages == runner.allocator.num_pages, "a page was leaked"
         if algorithm != "NGRAM":
-            assert not engine.drafter.sequences
-            assert engine.drafter.runner.allocator.num_free == engine.drafter.runner.allocator.num_pages
+            assert not engine.speculator.drafter.sequences
+            assert engine.speculator.drafter.runner.allocator.num_free == engine.speculator.drafter.runner.allocator.num_pages

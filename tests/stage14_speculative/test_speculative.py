@@ -65,7 +65,7 @@ def test_standalone_draft_greedy_equals_stage13_and_gives_its_pages_back(draft, 
     with Engine(model_path=target, device="cpu", speculative_algorithm="STANDALONE",
                 speculative_draft_model_path=draft_path, speculative_num_steps=3) as engine:
         got = outputs(engine, REPEATING, **GREEDY)
-        worker = engine.drafter
+        worker = engine.speculator.drafter
         assert not worker.sequences and worker.runner.allocator.num_free == worker.runner.allocator.num_pages
         assert len(worker.runner.page_tables.free_rows) == worker.runner.page_tables.table.shape[0]
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
@@ -91,10 +91,11 @@ def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
         used, run = [], runner.graphs.run
         runner.graphs.run = lambda batch, bucket: used.append((bucket, batch.sizes.num_seqs)) or run(batch, bucket)
         got = [outputs(engine, batch, **{**GREEDY, "max_tokens": n}) for batch, n in batches]
+        width = engine.speculator.num_guesses + 1
     assert [[o.token_ids for o in out] for out in got] == [[o.token_ids for o in out] for out in expected]
-    verified = [(bucket, n) for bucket, n in used if bucket[3] > 1]
-    assert verified and {bucket[3] for bucket, _ in verified} == {engine.num_guesses + 1}
-    assert any(n < bucket[0] for bucket, n in verified), "a verify graph ran with padding rows"
+    verified = [(bucket, n) for bucket, n in used if bucket.width > 1]
+    assert verified and {bucket.width for bucket, _ in verified} == {width}
+    assert any(n < bucket.batch_size for bucket, n in verified), "a verify graph ran with padding rows"
     assert any(bucket[0] == 1 for bucket, _ in verified), "a one-sequence verify graph ran (SDPA with a causal mask)"
 
 
@@ -127,7 +128,7 @@ def test_stop_strings_and_max_tokens_are_never_overshot(builtin_folder):
         expected = [before.generate(prompt, **{**dict(max_tokens=48, temperature=0), **c}) for c in cases]
     with Engine(device="cpu", speculative_algorithm="NGRAM", speculative_num_draft_tokens=6) as engine:
         got = [engine.generate(prompt, **{**dict(max_tokens=48, temperature=0), **c}) for c in cases]
-        assert engine.spec_verify_ct > 0
+        assert engine.speculator.spec_verify_ct > 0
         assert engine.runner.allocator.num_free + engine.runner.evictable_pages() == engine.runner.allocator.num_pages
     for g, e, case in zip(got, expected, cases):
         assert (g.text, g.token_ids, g.finish_reason) == (e.text, e.token_ids, e.finish_reason), case
@@ -140,16 +141,16 @@ def test_an_abort_between_verifies_frees_the_target_and_draft_pages(checkpoints)
                 speculative_draft_model_path=target, disable_radix_cache=True) as engine:
         rid = engine.add_request(REPEATING[0], max_tokens=200, temperature=0, ignore_eos=True)
         other = engine.add_request(REPEATING[1], max_tokens=12, temperature=0, ignore_eos=True)
-        while engine.spec_verify_ct < 4:
+        while engine.speculator.spec_verify_ct < 4:
             engine.step()
-        assert engine.drafter.sequences and engine.runner.allocator.num_free < engine.runner.allocator.num_pages
+        assert engine.speculator.drafter.sequences and engine.runner.allocator.num_free < engine.runner.allocator.num_pages
         engine.abort_request(rid)
         while engine.get_output(other) is None:
             engine.step()
         assert engine.get_output(rid).finish_reason == "abort"
         assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages
-        assert not engine.drafter.sequences
-        assert engine.drafter.runner.allocator.num_free == engine.drafter.runner.allocator.num_pages
+        assert not engine.speculator.drafter.sequences
+        assert engine.speculator.drafter.runner.allocator.num_free == engine.speculator.drafter.runner.allocator.num_pages
 
 
 def test_constrained_requests_check_guesses_against_their_grammar(builtin_folder):
@@ -187,7 +188,7 @@ def test_tensor_parallel_verify_equals_stage13(checkpoints):
         expected = outputs(before, REPEATING, **GREEDY)
     with Engine(model_path=str(checkpoints["dense"]), device="cpu", tp_size=2, speculative_algorithm="NGRAM") as engine:
         got = outputs(engine, REPEATING, **GREEDY)
-        assert engine.spec_verify_ct > 0
+        assert engine.speculator.spec_verify_ct > 0
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
 
 
