@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests" / d) for d in ("", "ladder")]
 from test_out_of_memory import LONG, little_memory
+from worker_faults import faulty_worker_group
 
 CASES = ["killed", "raises", "hangs", "oom", "idle"]
 PROMPT = [5, 17, 300, 42, 9]
@@ -41,9 +42,9 @@ MARGIN_S = 10  # start-up excluded: the failing call may take dist_timeout plus 
 
 def run_case(case: str, device: str, stage: str, model: str, dist_timeout: float) -> dict:
     """One case in this process; returns what happened (the parent prints it)."""
-    if case in ("raises", "hangs"):
-        os.environ["QWEN3_LADDER_WORKER_FAULT"] = f"1:{'raise' if case == 'raises' else 'hang'}@3"
     module = importlib.import_module(stage)
+    if case in ("raises", "hangs"):  # rank 1 fails at its third forward (tests/worker_faults.py)
+        module.engine.WorkerGroup = faulty_worker_group(stage, 1, "raise" if case == "raises" else "hang", 3)
     engine = module.Engine(model_path=model, device=device, tp_size=2, dist_timeout=dist_timeout)
     print(json.dumps({"workers": [p.pid for p in engine.workers.processes]}), flush=True)
     prompt = PROMPT

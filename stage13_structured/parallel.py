@@ -49,7 +49,6 @@ store forms the group; from then on a remote rank is a rank like any other.
 
 import dataclasses
 import datetime
-import os
 import queue
 import socket
 import sys
@@ -261,44 +260,21 @@ def init_process_group(device: torch.device, rank: int, size: int, address: str,
     _step_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
-def injected_fault(rank: int):
-    """Test hook: ``QWEN3_LADDER_WORKER_FAULT="RANK:raise@STEP"`` (or ``hang@STEP``) makes
-    that rank fail at its STEP-th forward. Returns ``check(step)``, or None."""
-    spec = os.environ.get("QWEN3_LADDER_WORKER_FAULT", "")
-    if not spec.startswith(f"{rank}:"):
-        return None
-    kind, at = spec.split(":", 1)[1].split("@")
-
-    def check(step: int) -> None:
-        if step == int(at):
-            if kind == "hang":
-                time.sleep(10**6)
-            raise RuntimeError(f"rank {rank} was told to fail at step {step}")
-
-    return check
-
-
 def worker_main(rank: int, size: int, address: str, reports, make_runner, timeout_s: float) -> None:
     """A rank > 0: load its shard, report, then run every forward rank 0 broadcasts.
 
     An error in a step is reported too (rank 0 quotes it) before the process exits.
     """
     try:
-        if os.environ.get("QWEN3_LADDER_FAIL_RANK") == str(rank):  # fault injection for the tests
-            raise RuntimeError(f"rank {rank} was told to fail at start-up")
         runner = make_runner(tp_rank=rank)
     except BaseException:  # noqa: BLE001 - whatever stopped the load, rank 0 must hear of it
         reports.put((rank, traceback.format_exc()))
         return
     reports.put((rank, None))
     init_process_group(runner.device, rank, size, address, timeout_s)
-    fault, step = injected_fault(rank), 0
     try:
         runner.init_cuda_graphs(progress=False)  # with rank 0, which records the same graphs
         while (batch := broadcast_batch(None, runner.device)) is not None:
-            step += 1
-            if fault:
-                fault(step)
             runner.forward(batch)
     except BaseException:
         reports.put((rank, traceback.format_exc()))

@@ -56,13 +56,13 @@ def test_a_step_out_of_device_memory_stops_its_requests_and_the_engine_serves_on
 
         monkeypatch.setattr(model, "forward", forward)
         assert engine.generate(LONG, **GREEDY).token_ids == long, "K/V of the failed step was reused"
-        if hasattr(engine.runner, "allocator"):
+        if stage_has(stage, "page_size"):
             flush()
             assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages, "a page was leaked"
 
 
 @pytest.mark.parametrize("decode_steps", range(3, 3 + PAGE))  # the failed step's token lands at each offset of a page
-@pytest.mark.parametrize("stage", [s for s in STAGES if s >= "stage04"])
+@pytest.mark.parametrize("stage", [s for s in STAGES if stage_has(s, "max_prefill_tokens")])  # continuous batching
 def test_requests_decoding_beside_the_failed_prefill_are_stopped_and_nothing_wrong_is_cached(stage, decode_steps, checkpoints,
                                                                                              monkeypatch):
     """Two requests decode; a long prompt joins their step and the step runs out of memory.
@@ -96,7 +96,7 @@ def test_requests_decoding_beside_the_failed_prefill_are_stopped_and_nothing_wro
                 break
         assert outputs[ids[2]].finish_reason == "abort"
         assert "ran out of device memory" in outputs[ids[2]].error  # get_output's callers learn why too
-        if stage >= "stage05":  # chunked prefill puts the long prompt into the decoders' step
+        if stage_has(stage, "chunked_prefill_size"):  # chunked prefill puts the long prompt into the decoders' step
             assert [outputs[rid].finish_reason for rid in ids[:2]] == ["abort", "abort"]
         monkeypatch.setattr(model, "forward", forward)
         again = [engine.generate(p, **params).token_ids for p in decoders]
@@ -106,7 +106,7 @@ def test_requests_decoding_beside_the_failed_prefill_are_stopped_and_nothing_wro
         assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages, "a page was leaked"
 
 
-GRAPH_STAGES = [s for s in STAGES if hasattr(importlib.import_module(f"{s}.model_runner"), "CudaGraphRunner")]
+GRAPH_STAGES = [s for s in STAGES if stage_has(s, "disable_cuda_graph")]
 GRAPH_FAILURES = {  # what recording raised on an H100 with too little room beside the pool
     "torch": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 128.00 MiB"),
     "cublas": RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),

@@ -21,7 +21,7 @@ from checkpoints import write_checkpoint
 from common.sampling import SamplingParams
 from conftest import STAGES, stage_engine_class, stage_has
 
-STORM_STAGES = [s for s in STAGES if s >= "stage04"]
+STORM_STAGES = [s for s in STAGES if stage_has(s, "max_prefill_tokens")]  # continuous batching on
 PAGE = 4
 POOL_PAGES = 24  # a request needs up to 17 pages: a few at a time fit, so some are retracted
 VOCAB = 1024  # the storm's checkpoint: a small vocabulary keeps each step's sampling cheap

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import STAGES, stage_engine_class, stage_has
+from worker_faults import faulty_worker_group
 
 PARALLEL_STAGES = [s for s in STAGES if stage_has(s, "tp_size")]
 PROMPT = [5, 17, 300, 42, 9]
@@ -61,21 +62,21 @@ def test_a_killed_worker_fails_the_next_step_at_once(stage, checkpoints):
 
 
 def test_a_worker_raising_in_a_step_is_quoted(checkpoints, monkeypatch):
-    monkeypatch.setenv("QWEN3_LADDER_WORKER_FAULT", "1:raise@3")
+    monkeypatch.setattr("stage07_tp.engine.WorkerGroup", faulty_worker_group("stage07_tp", 1, "raise", 3))
     with parallel_engine("stage07_tp", checkpoints, dist_timeout=60) as engine:
         cause = assert_fails_for_good(engine, r"(?s)rank 1 raised during a step.*told to fail at step 3")
         assert "timed out" not in str(cause).lower(), "the worker's error should end the step at once"
 
 
 def test_a_hung_worker_fails_the_step_after_dist_timeout(checkpoints, monkeypatch):
-    monkeypatch.setenv("QWEN3_LADDER_WORKER_FAULT", "1:hang@3")
+    monkeypatch.setattr("stage07_tp.engine.WorkerGroup", faulty_worker_group("stage07_tp", 1, "hang", 3))
     with parallel_engine("stage07_tp", checkpoints, dist_timeout=3) as engine:
         cause = assert_fails_for_good(engine, r"did not answer within dist_timeout=3 s")
         assert "timed out waiting 3000ms" in str(cause).lower(), "the process group's 3 s timeout should end the wait"
 
 
 def test_an_expert_parallel_worker_failure_is_caught_too(checkpoints, monkeypatch):
-    monkeypatch.setenv("QWEN3_LADDER_WORKER_FAULT", "1:raise@2")
+    monkeypatch.setattr("stage08_ep.engine.WorkerGroup", faulty_worker_group("stage08_ep", 1, "raise", 2))
     with parallel_engine("stage08_ep", checkpoints, kind="moe", tp_size=1, ep_size=2, dist_timeout=60) as engine:
         assert_fails_for_good(engine, r"(?s)rank 1 raised during a step.*told to fail at step 2")
 

@@ -11,6 +11,7 @@ import torch
 
 from reference import RecordingSampler
 from stage07_tp import Engine
+from worker_faults import faulty_worker_group
 
 pytestmark = pytest.mark.distributed
 KINDS = ["dense", "moe", "llama", "qwen2", "qwen2_moe"]  # qwen2: sharded q/k/v biases; qwen2_moe: a shared expert
@@ -77,7 +78,7 @@ def test_more_ranks_than_kv_heads_replicates_them(checkpoints, single_rank):
 
 
 def test_a_worker_failing_at_start_up_makes_the_engine_raise(checkpoints, monkeypatch):
-    monkeypatch.setenv("QWEN3_LADDER_FAIL_RANK", "1")
+    monkeypatch.setattr("stage07_tp.engine.WorkerGroup", faulty_worker_group("stage07_tp", 1, "start"))
     with pytest.raises(RuntimeError, match="(?s)rank 1 failed to start.*told to fail"):
         Engine(model_path=str(checkpoints["dense"]), device="cpu", tp_size=2)
 
