@@ -115,7 +115,7 @@ def measure(batch: int, context: int, run_pages: int | None, repeats: int) -> di
             times[name].append(time_ms(graph))
     error = (graphs["runs"][1].float() - graphs["gather"][1].float()).abs().max().item()
     result = dict(batch=batch, context=context, layout=f"runs of {run_pages} pages" if run_pages else "allocator",
-                  run_slots=slots, max_abs_error=round(error, 5))
+                  runs_per_seq=slots, max_abs_error=round(error, 5))
     for name, values in times.items():
         result[f"{name.replace(' ', '_')}_ms"] = round(statistics.median(values), 4)
         result[f"{name.replace(' ', '_')}_ms_runs"] = [round(t, 4) for t in values]

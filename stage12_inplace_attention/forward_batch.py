@@ -9,7 +9,7 @@ round trip until the sampled tokens are read. (SGLang's ForwardBatch; nano-vllm'
 ``prepare_prefill`` / ``prepare_decode``.)
 
 Stage 12: a decode batch also carries where each sequence's keys lie, as
-runs of pool slots (``page_runs.py``), ``run_slots`` per sequence.
+runs of pool slots (``page_runs.py``), ``runs_per_seq`` of them per sequence.
 """
 
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ class BatchSizes(NamedTuple):
     max_new_length: int  # the most tokens one sequence feeds
     max_seq_len: int  # the longest sequence, after this step
     total_keys: int  # every sequence's keys, together
-    run_slots: int  # R: runs per sequence (0: no runs; attention gathers the keys)
+    runs_per_seq: int  # R: runs per sequence (0: no runs; attention gathers the keys)
     max_run_len: int  # the longest run
 
 
@@ -49,7 +49,7 @@ class ForwardBatch:
     update_columns: torch.Tensor  # [U]   table[row, column] = page
     update_pages: torch.Tensor  # [U]
     run_starts: torch.Tensor  # [B * R] first pool slot of each sequence's r-th run (decode batches)
-    run_lens: torch.Tensor  # [B * R] its tokens; 0 for an empty run slot
+    run_lens: torch.Tensor  # [B * R] its tokens; 0 for an empty run
     sizes: BatchSizes
     packed: torch.Tensor  # the one device tensor all the fields above are views of
 
@@ -59,10 +59,10 @@ class ForwardBatch:
               updates: tuple[list[int], list[int], list[int]],
               runs: tuple[int, list[int], list[int]] = (0, [], [])) -> "ForwardBatch":
         """Plain lists -> a ForwardBatch on ``device``, through one host-to-device copy.
-        ``runs`` is (run slots per sequence, run starts, run lengths), or none."""
-        slots, run_starts, run_lens = runs
+        ``runs`` is (runs per sequence, run starts, run lengths), or none."""
+        runs_per_seq, run_starts, run_lens = runs
         sizes = BatchSizes(len(input_ids), len(seq_rows), len(logits_rows), len(updates[0]),
-                  max(new_lengths), max(seq_lens), sum(seq_lens), slots, max(run_lens, default=0))
+                  max(new_lengths), max(seq_lens), sum(seq_lens), runs_per_seq, max(run_lens, default=0))
         (packed,) = copy_to_device([input_ids + positions + seq_rows + new_lengths + seq_lens + logits_rows
                                     + updates[0] + updates[1] + updates[2] + run_starts + run_lens], device)
         return cls.from_packed(packed, sizes)
@@ -70,12 +70,12 @@ class ForwardBatch:
     @staticmethod
     def packed_size(sizes: BatchSizes) -> int:
         tokens, seqs, logits, updates = sizes[:4]
-        return 2 * tokens + 3 * seqs + logits + 3 * updates + 2 * seqs * sizes.run_slots
+        return 2 * tokens + 3 * seqs + logits + 3 * updates + 2 * seqs * sizes.runs_per_seq
 
     @classmethod
     def from_packed(cls, packed: torch.Tensor, sizes: BatchSizes) -> "ForwardBatch":
         """Cut the packed tensor back into its fields (also how a receiving rank rebuilds a batch)."""
         tokens, seqs, logits, updates = sizes[:4]
-        runs = seqs * sizes.run_slots
+        runs = seqs * sizes.runs_per_seq
         fields = packed.split([tokens, tokens, seqs, seqs, seqs, logits, updates, updates, updates, runs, runs])
         return cls(*fields, sizes=sizes, packed=packed)

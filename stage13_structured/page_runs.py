@@ -23,8 +23,8 @@ split of them: the combine step of flash-decoding. A request whose pages are
 one run needs no merge at all, which is why the allocator
 (``page_allocator.py``) keeps runs long.
 
-Rows are padded to the same number of *run slots* (a power of two, so CUDA
-graphs see few shapes); an empty slot has length 0 and weight 0.
+Rows are padded to the same number of *runs per sequence* (a power of two, so CUDA
+graphs see few shapes); an empty run has length 0 and weight 0.
 
 On the CPU (and in fp32) a reference loop computes the same per-run results
 with plain matmuls, so the CPU tests run the lesson's math.
@@ -39,7 +39,7 @@ from common.attention import FLASH_DTYPES
 MAX_VIRTUAL_SEQUENCES = 65_535
 # Short runs cost more than the gather saves (H200, 256 sequences of 866 tokens: one-page runs
 # 2.95 ms a layer, gathering 0.85 ms; one run each 0.37 ms; ``python -m benchmarks.attention_runs``).
-# A decode batch reads runs in place only when its run slots hold this many tokens on average.
+# A decode batch reads runs in place only when its runs hold this many tokens on average.
 MIN_TOKENS_PER_RUN = 128
 
 
@@ -75,21 +75,21 @@ def token_runs(runs: list[list[int]], seq_len: int, page_size: int) -> list[tupl
     return ranges
 
 
-def run_slots(num_runs: int) -> int:
-    """Run slots per sequence for a batch whose longest run list has ``num_runs``: a power of two."""
+def runs_per_seq(num_runs: int) -> int:
+    """Runs per sequence for a batch whose longest run list has ``num_runs``: a power of two."""
     return 1 << (num_runs - 1).bit_length()
 
 
 def pack_runs(ranges: list[list[tuple[int, int]]]) -> tuple[int, list[int], list[int]]:
     """Every sequence's slot ranges, padded with empty runs to the same count, laid end to end:
-    (run slots per sequence, run starts, run lengths), as a ``ForwardBatch`` carries them."""
-    slots = run_slots(max(map(len, ranges)))
+    (runs per sequence, run starts, run lengths), as a ``ForwardBatch`` carries them."""
+    per_seq = runs_per_seq(max(map(len, ranges)))
     starts, lens = [], []
     for sequence in ranges:
-        empty = [0] * (slots - len(sequence))
+        empty = [0] * (per_seq - len(sequence))
         starts += [start for start, _ in sequence] + empty
         lens += [length for _, length in sequence] + empty
-    return slots, starts, lens
+    return per_seq, starts, lens
 
 
 class RunAttention:
@@ -97,18 +97,18 @@ class RunAttention:
 
     ``run_starts`` / ``run_lens`` ``[B * R]``: sequence ``b``'s ``r``-th run is
     the pool slots ``run_starts[b * R + r]`` onwards, ``run_lens[b * R + r]`` of
-    them (0 for an empty slot). ``max_run_len`` bounds every run (a host int).
+    them (0 for an empty run). ``max_run_len`` bounds every run (a host int).
     """
 
     def __init__(self, run_starts: torch.Tensor, run_lens: torch.Tensor, batch_size: int, max_run_len: int):
-        self.batch_size, self.slots = batch_size, run_lens.numel() // batch_size
+        self.batch_size, self.runs_per_seq = batch_size, run_lens.numel() // batch_size
         self.max_run_len = max_run_len
         self.run_starts, self.run_lens = run_starts, run_lens
         # What the flash kernel takes: int32 offsets, one more than there are sequences (with
         # seqused_k given, only the starts are read), and each sequence's length.
         self.cu_seqlens_k = F.pad(run_starts.int(), (0, 1))
         self.seqused_k = run_lens.int()
-        self.empty = (run_lens == 0).view(batch_size, self.slots, 1, 1)
+        self.empty = (run_lens == 0).view(batch_size, self.runs_per_seq, 1, 1)
         self.cu_seqlens_q = None  # made at the first layer, once the query groups are known
 
     def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
@@ -119,14 +119,14 @@ class RunAttention:
         # Query heads that share a KV head become `groups` query rows of that one head, so the
         # kernel reads each key once; every run of a sequence gets a copy of the sequence's rows.
         rows = q.view(batch, kv_heads, groups, dim).transpose(1, 2)  # [B, G, KVH, d]
-        rows = rows[:, None].expand(batch, self.slots, groups, kv_heads, dim).reshape(-1, kv_heads, dim)
+        rows = rows[:, None].expand(batch, self.runs_per_seq, groups, kv_heads, dim).reshape(-1, kv_heads, dim)
         if q.is_cuda and q.dtype in FLASH_DTYPES:
             out, lse = self._flash(rows, k_pool, v_pool, groups)
         else:
             out, lse = self._reference(rows, k_pool, v_pool, groups)
-        out = out.view(batch, self.slots, groups, kv_heads, dim)
-        if self.slots > 1:
-            out = merge_runs(out, lse.view(batch, self.slots, groups, kv_heads), self.empty)
+        out = out.view(batch, self.runs_per_seq, groups, kv_heads, dim)
+        if self.runs_per_seq > 1:
+            out = merge_runs(out, lse.view(batch, self.runs_per_seq, groups, kv_heads), self.empty)
         else:
             out = out[:, 0]  # one run: the kernel's answer is the answer
         return out.transpose(1, 2).reshape(batch, heads, dim)  # [B, G, KVH, d] -> [B, KVH * G, d]
@@ -164,7 +164,7 @@ def merge_runs(out: torch.Tensor, lse: torch.Tensor, empty: torch.Tensor) -> tor
     """Combine per-run attention ``out [B, R, ..., d]`` by the runs' ``lse [B, R, ...]`` -> ``[B, ..., d]``.
 
     Each run's weight is ``exp(lse_r - lse)``: a softmax over the run axis.
-    Empty run slots (``empty``, broadcast over ``lse``) get weight 0.
+    Empty runs (``empty``, broadcast over ``lse``) get weight 0.
     """
     wide = torch.promote_types(out.dtype, torch.float32)
     weights = lse.to(wide).masked_fill(empty, float("-inf")).softmax(dim=1)

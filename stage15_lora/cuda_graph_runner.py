@@ -34,12 +34,12 @@ flash kernel does not run (fp32) run eagerly, as in stage 08. (SGLang's
 ``CudaGraphRunner``; vLLM and nano-vllm capture the same way.)
 
 Stage 12: with page runs (``page_runs.py``) nothing is gathered, so a graph
-of two or more sequences is keyed by **run slots** instead of keys:
-``(batch bucket, run slots)``, each sequence's runs padded with empty ones to
-a power of two. The host sends the runs with the batch; the graph reads the
-pool in place. Start-up records one run slot per sequence (what the
-allocator aims for); more slots are recorded when a step first needs them,
-up to ``MAX_RUN_SLOTS``; a batch with more runs than that runs eagerly. One
+of two or more sequences is keyed by **runs per sequence** instead of keys:
+``(batch bucket, runs per sequence)``, each sequence's runs padded with empty
+ones to a power of two. The host sends the runs with the batch; the graph
+reads the pool in place. Start-up records one run per sequence (what the
+allocator aims for); more are recorded when a step first needs them,
+up to ``MAX_RUNS_PER_SEQ``; a batch with more runs than that runs eagerly. One
 sequence keeps stage 11's graph: its gather is tiny, and SDPA spreads its
 keys over every SM.
 
@@ -69,7 +69,7 @@ from .page_runs import RunAttention
 
 MIN_KEY_BUCKET = 1024  # the smallest packed-key buffer a graph is recorded with
 START_UP_KEYS_PER_SEQUENCE = 256  # start-up records each batch bucket for sequences this long
-MAX_RUN_SLOTS = 64  # the most runs per sequence a graph is recorded for; more run eagerly
+MAX_RUNS_PER_SEQ = 64  # the most runs per sequence a graph is recorded for; more run eagerly
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -88,7 +88,7 @@ class GraphKey(NamedTuple):
 
     batch_size: int  # the batch padded up to a recorded size
     keys: int  # the packed-key buffer's length (0 with runs)
-    run_slots: int = 0  # stage 12: runs per sequence (0: the keys are gathered)
+    runs_per_seq: int = 0  # stage 12: runs per sequence (0: the keys are gathered)
     width: int = 1  # stage 14: tokens per sequence (1: decode; more: a verify)
     lora: bool = False  # stage 15: some rows use adapters
 
@@ -225,8 +225,8 @@ class DecodeGraph:
 
 
 class CudaGraphRunner:
-    """Records decode forwards per (batch bucket, key bucket, run slots) and runs decode batches
-    through them. A graph over page runs has key bucket 0; a gathering one has run slots 0."""
+    """Records decode forwards per (batch bucket, key bucket, runs per sequence) and runs decode batches
+    through them. A graph over page runs has key bucket 0; a gathering one has 0 runs per sequence."""
 
     def __init__(self, model, pool: PagedKVPool, page_tables: DevicePageTables, padding_page: int,
                  max_bs: int, max_context: int, capture: bool, runs: bool = False, lora=None):
@@ -249,10 +249,10 @@ class CudaGraphRunner:
         self.verify_inputs = torch.zeros(2, self.max_bs * pool.page_size, dtype=torch.int64, device=device)
         self.padding_inputs = torch.tensor([[0], [0], [self.padding_row], [1]], device=device)  # token 0 at position 0
         self.lora_slots = torch.zeros(self.max_bs * pool.page_size, dtype=torch.int64, device=device)  # per token
-        # Page runs: each sequence's run starts and lengths, ``run slots`` per sequence. A padding
+        # Page runs: each sequence's run starts and lengths, ``runs_per_seq`` runs per sequence. A padding
         # row has one run, the padding slot's single key, and empty ones after it.
         self.runs = runs
-        self.run_inputs = torch.zeros(2, self.max_bs * MAX_RUN_SLOTS, dtype=torch.int64, device=device)
+        self.run_inputs = torch.zeros(2, self.max_bs * MAX_RUNS_PER_SEQ, dtype=torch.int64, device=device)
         self.run_starts, self.run_lens = self.run_inputs
         self.graphs: dict[GraphKey, DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
@@ -277,7 +277,7 @@ class CudaGraphRunner:
 
         Only pure decode batches qualify: one new token and one logits row per
         sequence, at most ``max_bs`` sequences (and, with runs, at most
-        ``MAX_RUN_SLOTS`` runs per sequence). Stage 14: so do verify batches,
+        ``MAX_RUNS_PER_SEQ`` runs per sequence). Stage 14: so do verify batches,
         where every sequence feeds the same ``width`` tokens (at most a page:
         padding rows write within the padding page) and every row is scored.
         Stage 15: the last entry says whether the batch has LoRA rows.
@@ -289,14 +289,14 @@ class CudaGraphRunner:
         bs, lora = next(size for size in self.batch_sizes if size >= seqs), self.lora is not None and batch.has_lora
         if width > 1:
             return GraphKey(bs, key_bucket(batch.sizes.total_keys + (bs - seqs) * width), 0, width, lora)  # a padding row reads its own
-        if batch.sizes.run_slots and bs > 1:
-            return GraphKey(bs, 0, batch.sizes.run_slots, lora=lora) if batch.sizes.run_slots <= MAX_RUN_SLOTS else None
+        if batch.sizes.runs_per_seq and bs > 1:
+            return GraphKey(bs, 0, batch.sizes.runs_per_seq, lora=lora) if batch.sizes.runs_per_seq <= MAX_RUNS_PER_SEQ else None
         return GraphKey(bs, key_bucket(batch.sizes.total_keys + bs - seqs), 0, lora=lora)  # each padding row reads one key
 
     def graph_for(self, key: GraphKey) -> DecodeGraph:
         """The graph of this bucket, recorded now if this is its first use."""
         if key not in self.graphs:
-            bs, keys, run_slots, width, lora = key
+            bs, keys, runs_per_seq, width, lora = key
             start, reserved = time.perf_counter(), self._reserved()
             # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
             self.inputs[:, :bs] = self.padding_inputs
@@ -306,10 +306,10 @@ class CudaGraphRunner:
                 attention = StaticVerifyAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs], keys,
                                                   max_k=min(keys, self.max_context), padding_slot=self.padding_slot,
                                                   width=width)
-            elif run_slots:
-                self._pad_runs(0, bs, run_slots)
+            elif runs_per_seq:
+                self._pad_runs(0, bs, runs_per_seq)
                 attention = StaticRunsAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs],
-                                                self.run_starts[: bs * run_slots], self.run_lens[: bs * run_slots],
+                                                self.run_starts[: bs * runs_per_seq], self.run_lens[: bs * runs_per_seq],
                                                 max_run_len=self.max_context)
             else:
                 attention = StaticAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs], keys,
@@ -341,10 +341,10 @@ class CudaGraphRunner:
         self.seq_rows[n:bs], self.seq_lens[n:bs] = self.padding_row, width
         return input_ids, positions
 
-    def _pad_runs(self, n: int, bs: int, run_slots: int) -> None:
+    def _pad_runs(self, n: int, bs: int, runs_per_seq: int) -> None:
         """Rows ``n .. bs - 1`` are padding: one run of one key at the padding slot, then empty runs."""
-        lens = self.run_lens[n * run_slots : bs * run_slots].view(bs - n, run_slots)
-        starts = self.run_starts[n * run_slots : bs * run_slots].view(bs - n, run_slots)
+        lens = self.run_lens[n * runs_per_seq : bs * runs_per_seq].view(bs - n, runs_per_seq)
+        starts = self.run_starts[n * runs_per_seq : bs * runs_per_seq].view(bs - n, runs_per_seq)
         lens.zero_()
         starts[:, 0], lens[:, 0] = self.padding_slot, 1
 
@@ -356,7 +356,7 @@ class CudaGraphRunner:
         computes the rest.
         Page-table updates were applied by the caller.
         """
-        bs, run_slots, width, lora = bucket.batch_size, bucket.run_slots, bucket.width, bucket.lora
+        bs, runs_per_seq, width, lora = bucket.batch_size, bucket.runs_per_seq, bucket.width, bucket.lora
         graph = self.graph_for(bucket)
         n = batch.sizes.num_seqs
         if lora:  # base rows and padding rows: slot 0
@@ -372,13 +372,13 @@ class CudaGraphRunner:
             return graph.run()[: n * width]
         self.input_ids[:n] = batch.input_ids
         self.positions[:n] = batch.positions
-        if run_slots:
-            self.run_starts[: n * run_slots] = batch.run_starts
-            self.run_lens[: n * run_slots] = batch.run_lens
+        if runs_per_seq:
+            self.run_starts[: n * runs_per_seq] = batch.run_starts
+            self.run_lens[: n * runs_per_seq] = batch.run_lens
         if n < bs:
             self.inputs[:, n:bs] = self.padding_inputs
-            if run_slots:
-                self._pad_runs(n, bs, run_slots)
+            if runs_per_seq:
+                self._pad_runs(n, bs, runs_per_seq)
         self.replays += 1
         return graph.run()[:n]
 

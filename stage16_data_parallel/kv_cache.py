@@ -125,7 +125,7 @@ class PagedAttention:
         # Where each new token's K/V goes: its page (from the table) and its offset in the page.
         self.slots = tables.table[token_rows, positions // page_size] * page_size + positions % page_size
         packed = self.packed if self.packed is not None else positions.is_cuda and not self.tree_masks
-        if batch.sizes.run_slots:
+        if batch.sizes.runs_per_seq:
             self.runs = RunAttention(batch.run_starts, batch.run_lens, batch.sizes.num_seqs, batch.sizes.max_run_len)
         elif packed:
             zero = batch.seq_lens.new_zeros(1)

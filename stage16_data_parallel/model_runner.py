@@ -366,7 +366,7 @@ class ModelRunner:
 
     def decode_runs(self, requests: list[Request], seq_lens: list[int]) -> tuple[int, list[int], list[int]]:
         """Where each sequence's keys lie: its page runs as pool slot ranges, padded with empty
-        runs to the same count. Returns (run slots per sequence, run starts, run lengths), or no
+        runs to the same count. Returns (runs per sequence, run starts, run lengths), or no
         runs (the gather path) when the runs are too short to pay, or too many for the kernel.
         One run per sequence always pays: the same kernel over the same sequences, minus the copy."""
         runs = pack_runs([token_runs(self.page_tables.runs[r.table_row], n, self.page_size) for r, n in zip(requests, seq_lens)])

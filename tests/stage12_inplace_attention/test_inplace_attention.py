@@ -41,7 +41,7 @@ class RunLog:
         forward = engine.runner.forward
 
         def logged(batch):
-            self.slots.append(batch.sizes.run_slots)
+            self.slots.append(batch.sizes.runs_per_seq)
             return forward(batch)
 
         engine.runner.forward = logged
@@ -130,7 +130,7 @@ def attach_graphs(engine, max_bs: int) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_graphs_over_runs_give_the_eager_tokens(kind, checkpoints, monkeypatch):
     """Graphs keyed by run slots, with padding rows; rows with more runs than a graph has slots run eagerly."""
-    monkeypatch.setattr(cuda_graph_runner, "MAX_RUN_SLOTS", 4)
+    monkeypatch.setattr(cuda_graph_runner, "MAX_RUNS_PER_SEQ", 4)
     monkeypatch.setattr(page_runs, "MIN_TOKENS_PER_RUN", 0)  # short runs too are read in place
     kwargs = dict(model_path=str(checkpoints[kind]), device="cpu", page_size=4, kv_cache_bytes=1 << 20)
     params = [greedy(m) for m in (3, 5, 8, 12, 10, 2, 11)]

@@ -13,7 +13,7 @@ from stage12_inplace_attention.page_runs import (
     RunAttention,
     extend_runs,
     pack_runs,
-    run_slots,
+    runs_per_seq,
     token_runs,
     truncate_runs,
 )
@@ -41,7 +41,7 @@ def test_token_runs_cover_exactly_the_sequence():
 
 
 def test_run_slots_are_powers_of_two():
-    assert [run_slots(n) for n in (1, 2, 3, 4, 5, 9)] == [1, 2, 4, 4, 8, 16]
+    assert [runs_per_seq(n) for n in (1, 2, 3, 4, 5, 9)] == [1, 2, 4, 4, 8, 16]
     assert pack_runs([[(28, 12), (12, 7)], [(0, 3)], [(4, 1), (8, 1), (40, 2)]]) == (
         4, [28, 12, 0, 0, 0, 0, 0, 0, 4, 8, 40, 0], [12, 7, 0, 0, 3, 0, 0, 0, 1, 1, 2, 0])
 
