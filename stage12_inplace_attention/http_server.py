@@ -35,11 +35,11 @@ from .api_key import APIKeyCheck
 from .openai_choices import ChatChoices, CompletionChoices
 from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
 from .reasoning_parser import starts_in_reasoning
+from .request_body import read_body
 from .server_args import MAX_REQUEST_BYTES, ServerArgs
 from .tokenizer_manager import EngineError, TokenizerManager
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
-DRAIN_FACTOR = 8  # an oversized body is read and dropped up to this many times the limit, then the connection closes
 
 
 def build_app(manager: TokenizerManager, model_name: str, api_key: str | None = None,
@@ -203,26 +203,6 @@ def completion_prompts(manager: TokenizerManager, prompt) -> list[list[int]]:
         return [manager.encode(p) if isinstance(p, str) else list(p) for p in prompt]
     except ValueError as error:  # text far too long for the context
         raise BadRequest(str(error), "prompt") from None
-
-
-async def read_body(http_request: HTTPRequest, limit: int) -> bytes:
-    """The request's body, or 413 once it passes ``limit`` bytes. The rest of an oversized body is
-    read and dropped (up to ``DRAIN_FACTOR`` times the limit), so a client that sends its whole body
-    before reading the answer sees the 413 instead of a reset connection; nothing of it is kept."""
-    too_large = f"the request body is larger than this server's limit of {limit:,} bytes (--max-request-bytes)"
-    declared = http_request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > DRAIN_FACTOR * limit:
-        raise BadRequest(too_large, status=413)
-    body, size = bytearray(), 0
-    async for chunk in http_request.stream():
-        size += len(chunk)
-        if size > DRAIN_FACTOR * limit:
-            break
-        if size <= limit:
-            body += chunk
-    if size > limit:
-        raise BadRequest(too_large, status=413)
-    return bytes(body)
 
 
 async def prepend(first, rest):

@@ -36,22 +36,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import openai_protocol as protocol
+from .adapter_routes import add_adapter_routes
 from .api_key import APIKeyCheck
 from .openai_choices import ChatChoices, CompletionChoices
-from .openai_protocol import (
-    BadRequest,
-    ChatCompletionRequest,
-    CompletionRequest,
-    LoadLoRAAdapterRequest,
-    SamplingFields,
-    UnloadLoRAAdapterRequest,
-)
+from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
 from .reasoning_parser import starts_in_reasoning
+from .request_body import read_body
 from .server_args import MAX_REQUEST_BYTES, ServerArgs
 from .tokenizer_manager import EngineError, TokenizerManager
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
-DRAIN_FACTOR = 8  # an oversized body is read and dropped up to this many times the limit, then the connection closes
 
 
 def build_app(manager: TokenizerManager, model_name: str, api_key: str | None = None,
@@ -106,24 +100,6 @@ def add_info_routes(app: FastAPI, manager: TokenizerManager, model_name: str) ->
     @app.get("/metrics")
     async def metrics():
         return Response(manager.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-def add_adapter_routes(app: FastAPI, manager: TokenizerManager, model_name: str, max_request_bytes: int) -> None:
-    """Stage 15: /load_lora_adapter and /unload_lora_adapter change the adapters served."""
-
-    @app.post("/load_lora_adapter")
-    async def load_lora_adapter(http_request: HTTPRequest):
-        request = protocol.parse_request(LoadLoRAAdapterRequest, await read_body(http_request, max_request_bytes))
-        if request.lora_name == model_name:
-            raise BadRequest(f"{model_name!r} is the base model's name; give the adapter another", "lora_name")
-        await manager.update_lora_adapter(request.lora_name, request.lora_path)
-        return {"success": True, "loaded_adapters": manager.lora_adapters}
-
-    @app.post("/unload_lora_adapter")
-    async def unload_lora_adapter(http_request: HTTPRequest):
-        request = protocol.parse_request(UnloadLoRAAdapterRequest, await read_body(http_request, max_request_bytes))
-        await manager.update_lora_adapter(request.lora_name, None)
-        return {"success": True, "loaded_adapters": manager.lora_adapters}
 
 
 def add_generation_routes(app: FastAPI, manager: TokenizerManager, model_name: str, max_request_bytes: int,
@@ -247,26 +223,6 @@ def completion_prompts(manager: TokenizerManager, prompt) -> list[list[int]]:
         return [manager.encode(p) if isinstance(p, str) else list(p) for p in prompt]
     except ValueError as error:  # text far too long for the context
         raise BadRequest(str(error), "prompt") from None
-
-
-async def read_body(http_request: HTTPRequest, limit: int) -> bytes:
-    """The request's body, or 413 once it passes ``limit`` bytes. The rest of an oversized body is
-    read and dropped (up to ``DRAIN_FACTOR`` times the limit), so a client that sends its whole body
-    before reading the answer sees the 413 instead of a reset connection; nothing of it is kept."""
-    too_large = f"the request body is larger than this server's limit of {limit:,} bytes (--max-request-bytes)"
-    declared = http_request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > DRAIN_FACTOR * limit:
-        raise BadRequest(too_large, status=413)
-    body, size = bytearray(), 0
-    async for chunk in http_request.stream():
-        size += len(chunk)
-        if size > DRAIN_FACTOR * limit:
-            break
-        if size <= limit:
-            body += chunk
-    if size > limit:
-        raise BadRequest(too_large, status=413)
-    return bytes(body)
 
 
 async def prepend(first, rest):

@@ -167,6 +167,20 @@ class LoRAPool:
         return DELTAS[self.backend](out, x, a, b, self.rows)
 
 
+def make_lora_pool(args, model, config: ModelConfig, device: torch.device, read_slice=None) -> LoRAPool | None:
+    """The adapter pool ``args`` (an EngineArgs) ask for, with the start-up adapters registered;
+    None when no adapters are served. ``read_slice``: this rank's part of a weight (tensor parallelism)."""
+    if args.lora_paths is None and args.max_lora_rank is None:
+        return None
+    adapters = [LoRAAdapter(name, path, config, read_slice) for name, path in (args.lora_paths or {}).items()]
+    targets = resolve_target_modules(args.lora_target_modules, [a.target_modules for a in adapters])
+    rank = args.max_lora_rank if args.max_lora_rank is not None else max(a.rank for a in adapters)
+    pool = LoRAPool(model, config, device, args.max_loras_per_batch, rank, targets, args.lora_backend, read_slice)
+    for adapter in adapters:
+        pool.register(adapter)
+    return pool
+
+
 def request_adapters(lora_path, count: int, pool: LoRAPool | None) -> list[str | None]:
     """The adapter of each of ``count`` prompts: ``lora_path`` is one adapter name (or None) for
     all of them, or a list with one per prompt. ``ValueError`` for a name ``pool`` does not serve."""

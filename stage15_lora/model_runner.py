@@ -58,8 +58,7 @@ from .engine_args import EngineArgs
 from .forward_batch import ForwardBatch
 from .grammar import apply_grammar_masks
 from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
-from .lora_adapter import LoRAAdapter
-from .lora_pool import LoRAPool, resolve_target_modules
+from .lora_pool import make_lora_pool
 from .page_allocator import PageAllocator
 from .page_runs import pack_runs, token_runs
 from .parallel import TensorParallelShard, broadcast_batch, rank_device, tp_group_active
@@ -92,15 +91,8 @@ class ModelRunner:
         self.model, self.config, self.model_folder = load_model(args.model_path, device=device, dtype=args.dtype, shard=shard)
         self.dtype = self.model.lm_head.weight.dtype
         self.tp_rank = tp_rank
-        self.lora = None  # stage 15: the adapter pool, when adapters are served
-        if args.lora_paths is not None or args.max_lora_rank is not None:
-            read_slice = shard.read_slice if shard else None
-            adapters = [LoRAAdapter(name, path, self.config, read_slice) for name, path in (args.lora_paths or {}).items()]
-            targets = resolve_target_modules(args.lora_target_modules, [a.target_modules for a in adapters])
-            rank = args.max_lora_rank if args.max_lora_rank is not None else max(a.rank for a in adapters)
-            self.lora = LoRAPool(self.model, self.config, device, args.max_loras_per_batch, rank, targets, args.lora_backend, read_slice)
-            for adapter in adapters:
-                self.lora.register(adapter)
+        # Stage 15: the adapter pool, when adapters are served (None otherwise).
+        self.lora = make_lora_pool(args, self.model, self.config, device, shard.read_slice if shard else None)
         for layer in self.model.model.layers:  # count routed tokens per expert (load-balance inspection)
             if hasattr(layer.mlp, "expert_token_counts"):
                 layer.mlp.expert_token_counts = torch.zeros(self.config.num_experts, dtype=torch.long, device=device)
