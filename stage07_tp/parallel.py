@@ -192,9 +192,19 @@ class TensorParallelShard:
 
 
 def free_port() -> int:
+    """A port free now (another process may take it before it is used: prefer ``open_store``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def open_store(address: str | None, size: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's rendezvous, listening before any other rank starts: at ``address`` (``host:port``,
+    the group spans nodes), or on a port the OS picks now (one machine), which no other process
+    can take in the meantime (a port picked first and bound later could be)."""
+    host, port = address.rsplit(":", 1) if address else ("127.0.0.1", "0")
+    return dist.TCPStore(host, int(port), size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -202,14 +212,18 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def init_process_group(device: torch.device, rank: int, size: int, address: str, timeout_s: float) -> None:
-    """Join the group at ``address`` (``host:port``: node 0's TCP store)."""
+def init_process_group(device: torch.device, rank: int, size: int, address: str, timeout_s: float,
+                       store: dist.TCPStore | None = None) -> None:
+    """Join the group at ``address`` (``host:port``: rank 0's TCP store; rank 0 passes the store itself)."""
     global _step_group
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        host, port = address.rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     _step_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
 
@@ -271,7 +285,8 @@ class WorkerGroup:
     def __init__(self, size: int, device: torch.device, make_runner, timeout_s: float = 30.0, start_timeout: float = 600.0,
                  local_ranks: range | None = None, address: str | None = None, rank_0_here: bool = True):
         self.size, self.device, self.timeout_s = size, rank_device(device, 0), timeout_s
-        self.address = address or f"127.0.0.1:{free_port()}"
+        self.store = open_store(address, size, timeout_s) if rank_0_here else None
+        self.address = address or f"127.0.0.1:{self.store.port}"  # a given address, or the port the OS picked
         self.ranks = list(local_ranks if local_ranks is not None else range(1, size))
         context = mp.get_context("spawn")
         self.reports = ready = context.Queue()  # (rank, None) once started; (rank, traceback) on an error
@@ -295,7 +310,7 @@ class WorkerGroup:
                 raise RuntimeError(f"tensor-parallel rank {rank} failed to start:\n{error}")
             pending.discard(rank)
         if rank_0_here:  # (the other nodes' ranks join at address; the group forms once all have)
-            init_process_group(self.device, 0, size, self.address, timeout_s)
+            init_process_group(self.device, 0, size, self.address, timeout_s, self.store)
 
     def describe_failure(self, error: Exception) -> str:
         """Why a step's collective failed: a worker's own error, a worker gone, or a timeout."""
