@@ -1,6 +1,7 @@
 """mkdocs build hooks: pages that are generated from the code at build time, so they never go stale.
 
-Three markers may appear in a page's markdown:
+Three markers may appear in a page's markdown (and every stage page gets its exercises, every
+walkthrough links to its stage and to the next walkthrough):
     <!-- stage-diff: stage01_core stage02_paged -->   -> a unified diff per changed file, new files whole
     <!-- walkthrough: 01_forward_pass.py -->          -> the jupytext script rendered as markdown
     <!-- benchmark-results -->                        -> summary charts, then a table and a chart per
@@ -18,8 +19,20 @@ import plots
 import walkthrough_output
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the exercises package
+from exercises.catalog import exercises_of
+
 DIFF_MARKER = re.compile(r"<!--\s*stage-diff:\s*(\S+)\s+(\S+)\s*-->")
 WALKTHROUGH_MARKER = re.compile(r"<!--\s*walkthrough:\s*(\S+)\s*-->")
+
+
+def fenced(text: str, language: str, title: str | None = None) -> str:
+    """``text`` in a code block whose fence no line of it can close: one backtick longer than the
+    longest run of backticks in it (a model's output or a docstring may hold a fence of its own)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    attributes = f' title="{title}"' if title else ""
+    return f"{fence}{language}{attributes}\n{text}\n{fence}"
 
 
 def stage_files(stage: str) -> dict[str, str]:
@@ -43,33 +56,58 @@ def render_stage_diff(before: str, after: str) -> str:
         if a == b:
             continue
         if name not in old:
-            sections.append(f"### `{name}` (new file)\n\n```python\n{new[name].rstrip()}\n```\n")
+            sections.append(f"### `{name}` (new file)\n\n{fenced(new[name].rstrip(), 'python')}\n")
             continue
         diff = difflib.unified_diff(
             a.splitlines(), b.splitlines(), f"{before}/{name}", f"{after}/{name}", lineterm="", n=3
         )
-        sections.append(f"### `{name}`\n\n```diff\n" + "\n".join(diff) + "\n```\n")
+        body = "\n".join(diff)
+        sections.append(f"### `{name}`\n\n{fenced(body, 'diff')}\n")
     if not sections:
         raise ValueError(f"{before} and {after} do not differ: a stage must add a technique")
     return "\n".join(sections)
 
 
+def page_of(folder: str, number: str) -> str | None:
+    """The docs page ``folder/NN-*.md`` (relative to docs/), if there is one."""
+    pages = sorted((ROOT / "docs" / folder).glob(f"{number}-*.md"))
+    return f"{folder}/{pages[0].name}" if pages else None
+
+
+def render_exercises(stage: str) -> str:
+    """A stage page's pointer to its exercises (from exercises/catalog.py), or nothing."""
+    exercises = exercises_of(stage)
+    if not exercises:
+        return ""
+    listed = "; ".join(f"{e.number}. {e.title} ({e.kind})" for e in exercises)
+    return (f"**Exercises** (`python -m exercises {stage}`; how they work: [exercises](../exercises.md)): "
+            f"{listed}.\n")
+
+
 def render_walkthrough(script: str) -> str:
     """A jupytext percent script as markdown: prose cells as text, code cells as code, each
-    followed by what it printed when the script ran (``walkthrough_output.py``)."""
+    followed by what it printed when the script ran (``walkthrough_output.py``), then links to
+    its stage and to the next walkthrough."""
     import jupytext
 
     path = ROOT / "docs" / "walkthroughs" / script
     outputs = iter(walkthrough_output.cell_outputs(path))
-    parts = [f"!!! tip \"Run it\"\n    `python docs/walkthroughs/{script}`\n"]
+    number = script[:2]
+    stage_page, next_page = page_of("stages", number), page_of("walkthroughs", f"{int(number) + 1:02d}")
+    parts = [f"!!! tip \"Run it\"\n    `python docs/walkthroughs/{script}`"
+             + (f" · the stage: [stage {number}](../{stage_page})" if stage_page else "") + "\n"]
     for cell in jupytext.read(path).cells:
         if cell.cell_type == "markdown":
             parts.append(cell.source)
         elif cell.cell_type == "code":
-            parts.append(f"```python\n{cell.source}\n```")
+            parts.append(fenced(cell.source, "python"))
             printed = next(outputs).rstrip()
-            if printed:
-                parts.append(f"```text\n{printed}\n```")
+            if printed:  # labelled, so that what the code printed never reads as more code
+                parts.append(fenced(printed, "text", title="Output"))
+    links = [f"Back to [stage {number}](../{stage_page})"] if stage_page else []
+    if next_page:
+        links.append(f"next: [walkthrough {int(number) + 1:02d}](../{next_page})")
+    parts.append("---\n\n" + " · ".join(links) + "\n" if links else "")
     return "\n\n".join(parts) + "\n"
 
 
@@ -98,7 +136,29 @@ def render_benchmark_results() -> str:
     return "\n".join(sections)
 
 
+TABLE_CELL = re.compile(r"<td\b[^>]*>.*?</td>", re.DOTALL)
+CODE_SPAN = re.compile(r"<code>([^<]*)</code>")
+
+
+def breakable_paths(cell: re.Match) -> str:
+    """A table cell's code spans may break after ``/``, ``_`` and ``::`` (``<wbr>``), so a long test
+    path wraps between its parts instead of mid-word ("tests/ladde r/...")."""
+    return CODE_SPAN.sub(lambda m: "<code>" + re.sub(r"(/|_|::)", r"\1<wbr>", m.group(1)) + "</code>", cell.group(0))
+
+
+def on_page_content(html, page, config, files):
+    return TABLE_CELL.sub(breakable_paths, html)
+
+
 def on_page_markdown(markdown, page, config, files):
+    stage_page = re.fullmatch(r"stages/(\d\d)-.*\.md", page.file.src_uri)
+    if stage_page:  # its exercises, before the diff (or at the end of a page without one)
+        stage = next(p.name for p in ROOT.glob(f"stage{stage_page.group(1)}_*") if (p / "__init__.py").exists())
+        exercises = render_exercises(stage)
+        if exercises and "\n## The diff from" in markdown:
+            markdown = markdown.replace("\n## The diff from", f"\n{exercises}\n## The diff from", 1)
+        elif exercises:
+            markdown = markdown.rstrip("\n") + f"\n\n{exercises}"
     markdown = markdown.replace("<!-- benchmark-results -->", render_benchmark_results()) if "<!-- benchmark-results -->" in markdown else markdown
     markdown = DIFF_MARKER.sub(lambda m: render_stage_diff(m.group(1), m.group(2)), markdown)
     return WALKTHROUGH_MARKER.sub(lambda m: render_walkthrough(m.group(1)), markdown)

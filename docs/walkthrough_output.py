@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jupytext
@@ -52,6 +53,10 @@ def cell_outputs(script: Path, timeout: float = 600) -> list[str]:
     if cached.exists():
         return json.loads(cached.read_text())
     cells = code_cells(script)
+    # A cold site build runs every walkthrough: say so, so that `mkdocs serve` is not minutes of silence.
+    print(f"walkthrough {script.name}: running it (the code changed since its output was cached) ...",
+          file=sys.stderr, flush=True)
+    start = time.monotonic()
     CACHE.mkdir(parents=True, exist_ok=True)
     # Named per process: parallel test workers (and the site build) may run one script at once.
     cells_file = CACHE / f"{script.stem}.cells.{os.getpid()}.json"
@@ -67,4 +72,5 @@ def cell_outputs(script: Path, timeout: float = 600) -> list[str]:
     staging = cached.with_suffix(f".{os.getpid()}.tmp")
     staging.write_text(json.dumps(outputs))
     staging.replace(cached)  # atomic: a reader never sees half a file
+    print(f"walkthrough {script.name}: done in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     return outputs

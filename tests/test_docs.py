@@ -52,14 +52,45 @@ def test_walkthrough_runs_with_plain_python(script, builtin_folder):
     assert any(out.strip() for out in outputs), "a walkthrough shows something"
 
 
-def test_site_builds_strict(tmp_path):
+# A resource the browser would fetch from another host (a font, a script, a stylesheet, an image).
+EXTERNAL_RESOURCE = re.compile(r"""<(?:link|script|img|iframe|source)\b[^>]*\b(?:href|src)=["']?(?:https?:)?//""")
+
+
+def test_site_builds_strict_offline_with_code_that_wraps_and_pages_that_link_up(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "site" / "stages" / "01-core" / "index.html").exists()
+    site = tmp_path / "site"
+    assert (site / "stages" / "01-core" / "index.html").exists()
+    fetched = [(str(page.relative_to(site)), match.group(0)) for page in site.rglob("*.html")
+               for match in EXTERNAL_RESOURCE.finditer(page.read_text())]
+    assert not fetched, f"pages fetch from other hosts: {fetched[:5]}"
+    css = "".join(p.read_text() for p in (site / "stylesheets").glob("*.css"))
+    assert re.search(r"pre > code \{[^}]*white-space: pre-wrap", css), "code blocks must wrap, not run out of view"
+    walkthrough = (site / "walkthroughs" / "03-radix-tree" / "index.html").read_text()
+    assert 'class="filename">Output<' in walkthrough  # outputs are labelled
+    assert 'href="../../stages/03-radix/"' in walkthrough and 'href="../04-scheduler-trace/"' in walkthrough
+    assert 'href="../../exercises/"' in (site / "stages" / "03-radix" / "index.html").read_text()
+
+
+def test_a_fence_holds_whatever_the_text_inside_it_holds():
+    """A model's output (or a docstring) may print a code fence of its own: it must not close ours."""
+    for text in ["plain", "```json\n{}\n```", "````", "a ` b `` c"]:
+        block = hooks.fenced(text, "text", title="Output")
+        fence = block.split("\n", 1)[0].split("text")[0]
+        assert block.startswith(fence + 'text title="Output"\n') and block.endswith("\n" + fence)
+        assert not any(line.startswith(fence) for line in text.splitlines()), (text, fence)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_page_lists_its_exercises(stage):
+    from exercises.catalog import exercises_of
+
+    rendered = hooks.render_exercises(stage)
+    assert all(e.title in rendered for e in exercises_of(stage)) and ("exercises.md" in rendered) == bool(exercises_of(stage))
 
 
 
