@@ -12,6 +12,7 @@ import difflib
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # plots.py, beside this file
@@ -45,10 +46,17 @@ def stage_files(stage: str) -> dict[str, str]:
     }
 
 
+# Files that carry a technique's settings and wiring rather than the technique: their diffs are
+# folded (a click opens them), after the files that hold the technique.
+PLUMBING = ("__init__.py", "__main__.py", "engine_args.py", "server_args.py", "openai_protocol.py")
+
+
 def render_stage_diff(before: str, after: str) -> str:
-    """Markdown with one ```diff block per changed file; stage names are stripped from imports."""
+    """Markdown for a stage's diff from the one before: a table of the files it changes (new
+    files, then the rest by lines changed, +/- each), one block per file in that order, plumbing
+    files (``PLUMBING``) folded at the end. Stage names are stripped from imports."""
     old, new = stage_files(before), stage_files(after)
-    sections = []
+    files = []  # (name, added, removed, block)
     for name in sorted(old.keys() | new.keys()):
         # Imports name their own stage; drop that so the diff shows only the technique.
         a = old.get(name, "").replace(before, "STAGE")
@@ -56,15 +64,25 @@ def render_stage_diff(before: str, after: str) -> str:
         if a == b:
             continue
         if name not in old:
-            sections.append(f"### `{name}` (new file)\n\n{fenced(new[name].rstrip(), 'python')}\n")
+            files.append((name, len(b.splitlines()), 0, fenced(new[name].rstrip(), "python")))
             continue
-        diff = difflib.unified_diff(
-            a.splitlines(), b.splitlines(), f"{before}/{name}", f"{after}/{name}", lineterm="", n=3
-        )
-        body = "\n".join(diff)
-        sections.append(f"### `{name}`\n\n{fenced(body, 'diff')}\n")
-    if not sections:
+        diff = list(difflib.unified_diff(a.splitlines(), b.splitlines(), f"{before}/{name}", f"{after}/{name}",
+                                         lineterm="", n=3))
+        added = sum(line.startswith("+") and not line.startswith("+++") for line in diff)
+        removed = sum(line.startswith("-") and not line.startswith("---") for line in diff)
+        files.append((name, added, removed, fenced("\n".join(diff), "diff")))
+    if not files:
         raise ValueError(f"{before} and {after} do not differ: a stage must add a technique")
+    files.sort(key=lambda f: (f[0] in PLUMBING, f[0] in old, -(f[1] + f[2]), f[0]))
+    rows = ["| file | + | − |", "| --- | --- | --- |"]
+    rows += [f"| `{name}`{' (new file)' if name not in old else ''} | {added} | {removed} |" for name, added, removed, _ in files]
+    sections = ["\n".join(rows) + "\n"]
+    for name, added, removed, block in files:
+        counts = "new file" if name not in old else f"+{added} −{removed}"
+        if name in PLUMBING:  # folded: a pymdownx.details block, its body indented
+            sections.append(f'??? note "{name} ({counts})"\n\n' + textwrap.indent(block, "    ") + "\n")
+        else:
+            sections.append(f"### `{name}` ({counts})\n\n{block}\n")
     return "\n".join(sections)
 
 

@@ -2,6 +2,8 @@
 
     python docs/screenshots.py                      # PNGs in site-screenshots/
     python docs/screenshots.py --out /tmp/shots --pages stages/11-server
+    python docs/screenshots.py --pages stages/15-lora --top 6000    # the part 6,000 px down
+    python docs/screenshots.py --pages stages/15-lora --height 20000  # a whole long page
 
 Builds the site with ``mkdocs build --strict`` into a temporary folder, serves
 it on 127.0.0.1, and has headless Chromium (Debian's ``chromium`` package:
@@ -52,13 +54,21 @@ def screenshot(browser: str, url: str, out: Path, width: int, height: int) -> No
                         f"--screenshot={out}", url], check=True, capture_output=True, timeout=120)
 
 
+def crop(png: Path, top: int) -> None:
+    """Keep ``png``'s rows from ``top`` down (matplotlib reads and writes PNG; no imaging library needed)."""
+    import matplotlib.image
+
+    matplotlib.image.imsave(png, matplotlib.image.imread(png)[top:])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python docs/screenshots.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "site-screenshots")
     parser.add_argument("--pages", nargs="*", help="page paths without .md (default: every page)")
     parser.add_argument("--width", type=int, default=1280)
-    parser.add_argument("--height", type=int, default=3000)
+    parser.add_argument("--height", type=int, default=3000, help="window height: the shot's; raise it for a whole page")
+    parser.add_argument("--top", type=int, default=0, help="start the shot this many pixels down the page")
     args = parser.parse_args(argv)
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -74,8 +84,11 @@ def main(argv=None) -> int:
         try:
             for page in pages:
                 page = page.strip("/") if page not in (".", "") else ""
-                out = args.out / f"{page.replace('/', '__') or 'index'}.png"
-                screenshot(browser, f"{base}/{page}/" if page else f"{base}/", out, args.width, args.height)
+                out = args.out / f"{page.replace('/', '__') or 'index'}{f'@{args.top}' if args.top else ''}.png"
+                url = f"{base}/{page}/" if page else f"{base}/"
+                screenshot(browser, url, out, args.width, args.top + args.height)
+                if args.top:  # headless Chromium shoots from the top: keep the rows asked for
+                    crop(out, args.top)
                 print(out)
         finally:
             server.shutdown()
