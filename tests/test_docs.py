@@ -127,3 +127,16 @@ def test_each_comparison_run_gets_a_chart_of_its_own(tmp_path):
     assert "h100-random256-b: NVIDIA H200, torch 2.11.0+cu130, median of 3 interleaved runs" in page
     first, second = page.split("h100-random256-b")
     assert "hf-generate" in first and "stage11_server" not in first and "hf-generate" not in second
+
+
+@pytest.mark.parametrize("stage", STAGES[1:])
+def test_a_stage_diff_shows_the_technique_first_and_folds_the_plumbing(stage):
+    rendered = hooks.render_stage_diff(STAGES[STAGES.index(stage) - 1], stage)
+    assert rendered.startswith("| file | + | − |")  # the table of files first
+    headings = [m.start() for m in re.finditer(r"^### ", rendered, re.MULTILINE)]
+    folded = [m.start() for m in re.finditer(r"^\?\?\? note ", rendered, re.MULTILINE)]
+    assert not headings or not folded or max(headings) < min(folded), "plumbing files come last, folded"
+    for name in hooks.PLUMBING:
+        assert f"### `{name}`" not in rendered
+    if "(new file)" in rendered:  # a technique that brings files shows them first
+        assert rendered[headings[0]:].split("\n", 1)[0].endswith("(new file)")
