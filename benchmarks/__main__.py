@@ -23,10 +23,19 @@ from common.config import ModelConfig
 from common.loader import resolve_model_path
 
 
+def cpu_model() -> str | None:
+    """The CPU's name as the kernel reports it (Linux), so a CPU run says what it ran on."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def environment() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return dict(machine=platform.machine(), cpu_count=torch.get_num_threads(), gpu=gpu,
+    return dict(machine=platform.machine(), cpu=cpu_model(), cpu_count=torch.get_num_threads(), gpu=gpu,
                 torch=torch.__version__, python=platform.python_version(), git_commit=commit or None)
 
 

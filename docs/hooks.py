@@ -1,9 +1,10 @@
 """mkdocs build hooks: pages that are generated from the code at build time, so they never go stale.
 
-Three markers may appear in a page's markdown (and every stage page gets its exercises, every
+Four markers may appear in a page's markdown (and every stage page gets its exercises, every
 walkthrough links to its stage and to the next walkthrough):
     <!-- stage-diff: stage01_core stage02_paged -->   -> a unified diff per changed file, new files whole
     <!-- walkthrough: 01_forward_pass.py -->          -> the jupytext script rendered as markdown
+    <!-- benchmark-headline -->                       -> per stage, its best GPU figure and the run it is from
     <!-- benchmark-results -->                        -> summary charts, then a table and a chart per
                                                            benchmarks/results/*.json (charts: plots.py)
 """
@@ -129,6 +130,33 @@ def render_walkthrough(script: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+STAGE_SYSTEM = re.compile(r"(stage\d\d)_[a-z_]+")
+
+
+def render_benchmark_headline() -> str:
+    """Per stage, its best GPU figure across every results file: output tok/s, the card, the
+    workload and a link to the run's section below."""
+    best = {}
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        report = json.loads(path.read_text())
+        gpu = report.get("environment", {}).get("gpu")
+        for r in report["results"] if gpu else []:
+            stage = STAGE_SYSTEM.match(r["system"])
+            if stage and r.get("output_tokens_per_s") and r["output_tokens_per_s"] > best.get(stage.group(1), (0,))[0]:
+                best[stage.group(1)] = (r["output_tokens_per_s"], r["system"], gpu, report.get("workload", ""), path.stem)
+    rows = ["| stage | best output tok/s | GPU | workload | run |", "| --- | --- | --- | --- | --- |"]
+    for stage, (tokens, system, gpu, workload, stem) in sorted(best.items()):
+        short = workload.split(",")[0] + (f" ({workload.rsplit('(', 1)[1]}" if workload.endswith(")") else "")
+        rows.append(f"| {stage[5:]} | {tokens:,.0f} | {gpu.replace('NVIDIA ', '')} | {short} | [{stem}](#{stem}) |")
+    return "\n".join(rows) + "\n"
+
+
+def where_it_ran(env: dict) -> str:
+    """The card (GPU runs) or the CPU and its threads (CPU runs), then torch and the commit."""
+    machine = env.get("gpu") or f"CPU {env.get('cpu') or env.get('machine', '?')}, {env.get('cpu_count', '?')} threads"
+    return ", ".join([machine] + [f"{k} {env[k]}" for k in ("torch", "git_commit") if env.get(k)])
+
+
 def render_benchmark_results() -> str:
     """The summary charts, then one section per results file: where it ran, a table of the
     systems, a bar chart of output tok/s."""
@@ -136,21 +164,25 @@ def render_benchmark_results() -> str:
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
         report = json.loads(path.read_text())
         env = report.get("environment", {})
-        where = ", ".join(f"{k} {env[k]}" for k in ("gpu", "torch", "git_commit") if env.get(k))
-        rows = ["| system | out tok/s | total tok/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms | peak GiB | notes |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        where = where_it_ran(env)
+        rows = ["| system | out tok/s | total tok/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms | peak GiB |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        notes = []  # below the table, which then fits the column
         for r in report["results"]:
             peak = f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else ""
-            notes = "; ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("longest_decode_gap_ms", "prefix_cache_hit_rate") if r.get(k))
+            noted = "; ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("longest_decode_gap_ms", "prefix_cache_hit_rate") if r.get(k))
             rows.append(f"| {r['system']} | {r['output_tokens_per_s']} | {r['total_tokens_per_s']} | {r['ttft_median_ms'] or ''} "
-                        f"| {r['itl_median_ms'] or ''} | {r['itl_p99_ms'] or ''} | {peak} | {notes} |")
+                        f"| {r['itl_median_ms'] or ''} | {r['itl_p99_ms'] or ''} | {peak} |")
+            if noted:
+                notes.append(f"- {r['system']}: {noted}")
         runs = [r.get("output_tokens_per_s_runs") for r in report["results"]]
         chart = plots.bar_chart([r["system"] for r in report["results"]], [r["output_tokens_per_s"] for r in report["results"]],
                                 "output tokens / s", [plots.spread(v) for v in runs])
         note = f"\n_{env['note']}_\n" if env.get("note") else ""
         kwargs = f"; engine options `{json.dumps(report['engine_kwargs'])}`" if report.get("engine_kwargs") else ""
+        listed = "\n\n" + "\n".join(notes) if notes else ""
         sections.append(f"### {path.stem}\n\n{report.get('workload', '')}; model `{report.get('model', '')}`{kwargs}. "
-                        f"{where}.\n{note}\n" + "\n".join(rows) + "\n\n" + chart + "\n")
+                        f"{where}.\n{note}\n" + "\n".join(rows) + listed + "\n\n" + chart + "\n")
     return "\n".join(sections)
 
 
@@ -177,6 +209,8 @@ def on_page_markdown(markdown, page, config, files):
             markdown = markdown.replace("\n## The diff from", f"\n{exercises}\n## The diff from", 1)
         elif exercises:
             markdown = markdown.rstrip("\n") + f"\n\n{exercises}"
+    if "<!-- benchmark-headline -->" in markdown:
+        markdown = markdown.replace("<!-- benchmark-headline -->", render_benchmark_headline())
     markdown = markdown.replace("<!-- benchmark-results -->", render_benchmark_results()) if "<!-- benchmark-results -->" in markdown else markdown
     markdown = DIFF_MARKER.sub(lambda m: render_stage_diff(m.group(1), m.group(2)), markdown)
     return WALKTHROUGH_MARKER.sub(lambda m: render_walkthrough(m.group(1)), markdown)

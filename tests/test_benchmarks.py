@@ -128,7 +128,8 @@ def test_the_front_end_benchmark_delivers_every_token_of_its_scripted_engine(tmp
     assert front_end.main(["--stage", SERVER_STAGES[-1], "--requests", "6", "--max-tokens", "5", "--step-ms", "2",
                            "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["tokens"] == 30 and result["front_end_cpu_s_per_1000_tokens"] > 0
+    # (30 tokens may take less CPU time than the clock resolves: the figure is present, not necessarily above 0)
+    assert result["tokens"] == 30 and result["front_end_cpu_s_per_1000_tokens"] >= 0
 
 
 def test_teacher_forced_check_passes_correct_stages(checkpoints):

@@ -140,3 +140,13 @@ def test_a_stage_diff_shows_the_technique_first_and_folds_the_plumbing(stage):
         assert f"### `{name}`" not in rendered
     if "(new file)" in rendered:  # a technique that brings files shows them first
         assert rendered[headings[0]:].split("\n", 1)[0].endswith("(new file)")
+
+
+def test_the_benchmarks_page_opens_with_each_stages_best_gpu_figure_and_names_cpus():
+    headline = hooks.render_benchmark_headline()
+    runs = re.findall(r"\[([^\]]+)\]\(#([^)]+)\)", headline)
+    assert runs and all(text == anchor and (ROOT / "benchmarks" / "results" / f"{anchor}.json").exists() for text, anchor in runs)
+    assert "| 16 |" in headline  # the last stage has GPU figures
+    assert hooks.where_it_ran({"machine": "x86_64", "cpu": "Intel(R) Xeon(R)", "cpu_count": 2}).startswith(
+        "CPU Intel(R) Xeon(R), 2 threads")
+    assert hooks.where_it_ran({"gpu": "NVIDIA H100", "torch": "2.11"}) == "NVIDIA H100, torch 2.11"

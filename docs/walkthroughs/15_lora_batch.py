@@ -38,9 +38,10 @@ print(f"layer 0 qkv_proj: A {list(a.shape)}, B {list(b.shape)}")
 # block-diagonally, so adapter `a`'s q part lands in the q rows. Adapter `b` changes only the MLP,
 # so its `qkv_proj` slot stays zeros.
 #
-# ## Rows, slots and segments
-# Each forward, the pool sorts the row slots into segments: `offs[g]` is where slot `g`'s rows end
-# (printed for slots 0 to 3; the empty slots after them end where the last one does).
+# ## Rows and slots
+# Each forward, every token row carries its adapter's slot. The default (dense) backend shrinks
+# every row by every slot's `A` in one matmul and keeps, per row, only its own slot's columns: the
+# mask printed below (slot `s` owns columns `24 s .. 24 s + 23`).
 
 # %%
 steps = []
