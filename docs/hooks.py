@@ -105,12 +105,12 @@ def render_exercises(stage: str) -> str:
 
 def render_walkthrough(script: str) -> str:
     """A jupytext percent script as markdown: prose cells as text, code cells as code, each
-    followed by what it printed when the script ran (``walkthrough_output.py``), then links to
+    followed by what it printed (kept in docs/walkthroughs/outputs/: ``walkthrough_output.py``), then links to
     its stage and to the next walkthrough."""
     import jupytext
 
     path = ROOT / "docs" / "walkthroughs" / script
-    outputs = iter(walkthrough_output.cell_outputs(path))
+    outputs = iter(walkthrough_output.site_outputs(path))
     number = script[:2]
     stage_page, next_page = page_of("stages", number), page_of("walkthroughs", f"{int(number) + 1:02d}")
     parts = [f"!!! tip \"Run it\"\n    `python docs/walkthroughs/{script}`"

@@ -7,9 +7,15 @@ processes and servers it starts behave as on the command line), printing a
 marker line after each code cell; the text between markers is that cell's
 output. The site shows each output under its cell.
 
-Running all walkthroughs takes a few minutes on a CPU, so outputs are cached
-in ``.cache/walkthroughs/``, keyed by the script and every source file of the
-engine: change either and the walkthrough runs again.
+Running all walkthroughs takes minutes on a CPU, so the site never runs them:
+it shows the outputs kept in the repository (``docs/walkthroughs/outputs/``),
+and a cold ``mkdocs build`` takes seconds. The suite runs every walkthrough
+(``tests/test_docs.py``) and fails when what it prints is no longer what is
+kept; then ``python docs/walkthrough_output.py --update NAME.py ...`` keeps
+the new output (look at the difference first: it is what the page will say).
+Runs are cached in ``.cache/walkthroughs/``, keyed by the script and every
+source file of the engine. Every run uses one CPU thread, as the suite's
+workers do, so that the output is the same whoever runs it.
 """
 
 import hashlib
@@ -24,6 +30,7 @@ import jupytext
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "walkthroughs"
+KEPT = ROOT / "docs" / "walkthroughs" / "outputs"  # what the site shows, one JSON list per script
 MARKER = "<<<walkthrough cell done>>>"
 # Runs the cells in one namespace, as `python script.py` would run the file.
 DRIVER = f"""
@@ -54,15 +61,16 @@ def cell_outputs(script: Path, timeout: float = 600) -> list[str]:
         return json.loads(cached.read_text())
     cells = code_cells(script)
     # A cold site build runs every walkthrough: say so, so that `mkdocs serve` is not minutes of silence.
-    print(f"walkthrough {script.name}: running it (the code changed since its output was cached) ...",
+    print(f"walkthrough {script.name}: running it ...",
           file=sys.stderr, flush=True)
     start = time.monotonic()
     CACHE.mkdir(parents=True, exist_ok=True)
     # Named per process: parallel test workers (and the site build) may run one script at once.
     cells_file = CACHE / f"{script.stem}.cells.{os.getpid()}.json"
     cells_file.write_text(json.dumps(cells))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", DRIVER, str(script), str(cells_file)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, timeout=timeout, check=False, env=env)
     cells_file.unlink()
     if result.returncode != 0:
         raise RuntimeError(f"{script.name} failed:\n{result.stderr[-3000:]}")
@@ -74,3 +82,31 @@ def cell_outputs(script: Path, timeout: float = 600) -> list[str]:
     staging.replace(cached)  # atomic: a reader never sees half a file
     print(f"walkthrough {script.name}: done in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     return outputs
+
+
+def kept_outputs(script: Path) -> list[str] | None:
+    """The outputs kept in the repository for ``script`` (None if there are none)."""
+    path = KEPT / f"{script.stem}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def site_outputs(script: Path) -> list[str]:
+    """What the site shows under each cell: the kept outputs, or (none kept yet) a run's."""
+    kept = kept_outputs(script)
+    return kept if kept is not None and len(kept) == len(code_cells(script)) else cell_outputs(script)
+
+
+def update(scripts: list[Path]) -> None:
+    """Run ``scripts`` and keep what they print."""
+    KEPT.mkdir(parents=True, exist_ok=True)
+    for script in scripts:
+        (KEPT / f"{script.stem}.json").write_text(json.dumps(cell_outputs(script), indent=1) + "\n")
+        print(f"kept {KEPT.relative_to(ROOT) / (script.stem + '.json')}")
+
+
+if __name__ == "__main__":
+    names = [a for a in sys.argv[1:] if a != "--update"]
+    if "--update" not in sys.argv[1:]:
+        sys.exit("usage: python docs/walkthrough_output.py --update [NAME.py ...]   (default: every walkthrough)")
+    folder = ROOT / "docs" / "walkthroughs"
+    update([folder / Path(n).name for n in names] if names else sorted(folder.glob("[0-9][0-9]_*.py")))

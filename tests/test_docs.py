@@ -50,6 +50,10 @@ def test_walkthrough_runs_with_plain_python(script, builtin_folder):
     outputs = walkthrough_output.cell_outputs(script)
     assert len(outputs) == len(walkthrough_output.code_cells(script))
     assert any(out.strip() for out in outputs), "a walkthrough shows something"
+    # The site shows the kept output: it must be what the script prints now.
+    assert outputs == walkthrough_output.kept_outputs(script), (
+        f"{script.name} prints something other than its kept output (docs/walkthroughs/outputs/); look at the "
+        f"difference, then: python docs/walkthrough_output.py --update {script.name}")
 
 
 # A resource the browser would fetch from another host (a font, a script, a stylesheet, an image).

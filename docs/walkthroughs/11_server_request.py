@@ -31,7 +31,7 @@ while True:  # /health answers 200 once the engine process has loaded the model
     except OSError:
         assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.5)
-print("server up at", url)
+print("server up")
 
 # %% [markdown]
 # ## A completion, then the same one streamed
@@ -42,7 +42,7 @@ print("server up at", url)
 # %%
 client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
 model = client.models.list().data[0].id  # requests name the served model (--served-model-name); others get 404
-print("model:", model)
+print("model:", model.rsplit("-", 1)[0])  # the folder name, less its cache hash
 response = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
 print(repr(response.choices[0].text), response.choices[0].finish_reason, response.usage)
 
