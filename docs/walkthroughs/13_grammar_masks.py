@@ -42,7 +42,7 @@ def allowed_tokens(grammar) -> list[int]:
 
 # %%
 rid = engine.add_request("Is the sky blue? Reply in JSON.", json_schema=schema, max_tokens=40, temperature=0)
-request = engine._by_id[rid]
+request = next(r for r in engine.scheduler.waiting if r.id == rid)  # the live request, queued for its first step
 steps = 0
 while not request.finished:
     allowed = allowed_tokens(request.grammar)

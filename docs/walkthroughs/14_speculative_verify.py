@@ -49,7 +49,7 @@ engine.runner.truncate_cache = recording_truncate
 
 # %%
 rid = engine.add_request(prompt, max_tokens=40, temperature=0)
-request = engine._by_id[rid]
+request = next(r for r in engine.scheduler.waiting if r.id == rid)  # the live request, queued for its first step
 forwards = 0
 while not request.finished:
     before, verified = len(request.output_ids), len(given_back)
