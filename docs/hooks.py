@@ -131,23 +131,32 @@ def render_walkthrough(script: str) -> str:
 
 
 STAGE_SYSTEM = re.compile(r"(stage\d\d)_[a-z_]+")
+# Results kept in a subfolder are discussed in a section of the page, not listed under "Every run".
+SECTION_OF_FOLDER = {"structured": "structured-outputs-stage-13", "speculative": "speculative-decoding-stage-14",
+                     "lora": "multi-lora-stage-15", "data_parallel": "data-parallel-replicas-stage-16"}
 
 
 def render_benchmark_headline() -> str:
     """Per stage, its best GPU figure across every results file: output tok/s, the card, the
     workload and a link to the run's section below."""
     best = {}
-    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+    results = ROOT / "benchmarks" / "results"
+    for path in sorted(results.rglob("*.json")):
+        folder = path.parent.relative_to(results).as_posix()
+        if folder != "." and folder not in SECTION_OF_FOLDER:
+            continue  # correctness checks, profiles, attention probes: no throughput of a stage
         report = json.loads(path.read_text())
         gpu = report.get("environment", {}).get("gpu")
-        for r in report["results"] if gpu else []:
-            stage = STAGE_SYSTEM.match(r["system"])
+        for r in report["results"] if gpu and isinstance(report.get("results"), list) else []:
+            stage = STAGE_SYSTEM.match(r.get("system", ""))
             if stage and r.get("output_tokens_per_s") and r["output_tokens_per_s"] > best.get(stage.group(1), (0,))[0]:
-                best[stage.group(1)] = (r["output_tokens_per_s"], r["system"], gpu, report.get("workload", ""), path.stem)
+                name = path.stem if folder == "." else f"{folder}/{path.stem}"
+                anchor = path.stem if folder == "." else SECTION_OF_FOLDER[folder]
+                best[stage.group(1)] = (r["output_tokens_per_s"], gpu, report.get("workload", ""), name, anchor)
     rows = ["| stage | best output tok/s | GPU | workload | run |", "| --- | --- | --- | --- | --- |"]
-    for stage, (tokens, system, gpu, workload, stem) in sorted(best.items()):
+    for stage, (tokens, gpu, workload, name, anchor) in sorted(best.items()):
         short = workload.split(",")[0] + (f" ({workload.rsplit('(', 1)[1]}" if workload.endswith(")") else "")
-        rows.append(f"| {stage[5:]} | {tokens:,.0f} | {gpu.replace('NVIDIA ', '')} | {short} | [{stem}](#{stem}) |")
+        rows.append(f"| {stage[5:]} | {tokens:,.0f} | {gpu.replace('NVIDIA ', '')} | {short} | [{name}](#{anchor}) |")
     return "\n".join(rows) + "\n"
 
 

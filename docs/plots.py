@@ -26,6 +26,14 @@ SUMMARY = [
      "h100-shared-prefix.json", "ttft_median_ms", "TTFT p50, ms (lower is better)"),
     ("Decode stall when an 8,192-token prompt arrives: stage 04 prefills it whole, stage 05 in chunks",
      "h100-long-prompt.json", "longest_decode_gap_ms", "longest gap between a request's tokens, ms (lower is better)"),
+    ("Stage 13: half the requests constrained to a JSON schema, against the same lengths unconstrained",
+     "structured/h[0-9]*-structured.json", "output_tokens_per_s", "output tokens / s (higher is better)"),
+    ("Stage 14: NGRAM speculative decoding against stage 13 on random prompts",
+     "speculative/h[0-9]*-random32-*.json", "output_tokens_per_s", "output tokens / s (higher is better)"),
+    ("Stage 15: four adapters in one batch against the base model alone",
+     "lora/h[0-9]*-random96-stage15.json", "output_tokens_per_s", "output tokens / s (higher is better)"),
+    ("Stages 14, 15 and 16 side by side (64 random requests; stage 16 with one replica)",
+     "data_parallel/h[0-9]*-random64-stage14-15-16.json", "output_tokens_per_s", "output tokens / s (higher is better)"),
 ]
 
 
