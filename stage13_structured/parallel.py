@@ -50,7 +50,6 @@ store forms the group; from then on a remote rank is a rank like any other.
 import dataclasses
 import datetime
 import queue
-import socket
 import sys
 import time
 import traceback
@@ -238,17 +237,10 @@ class TensorParallelShard:
 # ----- processes ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A port free now (another process may take it before it is used: prefer ``open_store``)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def open_store(address: str | None, size: int, timeout_s: float) -> dist.TCPStore:
     """Rank 0's rendezvous, listening before any other rank starts: at ``address`` (``host:port``,
     the group spans nodes), or on a port the OS picks now (one machine), which no other process
-    can take in the meantime (a port picked first and bound later could be)."""
+    can take in the meantime, as it could take a port picked first and bound later."""
     host, port = address.rsplit(":", 1) if address else ("127.0.0.1", "0")
     return dist.TCPStore(host, int(port), size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
                          wait_for_workers=False)

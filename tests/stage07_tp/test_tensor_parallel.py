@@ -87,3 +87,5 @@ def test_engine_works_again_after_a_tp_engine_shut_down(checkpoints, single_rank
     for _ in range(2):
         with Engine(model_path=str(checkpoints["dense"]), device="cpu", tp_size=2) as engine:
             assert engine.generate(prompts()[1], **GREEDY).token_ids == single_rank["dense"][0][1]
+            # The group met at the store rank 0 opened before its workers started (no port picked and bound later).
+            assert engine.workers.address == f"127.0.0.1:{engine.workers.store.port}"
