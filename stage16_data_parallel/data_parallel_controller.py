@@ -59,6 +59,7 @@ class DataParallelController:
         self.sent: dict[str, GenerateRequest] = {}  # rid -> the request, while nothing of it reached its caller
         self.broadcasts: dict[str, tuple[set[int], RequestUpdate | None]] = {}  # rid -> (replicas yet to answer, an error)
         self.stopping = False
+        self.beats = {r: (0, time.monotonic()) for r in range(dp_size)}  # replica -> (count last seen, when it moved)
         # On the CPU, replicas share its cores: each gets its part (torch would give each all of them).
         cpu_threads = max(1, torch.get_num_threads() // dp_size) if dp_size > 1 else None
         self.replicas = [
@@ -172,6 +173,7 @@ class DataParallelController:
         log(f"engine replica {index}'s pipe closed; {moved} requests sent to other replicas, {failed} failed")
 
     def _back(self, index: int) -> None:
+        self.beats[index] = (0, time.monotonic())  # a new engine process: its count starts again
         self.metrics.engine_restarted(index)
         self.router.replica_up(index)
 
@@ -181,11 +183,11 @@ class DataParallelController:
         while not self.stopping:
             time.sleep(WATCHDOG_PERIOD_S)
             for replica in self.replicas:
-                engine, now = replica.engine, time.monotonic()
-                beat = engine.heartbeat.value
-                if beat != engine.last_beat:
-                    engine.last_beat, engine.last_beat_time = beat, now
-                elif replica.alive and now - engine.last_beat_time > self.hang_timeout:
-                    log(f"engine replica {replica.index}'s heartbeat stopped {now - engine.last_beat_time:.0f} s "
-                        "ago (--dist-timeout); killing it")
-                    engine.process.kill()
+                beat, now = replica.engine.heartbeat.value, time.monotonic()
+                last, since = self.beats[replica.index]
+                if beat != last:
+                    self.beats[replica.index] = (beat, now)
+                elif replica.alive and now - since > self.hang_timeout:
+                    log(f"engine replica {replica.index}'s heartbeat stopped {now - since:.0f} s ago (--dist-timeout); "
+                        "killing it")
+                    replica.engine.process.kill()

@@ -11,7 +11,6 @@ full pipe while the engine is busy with a step.
 
 import multiprocessing as mp
 import threading
-import time
 from queue import SimpleQueue
 
 from .engine_process import SHUTDOWN, EngineReady, run_engine_process
@@ -25,7 +24,6 @@ class EngineHandle:
         context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
         self.index = index
         self.heartbeat = context.Value("Q", 0, lock=False)  # counted up by a thread in the engine process
-        self.last_beat, self.last_beat_time = 0, time.monotonic()
         self.conn, child_conn = context.Pipe()
         # Not a daemon: with tp/ep the engine process starts worker processes of its own.
         self.process = context.Process(target=run_engine_process,
