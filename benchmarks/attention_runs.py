@@ -6,7 +6,7 @@ For each batch x context, one layer's KV pool with Qwen3-0.6B's shapes (16
 query heads, 8 KV heads of 128, bf16), page tables filled by stage 12's own
 allocator (prompts of half the context, then every request growing a page at
 a time beside the others), and one decode step's attention through the
-stage's ``PagedAttention``, both ways, each recorded in a CUDA graph:
+stage's two attention backends, each recorded in a CUDA graph:
 
 * ``gather``: every key and value copied into one packed buffer, then flash
   (stages 02-11);
@@ -27,8 +27,9 @@ from types import SimpleNamespace
 
 import torch
 
+from stage12_inplace_attention.attention_backend import ATTENTION_BACKENDS
 from stage12_inplace_attention.forward_batch import ForwardBatch
-from stage12_inplace_attention.kv_cache import DevicePageTables, PagedAttention, PagedKVPool
+from stage12_inplace_attention.kv_cache import DevicePageTables, PagedKVPool
 from stage12_inplace_attention.page_allocator import PageAllocator
 from stage12_inplace_attention.page_runs import MAX_VIRTUAL_SEQUENCES, pack_runs, token_runs
 
@@ -105,7 +106,7 @@ def measure(batch: int, context: int, run_pages: int | None, repeats: int) -> di
     k, v = (torch.randn(batch, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
     graphs, plans = {}, {}  # the plans hold the index tensors the graphs read: they must stay alive
     for name, step in (("runs", runs_batch), ("gather", gather_batch)):
-        plans[name] = PagedAttention(pool, tables, step)
+        plans[name] = ATTENTION_BACKENDS[name](pool, tables).prepare(step)
         graphs[name] = graph_of(lambda attention=plans[name]: attention(0, q, k, v))
     used = batch * context
     graphs["read floor"] = graph_of(lambda: pool.k[0, :used].sum(dtype=torch.float32) + pool.v[0, :used].sum(dtype=torch.float32))

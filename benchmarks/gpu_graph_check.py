@@ -53,9 +53,9 @@ def decode_batch(runner, running) -> ForwardBatch:
         seq_lens.append(r.num_cached + 1)
         runner.page_tables.pending_updates(r, *updates)
     n = len(running)
-    if getattr(runner, "attention_backend", None) == "runs":  # stage 12: where each sequence's keys lie
+    if hasattr(runner.attention_backend, "batch_runs"):  # stage 12: where each sequence's keys lie
         return ForwardBatch.build(runner.device, input_ids, positions, rows, [1] * n, seq_lens, list(range(n)), updates,
-                                  runner.decode_runs(running, seq_lens))
+                                  runner.attention_backend.batch_runs(running, seq_lens, [1] * n))
     return ForwardBatch.build(runner.device, input_ids, positions, rows, [1] * n, seq_lens, list(range(n)), updates)
 
 

@@ -129,7 +129,7 @@ def compare(reference_lp: list[torch.Tensor], stage_lp: list[torch.Tensor], tole
 
 def plant_decode_off_by_one(stage: str) -> None:
     """A planted bug: decode queries stop seeing their newest key (an off-by-one in the key length)."""
-    module = importlib.import_module(f"{stage}.kv_cache")
+    module = importlib.import_module(f"{stage}.attention_backend")
     varlen = module.varlen_attention
 
     def varlen_missing_newest_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k):
@@ -146,9 +146,9 @@ def plant_decode_off_by_one(stage: str) -> None:
         self.key_mask[torch.arange(len(newest)), newest] = False
         return decode_attention(self, q, k_pool, v_pool)
 
-    decode_attention = module.PagedAttention.decode_attention
+    decode_attention = module.GatherAttention.decode_attention
     module.varlen_attention = varlen_missing_newest_key  # the CUDA path
-    module.PagedAttention.decode_attention = decode_missing_newest_key  # the CPU path
+    module.GatherAttention.decode_attention = decode_missing_newest_key  # the CPU path
 
 
 def check_kind(kind: str, folder: Path, stages: list[str], device: str, dtype: str, steps: int) -> list[dict]:

@@ -12,6 +12,8 @@ import torch
 
 from common.settings import Settings, positive, setting
 
+from .attention_backend import ATTENTION_BACKENDS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -26,6 +28,7 @@ class EngineArgs(Settings):
     page_size: int = setting(16, "tokens per KV page", check=positive)
     kv_cache_bytes: int | None = setting(None, "KV pool size (default: 512 MiB on CPU, 80% of free GPU memory)",
                                          check=positive)
+    attention_backend: str = setting("gather", "how attention reads the paged KV pool", choices=ATTENTION_BACKENDS)
 
     def validate(self) -> None:
         self.device = resolve_device(self.device)

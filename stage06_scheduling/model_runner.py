@@ -16,9 +16,10 @@ import torch
 from common.loader import load_model
 from common.sampling import Sampler
 
+from .attention_backend import ATTENTION_BACKENDS
 from .engine_args import EngineArgs
 from .forward_batch import ForwardBatch
-from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
+from .kv_cache import DevicePageTables, PagedKVPool
 from .page_allocator import PageAllocator
 from .radix_cache import RadixCache
 from .request import Request
@@ -44,6 +45,7 @@ class ModelRunner:
         self.allocator = PageAllocator(num_pages)
         max_pages_per_request = self.pages_for(self.config.max_position_embeddings)
         self.page_tables = DevicePageTables(min(num_pages, MAX_RUNNING_REQUESTS), max_pages_per_request, device)
+        self.attention_backend = ATTENTION_BACKENDS[args.attention_backend](self.pool, self.page_tables)
         self.radix_cache = None if args.disable_radix_cache else RadixCache(self.allocator, args.page_size)
 
     def kv_budget(self, kv_cache_bytes: int | None) -> int:
@@ -209,7 +211,7 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Run the model on a built batch; logits ``[len(logits_rows), vocab]`` (None if none are wanted)."""
         self.page_tables.apply(batch.update_rows, batch.update_columns, batch.update_pages)
-        attention = PagedAttention(self.pool, self.page_tables, batch)
+        attention = self.attention_backend.prepare(batch)
         hidden = self.model(batch.input_ids, batch.positions, attention)
         if batch.logits_rows.numel() == 0:  # only prompt chunks ran: nothing to sample
             return None

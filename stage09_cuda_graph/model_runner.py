@@ -22,10 +22,11 @@ from common.loader import load_model, resolve_model_path
 from common.memory import is_out_of_memory
 from common.sampling import Sampler
 
+from .attention_backend import ATTENTION_BACKENDS
 from .cuda_graph_runner import CudaGraphRunner
 from .engine_args import EngineArgs
 from .forward_batch import ForwardBatch
-from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
+from .kv_cache import DevicePageTables, PagedKVPool
 from .page_allocator import PageAllocator
 from .parallel import TensorParallelShard, broadcast_batch, rank_device, tp_group_active
 from .radix_cache import RadixCache
@@ -69,6 +70,7 @@ class ModelRunner:
         self.allocator = PageAllocator(num_pages)
         max_pages_per_request = self.pages_for(self.config.max_position_embeddings)
         self.page_tables = DevicePageTables(min(num_pages, MAX_RUNNING_REQUESTS), max_pages_per_request, device)
+        self.attention_backend = ATTENTION_BACKENDS[args.attention_backend](self.pool, self.page_tables)
         self.radix_cache = None if args.disable_radix_cache else RadixCache(self.allocator, args.page_size)
         self.use_cuda_graph = not args.disable_cuda_graph and device.type == "cuda"
         self.cuda_graph_max_bs = args.cuda_graph_max_bs
@@ -79,7 +81,7 @@ class ModelRunner:
         collectives are recorded too). Graphs need the flash kernel: fp32 runs eagerly."""
         if not self.use_cuda_graph or self.dtype not in FLASH_DTYPES or varlen_attn is None:
             return
-        graphs = CudaGraphRunner(self.model, self.pool, self.page_tables, self.allocator.num_pages,
+        graphs = CudaGraphRunner(self.model, self.attention_backend, self.allocator.num_pages,
                                  self.cuda_graph_max_bs, self.config.max_position_embeddings, capture=True)
         try:
             with torch.inference_mode():
@@ -265,7 +267,7 @@ class ModelRunner:
         self.page_tables.apply(batch.update_rows, batch.update_columns, batch.update_pages)
         if self.graphs is not None and (bucket := self.graphs.bucket(batch)) is not None:
             return self.model.compute_logits(self.graphs.run(batch, bucket))  # a decode batch: replay
-        attention = PagedAttention(self.pool, self.page_tables, batch)
+        attention = self.attention_backend.prepare(batch)
         hidden = self.model(batch.input_ids, batch.positions, attention)
         if batch.logits_rows.numel() == 0:  # only prompt chunks ran: nothing to sample
             return None

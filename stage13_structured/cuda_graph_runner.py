@@ -15,8 +15,8 @@ fixed in advance:
   ... up to ``cuda_graph_max_bs``; a batch of 5 runs the graph of 8, with 3
   padding rows;
 * **key buckets**: attention gathers the keys of every sequence into one
-  packed buffer (``kv_cache.py``), whose length is the total number of keys.
-  That length is rounded up to a power of two and is part of the graph's key:
+  packed buffer (``attention_backend.py``), whose length is the total number
+  of keys. That length is rounded up to a power of two and is part of the graph's key:
   ``(batch bucket, key bucket)``. Start-up records every batch bucket with
   room for short sequences; a longer key bucket is recorded the first time a
   step needs it;
@@ -29,19 +29,23 @@ fixed in advance:
   device. The host copies only the step's token ids, positions, page-table
   rows and lengths (``CudaGraphRunner.run``) and launches one replay.
 
+The runner owns what every graph shares (batch buckets, padding rows, the
+fixed buffers); the attention backend says what its graphs need: the key of a
+batch's graph and the attention recorded in it (``attention_backend.py``).
+
 Prefill and mixed steps, batches above the largest bucket, and dtypes the
 flash kernel does not run (fp32) run eagerly, as in stage 08. (SGLang's
 ``CudaGraphRunner``; vLLM and nano-vllm capture the same way.)
 
-Stage 12: with page runs (``page_runs.py``) nothing is gathered, so a graph
-of two or more sequences is keyed by **runs per sequence** instead of keys:
-``(batch bucket, runs per sequence)``, each sequence's runs padded with empty
-ones to a power of two. The host sends the runs with the batch; the graph
-reads the pool in place. Start-up records one run per sequence (what the
-allocator aims for); more are recorded when a step first needs them,
-up to ``MAX_RUNS_PER_SEQ``; a batch with more runs than that runs eagerly. One
-sequence keeps stage 11's graph: its gather is tiny, and SDPA spreads its
-keys over every SM.
+Stage 12: with page runs (the ``runs`` backend, ``page_runs.py``) nothing is
+gathered, so a graph of two or more sequences is keyed by **runs per
+sequence** instead of keys: ``(batch bucket, 0, runs per sequence)``, each
+sequence's runs padded with empty ones to a power of two. The host sends the
+runs with the batch; the graph reads the pool in place. Start-up records one
+run per sequence (what the allocator aims for); more are recorded when a step
+first needs them, up to ``MAX_RUNS_PER_SEQ``; a batch with more runs than
+that runs eagerly. One sequence keeps stage 11's graph: its gather is tiny,
+and SDPA spreads its keys over every SM.
 """
 
 import sys
@@ -49,15 +53,11 @@ import time
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .forward_batch import ForwardBatch
-from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
-from .page_runs import RunAttention
 
 MIN_KEY_BUCKET = 1024  # the smallest packed-key buffer a graph is recorded with
 START_UP_KEYS_PER_SEQUENCE = 256  # start-up records each batch bucket for sequences this long
-MAX_RUNS_PER_SEQ = 64  # the most runs per sequence a graph is recorded for; more run eagerly
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -77,84 +77,6 @@ class GraphKey(NamedTuple):
     batch_size: int  # the batch padded up to a recorded size
     keys: int  # the packed-key buffer's length (0 with runs)
     runs_per_seq: int = 0  # stage 12: runs per sequence (0: the keys are gathered)
-
-
-class StaticAttention(PagedAttention):
-    """The attention backend inside a graph: stage 08's packed attention, with its plan
-    computed on the device from the fixed buffers that ``CudaGraphRunner.run`` fills.
-
-    ``begin_step`` turns each sequence's page-table row and length into the
-    slots its new token is written to and the ``num_keys`` packed key slots
-    attention gathers (keys past the last sequence read the padding slot).
-    Recorded with the forward, it runs again on every replay.
-
-    A batch of one sequence takes another kernel. The flash kernel splits its
-    work by sequence and KV head, so one sequence gives an H100 only
-    ``kv_heads`` blocks of work for 132 SMs (24 us a layer on Qwen3-0.6B).
-    SDPA over the whole key buffer with an additive mask (0 for the sequence's
-    keys, -inf past them) splits the keys too and takes about 7 us.
-    """
-
-    def __init__(self, pool: PagedKVPool, page_tables: DevicePageTables, rows: torch.Tensor, seq_lens: torch.Tensor,
-                 num_keys: int, max_k: int, padding_slot: int):
-        self.pool, self.table = pool, page_tables.table
-        self.rows, self.seq_lens = rows, seq_lens
-        self.num_keys, self.padding_slot = num_keys, padding_slot
-        self.max_q, self.max_k, self.packed_layout = 1, max_k, True
-        self.cu_seqlens_q = torch.arange(len(rows) + 1, dtype=torch.int32, device=rows.device)  # one query each
-        self.single_sequence = len(rows) == 1
-
-    def begin_step(self) -> None:
-        """This step's plan, from the buffers: new-token slots, key ranges, packed key slots."""
-        page, table = self.pool.page_size, self.table
-        ends = self.seq_lens.cumsum(0)
-        self.cu_seqlens_k = F.pad(ends, (1, 0)).int()  # int32, as the flash kernel takes them
-        key = torch.arange(self.num_keys, device=ends.device)
-        owner = torch.searchsorted(ends, key, right=True)  # the sequence each packed key belongs to
-        real = owner < len(ends)  # keys past the last sequence only fill the buffer
-        owner = owner.clamp(max=len(ends) - 1)
-        key_pos = torch.where(real, key - (ends - self.seq_lens)[owner], 0)  # position in its sequence
-        slots = table[self.rows[owner], key_pos // page] * page + key_pos % page
-        self.key_slots = torch.where(real, slots, self.padding_slot)
-        self.slots = self.key_slots[ends - 1]  # a decode token is its sequence's last key
-        if self.single_sequence:
-            # Made once per step for every layer (SDPA would turn a boolean mask into this in each).
-            zero = torch.zeros((), dtype=self.pool.k.dtype, device=key.device)
-            self.key_bias = torch.where(real, zero, float("-inf"))
-
-    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if not self.single_sequence:
-            return super().__call__(layer_index, q, k, v)
-        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
-        k_pool.index_copy_(0, self.slots, k)
-        v_pool.index_copy_(0, self.slots, v)
-        # Masked keys still enter the sums with weight 0, so they must be finite: past the
-        # sequence the buffer reads the padding slot, which the runner zeroes at start.
-        keys, values = k_pool[self.key_slots].transpose(0, 1), v_pool[self.key_slots].transpose(0, 1)  # [kv_heads, K, d]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                             attn_mask=self.key_bias[None, None, None, :], enable_gqa=True)  # [1, heads, 1, d]
-        return out[0].transpose(0, 1)
-
-
-class StaticRunsAttention(PagedAttention):
-    """The attention backend inside a graph over page runs: each sequence's runs come from
-    fixed buffers (``CudaGraphRunner.run`` fills them), its keys are read in place.
-
-    ``begin_step`` finds the slot each new token is written to (the slot after
-    its sequence's last key, from the page table) and plans the runs; both are
-    recorded, so a replay redoes them.
-    """
-
-    def __init__(self, pool: PagedKVPool, page_tables: DevicePageTables, rows: torch.Tensor, seq_lens: torch.Tensor,
-                 run_starts: torch.Tensor, run_lens: torch.Tensor, max_run_len: int):
-        self.pool, self.table = pool, page_tables.table
-        self.rows, self.seq_lens = rows, seq_lens
-        self.run_starts, self.run_lens, self.max_run_len = run_starts, run_lens, max_run_len
-
-    def begin_step(self) -> None:
-        page, position = self.pool.page_size, self.seq_lens - 1  # a decode token is its sequence's last
-        self.slots = self.table[self.rows, position // page] * page + position % page
-        self.runs = RunAttention(self.run_starts, self.run_lens, len(self.rows), self.max_run_len)
 
 
 class DecodeGraph:
@@ -192,9 +114,9 @@ class CudaGraphRunner:
     """Records decode forwards per (batch bucket, key bucket, runs per sequence) and runs decode batches
     through them. A graph over page runs has key bucket 0; a gathering one has 0 runs per sequence."""
 
-    def __init__(self, model, pool: PagedKVPool, page_tables: DevicePageTables, padding_page: int,
-                 max_bs: int, max_context: int, capture: bool, runs: bool = False):
-        self.model, self.pool, self.page_tables = model, pool, page_tables
+    def __init__(self, model, attention_backend, padding_page: int, max_bs: int, max_context: int, capture: bool):
+        self.model, self.backend = model, attention_backend
+        pool, page_tables = self.pool, self.page_tables = attention_backend.pool, attention_backend.page_tables
         self.batch_sizes = batch_buckets(max_bs)
         self.max_bs, self.max_context, self.capture = self.batch_sizes[-1], max_context, capture
         self.padding_slot = padding_page * pool.page_size
@@ -210,11 +132,6 @@ class CudaGraphRunner:
         self.inputs = torch.zeros(4, self.max_bs, dtype=torch.int64, device=device)
         self.input_ids, self.positions, self.seq_rows, self.seq_lens = self.inputs
         self.padding_inputs = torch.tensor([[0], [0], [self.padding_row], [1]], device=device)  # token 0 at position 0
-        # Page runs: each sequence's run starts and lengths, ``runs_per_seq`` runs per sequence. A padding
-        # row has one run, the padding slot's single key, and empty ones after it.
-        self.runs = runs
-        self.run_inputs = torch.zeros(2, self.max_bs * MAX_RUNS_PER_SEQ, dtype=torch.int64, device=device)
-        self.run_starts, self.run_lens = self.run_inputs
         self.graphs: dict[GraphKey, DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
@@ -224,10 +141,7 @@ class CudaGraphRunner:
         """Record every batch bucket for short sequences, largest first (smaller graphs then
         reuse the memory of larger ones in the shared pool)."""
         for i, bs in enumerate(reversed(self.batch_sizes)):
-            if self.runs and bs > 1:
-                self.graph_for(GraphKey(bs, 0, 1))
-            else:
-                self.graph_for(GraphKey(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE), 0))
+            self.graph_for(self.backend.start_up_key(bs))
             if progress:
                 print(f"\rcapturing CUDA graphs: {i + 1}/{len(self.batch_sizes)} (bs {bs})", end="", file=sys.stderr)
         if progress:
@@ -237,72 +151,51 @@ class CudaGraphRunner:
         """The graph key for a batch, or None when it must run eagerly.
 
         Only pure decode batches qualify: one new token and one logits row per
-        sequence, at most ``max_bs`` sequences (and, with runs, at most
-        ``MAX_RUNS_PER_SEQ`` runs per sequence).
+        sequence, at most ``max_bs`` sequences. The attention backend names the
+        graph (or says the batch has none).
         """
         tokens, seqs, logits_rows = batch.sizes.num_tokens, batch.sizes.num_seqs, batch.sizes.num_logits_rows
         if not (tokens == seqs == logits_rows) or seqs > self.max_bs:
             return None
         bs = next(size for size in self.batch_sizes if size >= seqs)
-        if batch.sizes.runs_per_seq and bs > 1:
-            return GraphKey(bs, 0, batch.sizes.runs_per_seq) if batch.sizes.runs_per_seq <= MAX_RUNS_PER_SEQ else None
-        return GraphKey(bs, key_bucket(batch.sizes.total_keys + bs - seqs), 0)  # each padding row reads one key
+        return self.backend.graph_key(batch, bs)
 
     def graph_for(self, key: GraphKey) -> DecodeGraph:
         """The graph of this bucket, recorded now if this is its first use."""
         if key not in self.graphs:
-            bs, keys, runs_per_seq = key
+            bs = key.batch_size
             start, reserved = time.perf_counter(), self._reserved()
             # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
             self.inputs[:, :bs] = self.padding_inputs
-            if runs_per_seq:
-                self._pad_runs(0, bs, runs_per_seq)
-                attention = StaticRunsAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs],
-                                                self.run_starts[: bs * runs_per_seq], self.run_lens[: bs * runs_per_seq],
-                                                max_run_len=self.max_context)
-            else:
-                attention = StaticAttention(self.pool, self.page_tables, self.seq_rows[:bs], self.seq_lens[:bs], keys,
-                                            max_k=min(keys, self.max_context), padding_slot=self.padding_slot)
+            attention = self.backend.graph_attention(self, key)
 
             def forward():
                 attention.begin_step()
                 return self.model(self.input_ids[:bs], self.positions[:bs], attention)
 
             graph = self.graphs[key] = DecodeGraph(forward, self.capture, self.memory_pool)
-            graph.attention = attention  # its plan, for inspection
+            graph.attention = attention  # fills its own inputs before a replay (and can be inspected)
             self.capture_seconds += time.perf_counter() - start
             self.memory_bytes += self._reserved() - reserved
         return self.graphs[key]
 
-    def _pad_runs(self, n: int, bs: int, runs_per_seq: int) -> None:
-        """Rows ``n .. bs - 1`` are padding: one run of one key at the padding slot, then empty runs."""
-        lens = self.run_lens[n * runs_per_seq : bs * runs_per_seq].view(bs - n, runs_per_seq)
-        starts = self.run_starts[n * runs_per_seq : bs * runs_per_seq].view(bs - n, runs_per_seq)
-        lens.zero_()
-        starts[:, 0], lens[:, 0] = self.padding_slot, 1
-
     def run(self, batch: ForwardBatch, bucket: GraphKey) -> torch.Tensor:
         """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
 
-        Four copies of the step's small arrays (already on the device; six
-        with page runs) and one fill of the padding columns; the graph
-        computes the rest.
+        Four copies of the step's small arrays (already on the device) and
+        one fill of the padding columns; the graph computes the rest.
         Page-table updates were applied by the caller.
         """
-        bs, runs_per_seq = bucket.batch_size, bucket.runs_per_seq
+        bs = bucket.batch_size
         graph = self.graph_for(bucket)
         n = batch.sizes.num_seqs
         self.input_ids[:n] = batch.input_ids
         self.positions[:n] = batch.positions
         self.seq_rows[:n] = batch.seq_rows
         self.seq_lens[:n] = batch.seq_lens
-        if runs_per_seq:
-            self.run_starts[: n * runs_per_seq] = batch.run_starts
-            self.run_lens[: n * runs_per_seq] = batch.run_lens
         if n < bs:
             self.inputs[:, n:bs] = self.padding_inputs
-            if runs_per_seq:
-                self._pad_runs(n, bs, runs_per_seq)
+        graph.attention.fill_inputs(batch)
         self.replays += 1
         return graph.run()[:n]
 

@@ -39,14 +39,13 @@ from common.loader import load_model, resolve_model_path
 from common.memory import is_out_of_memory
 from common.sampling import Sampler
 
-from . import page_runs  # its thresholds are read as page_runs.X, so a test can change them
+from .attention_backend import ATTENTION_BACKENDS
 from .cuda_graph_runner import CudaGraphRunner
 from .engine_args import EngineArgs
 from .forward_batch import ForwardBatch
 from .grammar import apply_grammar_masks
-from .kv_cache import DevicePageTables, PagedAttention, PagedKVPool
+from .kv_cache import DevicePageTables, PagedKVPool
 from .page_allocator import PageAllocator
-from .page_runs import pack_runs, token_runs
 from .parallel import TensorParallelShard, broadcast_batch, rank_device, tp_group_active
 from .radix_cache import RadixCache
 from .request import Request
@@ -79,7 +78,6 @@ class ModelRunner:
                 layer.mlp.expert_token_counts = torch.zeros(self.config.num_experts, dtype=torch.long, device=device)
         self.sampler = Sampler(device, args.seed)
         self.page_size = args.page_size
-        self.attention_backend = args.attention_backend
         local_config = shard.local_config() if shard else self.config  # this rank's KV heads
         if num_pages is None:
             num_pages = self.kv_budget(args.kv_cache_bytes) // PagedKVPool.bytes_per_page(local_config, args.page_size, self.dtype)
@@ -90,6 +88,7 @@ class ModelRunner:
         self.allocator = PageAllocator(num_pages)
         max_pages_per_request = self.pages_for(self.config.max_position_embeddings)
         self.page_tables = DevicePageTables(min(num_pages, MAX_RUNNING_REQUESTS), max_pages_per_request, device)
+        self.attention_backend = ATTENTION_BACKENDS[args.attention_backend](self.pool, self.page_tables)
         self.radix_cache = None if args.disable_radix_cache else RadixCache(self.allocator, args.page_size)
         self.use_cuda_graph = not args.disable_cuda_graph and device.type == "cuda"
         self.cuda_graph_max_bs = args.cuda_graph_max_bs
@@ -104,9 +103,8 @@ class ModelRunner:
         collectives are recorded too). Graphs need the flash kernel: fp32 runs eagerly."""
         if not self.use_cuda_graph or self.dtype not in FLASH_DTYPES or varlen_attn is None:
             return
-        graphs = CudaGraphRunner(self.model, self.pool, self.page_tables, self.allocator.num_pages,
-                                 self.cuda_graph_max_bs, self.config.max_position_embeddings, capture=True,
-                                 runs=self.attention_backend == "runs")
+        graphs = CudaGraphRunner(self.model, self.attention_backend, self.allocator.num_pages,
+                                 self.cuda_graph_max_bs, self.config.max_position_embeddings, capture=True)
         try:
             with torch.inference_mode():
                 graphs.capture_all(progress)
@@ -280,7 +278,7 @@ class ModelRunner:
         # Every logits row, in batch order: a one-token prompt chunk that is scored looks like a decode row,
         # and a decode graph returns its rows in batch order.
         rows = sorted(last_rows + scored_rows) if scored else last_rows
-        runs = self.decode_runs(requests, seq_lens) if self.attention_backend == "runs" and max(new_lengths) == 1 else (0, [], [])
+        runs = self.attention_backend.batch_runs(requests, seq_lens, new_lengths)
         batch = ForwardBatch.build(self.device, input_ids, positions, seq_rows, new_lengths, seq_lens, rows, updates, runs)
         if placeholders:  # in place, on the device: the packed tensor other ranks receive is resolved too
             ids = batch.input_ids
@@ -299,23 +297,13 @@ class ModelRunner:
         self.last_sampled_index = {requests[i].id: j for j, i in enumerate(complete)}
         return LaunchedStep(requests, complete, sampled)
 
-    def decode_runs(self, requests: list[Request], seq_lens: list[int]) -> tuple[int, list[int], list[int]]:
-        """Where each sequence's keys lie: its page runs as pool slot ranges, padded with empty
-        runs to the same count. Returns (runs per sequence, run starts, run lengths), or no
-        runs (the gather path) when the runs are too short to pay, or too many for the kernel.
-        One run per sequence always pays: the same kernel over the same sequences, minus the copy."""
-        runs = pack_runs([token_runs(self.page_tables.runs[r.table_row], n, self.page_size) for r, n in zip(requests, seq_lens)])
-        slots = len(runs[1])
-        too_short = runs[0] > 1 and sum(seq_lens) < page_runs.MIN_TOKENS_PER_RUN * slots
-        return (0, [], []) if too_short or slots > page_runs.MAX_VIRTUAL_SEQUENCES else runs
-
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Run the model on a built batch; logits ``[len(logits_rows), vocab]`` (None if none are wanted)."""
         self.page_tables.apply(batch.update_rows, batch.update_columns, batch.update_pages)
         if self.graphs is not None and (bucket := self.graphs.bucket(batch)) is not None:
             return self.model.compute_logits(self.graphs.run(batch, bucket))  # a decode batch: replay
-        attention = PagedAttention(self.pool, self.page_tables, batch)
+        attention = self.attention_backend.prepare(batch)
         hidden = self.model(batch.input_ids, batch.positions, attention)
         if batch.logits_rows.numel() == 0:  # only prompt chunks ran: nothing to sample
             return None

@@ -28,6 +28,11 @@ graphs see few shapes); an empty run has length 0 and weight 0.
 
 On the CPU (and in fp32) a reference loop computes the same per-run results
 with plain matmuls, so the CPU tests run the lesson's math.
+
+All of this is one attention backend, ``runs`` (``RunsBackend``, at the end
+of this file; ``attention_backend.py`` says what a backend is): decode
+batches read their runs in place, every other batch gathers its keys as the
+``gather`` backend does.
 """
 
 import torch
@@ -35,12 +40,17 @@ import torch.nn.functional as F
 
 from common.attention import FLASH_DTYPES
 
+from .attention_backend import GatherBackend, register_backend
+from .cuda_graph_runner import GraphKey
+
 # The flash kernel launches one block row per sequence: a CUDA grid holds at most 65,535 of them.
 MAX_VIRTUAL_SEQUENCES = 65_535
 # Short runs cost more than the gather saves (H200, 256 sequences of 866 tokens: one-page runs
 # 2.95 ms a layer, gathering 0.85 ms; one run each 0.37 ms; ``python -m benchmarks.attention_runs``).
 # A decode batch reads runs in place only when its runs hold this many tokens on average.
 MIN_TOKENS_PER_RUN = 128
+MAX_RUNS_PER_SEQ = 64  # the most runs per sequence a CUDA graph is recorded for; more run eagerly
+NO_RUNS = (0, [], [])  # a batch that gathers its keys: no runs per sequence
 
 
 def extend_runs(runs: list[list[int]], pages: list[int]) -> None:
@@ -169,3 +179,92 @@ def merge_runs(out: torch.Tensor, lse: torch.Tensor, empty: torch.Tensor) -> tor
     wide = torch.promote_types(out.dtype, torch.float32)
     weights = lse.to(wide).masked_fill(empty, float("-inf")).softmax(dim=1)
     return (out.to(wide) * weights[..., None]).sum(dim=1).to(out.dtype)
+
+
+@register_backend("runs")
+class RunsBackend(GatherBackend):
+    """Stage 12's attention backend: a decode batch reads each sequence's keys where they lie,
+    run by run (``PageRunsAttention``); prompts and mixed batches gather as stage 11 does."""
+
+    def batch_runs(self, requests, seq_lens: list[int], new_lengths: list[int]) -> tuple[int, list[int], list[int]]:
+        """Where each sequence of a decode batch has its keys: its page runs as pool slot ranges,
+        padded with empty runs to the same count. Returns no runs (the gather path) for other
+        batches, and when the runs are too short to pay or too many for the kernel. One run per
+        sequence always pays: the same kernel over the same sequences, minus the copy."""
+        if max(new_lengths) != 1:
+            return NO_RUNS
+        tables, page_size = self.page_tables.runs, self.pool.page_size
+        runs = pack_runs([token_runs(tables[r.table_row], n, page_size) for r, n in zip(requests, seq_lens)])
+        slots = len(runs[1])
+        too_short = runs[0] > 1 and sum(seq_lens) < MIN_TOKENS_PER_RUN * slots
+        return NO_RUNS if too_short or slots > MAX_VIRTUAL_SEQUENCES else runs
+
+    def prepare(self, batch):
+        if not batch.sizes.runs_per_seq:
+            return super().prepare(batch)
+        attention = PageRunsAttention(self.pool, self.page_tables.table, batch.seq_rows, batch.seq_lens,
+                                      batch.run_starts, batch.run_lens, batch.sizes.max_run_len)
+        attention.begin_step()
+        return attention
+
+    def start_up_key(self, bs: int) -> GraphKey:
+        return GraphKey(bs, 0, 1) if bs > 1 else super().start_up_key(bs)
+
+    def graph_key(self, batch, bs: int) -> GraphKey | None:
+        runs_per_seq = batch.sizes.runs_per_seq
+        if not runs_per_seq or bs == 1:  # one sequence keeps the gather graph (see cuda_graph_runner.py)
+            return super().graph_key(batch, bs)
+        return GraphKey(bs, 0, runs_per_seq) if runs_per_seq <= MAX_RUNS_PER_SEQ else None
+
+    def graph_attention(self, graphs, key: GraphKey):
+        if not key.runs_per_seq:
+            return super().graph_attention(graphs, key)
+        bs = key.batch_size
+        # The graph's own run buffers, filled before each replay; recorded on padding rows.
+        starts, lens = torch.zeros(2, bs * key.runs_per_seq, dtype=torch.int64, device=graphs.seq_rows.device)
+        attention = PageRunsAttention(self.pool, self.page_tables.table, graphs.seq_rows[:bs], graphs.seq_lens[:bs],
+                                      starts, lens, max_run_len=graphs.max_context, padding_slot=graphs.padding_slot)
+        attention.pad_rows(0)
+        return attention
+
+
+class PageRunsAttention:
+    """The ``runs`` backend's attention for one decode forward: each sequence's new K/V is
+    written after its last key, then every layer attends over the runs in place (``RunAttention``).
+
+    ``begin_step`` finds the slot of each new token (from the page table) and plans the runs.
+    Inside a CUDA graph it is recorded with the forward, so a replay redoes it; the runs then
+    come from buffers the graph owns, which ``fill_inputs`` fills before each replay.
+    """
+
+    def __init__(self, pool, table: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor,
+                 run_starts: torch.Tensor, run_lens: torch.Tensor, max_run_len: int, padding_slot: int = 0):
+        self.pool, self.table, self.rows, self.seq_lens = pool, table, rows, seq_lens
+        self.run_starts, self.run_lens, self.max_run_len = run_starts, run_lens, max_run_len
+        self.runs_per_seq, self.padding_slot = run_lens.numel() // len(rows), padding_slot
+
+    def begin_step(self) -> None:
+        page, position = self.pool.page_size, self.seq_lens - 1  # a decode token is its sequence's last
+        self.slots = self.table[self.rows, position // page] * page + position % page
+        self.runs = RunAttention(self.run_starts, self.run_lens, len(self.rows), self.max_run_len)
+
+    def fill_inputs(self, batch) -> None:
+        """Copy the batch's runs into the graph's buffers; the rows past it are padding."""
+        count = batch.sizes.num_seqs * self.runs_per_seq
+        self.run_starts[:count] = batch.run_starts
+        self.run_lens[:count] = batch.run_lens
+        if batch.sizes.num_seqs < len(self.rows):
+            self.pad_rows(batch.sizes.num_seqs)
+
+    def pad_rows(self, first: int) -> None:
+        """Rows ``first ..`` are padding: one run of one key at the padding slot, then empty runs."""
+        starts = self.run_starts.view(len(self.rows), self.runs_per_seq)[first:]
+        lens = self.run_lens.view(len(self.rows), self.runs_per_seq)[first:]
+        lens.zero_()
+        starts[:, 0], lens[:, 0] = self.padding_slot, 1
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
+        k_pool.index_copy_(0, self.slots, k)
+        v_pool.index_copy_(0, self.slots, v)
+        return self.runs(q, k_pool, v_pool)

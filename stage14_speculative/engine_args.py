@@ -12,11 +12,12 @@ import torch
 
 from common.settings import Settings, at_least, positive, positive_number, setting
 
+from . import page_runs  # noqa: F401  (importing it registers the "runs" attention backend)
+from .attention_backend import ATTENTION_BACKENDS
 from .schedule_policy import POLICIES
 from .speculative_args import speculative_guesses
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION_BACKENDS = ("runs", "gather")  # decode attention: in place over page runs, or over a gathered copy
 
 
 def chunk_size(value: int) -> str | None:
@@ -34,6 +35,8 @@ class EngineArgs(Settings):
     page_size: int = setting(16, "tokens per KV page", check=positive)
     kv_cache_bytes: int | None = setting(None, "KV pool size (default: 512 MiB on CPU, 80% of free GPU memory)",
                                          check=positive)
+    attention_backend: str = setting("runs", "how attention reads the KV pool: in place, run by run of pages, or gathered "
+                                             "first", choices=ATTENTION_BACKENDS)
     disable_radix_cache: bool = setting(False, "do not reuse cached prompt prefixes")
     max_prefill_tokens: int = setting(16384, "token budget of one prefill batch", check=positive)
     chunked_prefill_size: int | None = setting(2048, "prompt tokens per step (-1: no chunking)", check=chunk_size)
@@ -51,8 +54,6 @@ class EngineArgs(Settings):
     cuda_graph_max_bs: int = setting(256, "largest decode batch run as a CUDA graph", check=positive)
     disable_cuda_graph: bool = setting(False, "run every step eagerly (no CUDA graphs)")
     disable_overlap_schedule: bool = setting(False, "read each step's tokens before the next step is prepared")
-    attention_backend: str = setting("runs", "decode attention: read the KV pool in place, run by run of pages, or gather "
-                                             "it first", choices=ATTENTION_BACKENDS)
     disable_jump_forward: bool = setting(False, "sample every token of a constrained output, even those its grammar forces")
     speculative_algorithm: str | None = setting(
         None, "guess tokens and verify them in one forward: NGRAM (from the request's own text) or STANDALONE (a draft "

@@ -8,10 +8,8 @@ engine: a handler awaits its requests' updates and the engine process keeps
 stepping for everyone else. Streams use Server-Sent Events, one ``data:``
 line per chunk and ``data: [DONE]`` at the end, as OpenAI's do.
 
-Stage 15: a request runs with a LoRA adapter when its ``model`` names one
-(as vLLM serves them) or its ``lora_path`` does (SGLang's field);
-``/v1/models`` lists the adapters beside the base model, and
-``/load_lora_adapter`` and ``/unload_lora_adapter`` change them at run time.
+Stage 15: a request may run with a LoRA adapter, and adapters can be loaded
+and unloaded while the server runs (``adapter_routes.py``).
 
 A client that goes away stops its requests: for a stream, when writing to it
 fails (the stream generator is closed and aborts what is still running); for
@@ -36,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import openai_protocol as protocol
-from .adapter_routes import add_adapter_routes
+from .adapter_routes import adapter_cards, adapter_of, add_adapter_routes, check_model
 from .api_key import APIKeyCheck
 from .openai_choices import ChatChoices, CompletionChoices
 from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -92,10 +90,7 @@ def add_info_routes(app: FastAPI, manager: TokenizerManager, model_name: str) ->
         created = int(time.time())
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "qwen3-ladder",
                 "max_model_len": manager.context_length}
-        adapters = [{"id": name, "object": "model", "created": created, "owned_by": "qwen3-ladder", "root": path,
-                     "parent": model_name, "max_model_len": manager.context_length}
-                    for name, path in sorted(manager.lora_adapters.items())]
-        return {"object": "list", "data": [card] + adapters}
+        return {"object": "list", "data": [card] + adapter_cards(manager, model_name, created)}
 
     @app.get("/metrics")
     async def metrics():
@@ -108,18 +103,8 @@ def add_generation_routes(app: FastAPI, manager: TokenizerManager, model_name: s
 
     def parse(model: type, http_body: bytes):
         request = protocol.parse_request(model, http_body)
-        if request.model is not None and request.model != model_name and request.model not in manager.lora_adapters:
-            raise BadRequest(f"the model {request.model!r} does not exist; this server serves {model_name!r} "
-                             f"and the adapters {sorted(manager.lora_adapters)} (see /v1/models)", "model", status=404)
-        if request.lora_path is not None and request.lora_path not in manager.lora_adapters:
-            raise BadRequest(f"no LoRA adapter named {request.lora_path!r} is loaded (see /v1/models)", "lora_path")
+        check_model(request, manager, model_name)  # the base model, or an adapter served now
         return request
-
-    def adapter_of(request: SamplingFields) -> str | None:
-        """The adapter a request runs with: its lora_path, else the adapter its model names."""
-        if request.lora_path is not None:
-            return request.lora_path
-        return request.model if request.model is not None and request.model != model_name else None
 
     def parse_completion(body: bytes):  # on the tokenizer thread
         request = parse(CompletionRequest, body)
@@ -148,7 +133,7 @@ def add_generation_routes(app: FastAPI, manager: TokenizerManager, model_name: s
         request, prompts = await manager.run_on_tokenizer_thread(parse_completion, body)
         choices = CompletionChoices(request, prompts, manager.token_text, manager.tokenizer.decode)
         return await generate(manager, model_name, http_request, request, prompts, [request.max_tokens] * len(prompts),
-                              choices, adapter_of(request))
+                              choices, adapter_of(request, model_name))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: HTTPRequest):
@@ -157,7 +142,7 @@ def add_generation_routes(app: FastAPI, manager: TokenizerManager, model_name: s
         in_reasoning = reasoning_parser is not None and starts_in_reasoning(reasoning_parser, prompt_text)
         choices = ChatChoices(request, manager.token_text, reasoning_parser is not None, in_reasoning)
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        return await generate(manager, model_name, http_request, request, [prompt_ids], [max_tokens], choices, adapter_of(request))
+        return await generate(manager, model_name, http_request, request, [prompt_ids], [max_tokens], choices, adapter_of(request, model_name))
 
 
 async def generate(manager: TokenizerManager, model_name: str, http_request: HTTPRequest,

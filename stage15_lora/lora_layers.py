@@ -54,6 +54,13 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def check_lora_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse ``lora_backend="grouped"`` where this torch cannot run it."""
+    if backend == "grouped" and not grouped_mm_works(device, dtype):
+        raise ValueError("lora_backend='grouped' needs torch._grouped_mm for this device and dtype, which this "
+                         "torch lacks; use lora_backend='bmm'")
+
+
 class LoRARows:
     """Which adapter slot each token row of the current forward uses, in the layout the backend wants.
 

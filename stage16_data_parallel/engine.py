@@ -37,7 +37,8 @@ forward and keeps what the target agrees with (``speculation.py``,
 exactly the same output.
 Stage 15 serves LoRA adapters on the one base model (``lora_paths``): each
 request names its adapter (``lora_path``) or none, and one batch mixes them
-(``lora_pool.py``, ``lora_layers.py``). Stage 16 scales out: the server runs
+(``lora_pool.py``, ``lora_layers.py``), and ``lora_admin.py`` loads and
+unloads adapters while it serves. Stage 16 scales out: the server runs
 ``dp_size`` of these engines as replicas (``data_parallel_controller.py``,
 ``router.py``).
 """
@@ -54,6 +55,7 @@ from common.tokenizer import Tokenizer
 
 from .engine_args import EngineArgs
 from .grammar import GrammarBackend, RequestGrammar
+from .lora_admin import LoRAAdmin
 from .lora_pool import request_adapters
 from .model_runner import LaunchedStep, ModelRunner
 from .parallel import WorkerFailure, WorkerGroup
@@ -67,7 +69,7 @@ from .speculation import make_speculator
 OUT_OF_MEMORY_HINT = "give activations more room (a smaller kv_cache_bytes) or prefill in smaller chunks (chunked_prefill_size)"
 
 
-class Engine:
+class Engine(LoRAAdmin):
     """A Qwen3 inference engine: ``generate``, ``generate_batch``, ``generate_stream``.
 
     ``Engine()`` loads the built-in offline model; ``model_path`` may be a
@@ -213,39 +215,6 @@ class Engine:
                 "spec_verify_ct": self.speculator.spec_verify_ct if self.speculator else 0,
                 "spec_tokens": self.speculator.spec_tokens if self.speculator else 0,
             }
-
-    def load_lora_adapter(self, lora_name: str, lora_path: str) -> None:
-        """Serve one more LoRA adapter (SGLang's /load_lora_adapter); requests may name it at once."""
-        with self._lock:
-            lora = self._lora_pool()
-            if self.workers is not None:
-                raise ValueError("adapters are loaded at start-up (lora_paths) when the model is split across ranks")
-            lora.register(lora.read(lora_name, lora_path))
-            self.lora_paths[lora_name] = str(lora_path)
-
-    def unload_lora_adapter(self, lora_name: str) -> None:
-        """Stop serving an adapter; its slot and its cached prefixes are freed. Refused while
-        requests that use it run or wait."""
-        with self._lock:
-            lora = self._lora_pool()
-            if self.workers is not None:
-                raise ValueError("adapters cannot be unloaded while the model is split across ranks")
-            users = [r for r in list(self.scheduler.running) + list(self.scheduler.waiting) if r.lora_path == lora_name]
-            if users:
-                raise ValueError(f"LoRA adapter {lora_name!r} is used by {len(users)} unfinished requests; "
-                                 "unload it once they finish")
-            lora.unregister(lora_name)
-            del self.lora_paths[lora_name]
-            if self.runner.radix_cache is not None:
-                self.runner.radix_cache.drop_namespace(lora_name)
-
-    def _lora_pool(self):
-        if self.runner is None:
-            raise ValueError("this engine was shut down; create a new Engine")
-        if self.runner.lora is None:
-            raise ValueError("this engine serves no LoRA adapters; start it with lora_paths (or max_lora_rank "
-                             "and lora_target_modules, to load adapters later)")
-        return self.runner.lora
 
     def flush_cache(self) -> None:
         """Forget every cached prefix (their pages go back to the pool)."""

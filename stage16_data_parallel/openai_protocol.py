@@ -235,19 +235,6 @@ class ChatCompletionRequest(SamplingFields):
         return bool(self.tools) and self.tool_choice != "none"
 
 
-class LoadLoRAAdapterRequest(StrictModel):
-    """``POST /load_lora_adapter`` (SGLang's): serve the PEFT adapter at ``lora_path`` as ``lora_name``."""
-
-    lora_name: str
-    lora_path: str
-
-
-class UnloadLoRAAdapterRequest(StrictModel):
-    """``POST /unload_lora_adapter``: stop serving an adapter."""
-
-    lora_name: str
-
-
 def check_top_logprobs(value: int, field: str) -> None:
     if not 0 <= value <= MAX_TOP_LOGPROBS:
         raise BadRequest(f"{field}={value} is invalid: must be in [0, {MAX_TOP_LOGPROBS}]", field)

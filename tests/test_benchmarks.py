@@ -146,9 +146,9 @@ def test_teacher_forced_check_catches_a_planted_decode_mask_bug(checkpoints, mon
 
     from benchmarks import teacher_forced
 
-    kv_cache = importlib.import_module(f"{teacher_forced.PLANTED_STAGE}.kv_cache")
-    monkeypatch.setattr(kv_cache, "varlen_attention", kv_cache.varlen_attention)  # restored after the test
-    monkeypatch.setattr(kv_cache.PagedAttention, "decode_attention", kv_cache.PagedAttention.decode_attention)
+    backend = importlib.import_module(f"{teacher_forced.PLANTED_STAGE}.attention_backend")
+    monkeypatch.setattr(backend, "varlen_attention", backend.varlen_attention)  # restored after the test
+    monkeypatch.setattr(backend.GatherAttention, "decode_attention", backend.GatherAttention.decode_attention)
     teacher_forced.plant_decode_off_by_one(teacher_forced.PLANTED_STAGE)
     (_, planted) = teacher_forced.check_kind("dense", checkpoints["dense"], [teacher_forced.PLANTED_STAGE], "cpu", "float32", steps=6)
     assert not planted["ok"] and planted["max_error"] > 0.1

@@ -24,7 +24,7 @@ print("key buckets for 300, 1500, 5000 keys:", [key_bucket(n) for n in (300, 150
 # %%
 engine = Engine(page_size=4)
 runner = engine.runner
-graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages,
+graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages,
                          max_bs=8, max_context=runner.config.max_position_embeddings, capture=False)
 runner.graphs = graphs
 original_run = graphs.run

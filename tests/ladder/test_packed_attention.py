@@ -2,7 +2,7 @@
 buffer, one varlen call) gives the tokens of the CPU layout, on the CPU.
 
 On the CPU, ``varlen_attention`` is a loop over the packed sequences; forcing
-``PagedAttention.packed`` checks the gather indices and sequence offsets that
+``GatherAttention.packed`` checks the gather indices and sequence offsets that
 the GPU uses, with prefixes served from the cache and prompts fed in chunks.
 """
 
@@ -36,7 +36,7 @@ def test_packed_layout_gives_the_cpu_layout_tokens(stage, checkpoints, monkeypat
         kwargs["chunked_prefill_size"] = 16  # long prompts are fed in chunks over a cached prefix
     with engine_class(**kwargs) as engine:
         expected = run_rounds(engine)
-    attention_class = importlib.import_module(f"{stage}.kv_cache").PagedAttention
+    attention_class = importlib.import_module(f"{stage}.attention_backend").GatherAttention
     monkeypatch.setattr(attention_class, "packed", True)
     with engine_class(**kwargs) as engine:
         assert run_rounds(engine) == expected

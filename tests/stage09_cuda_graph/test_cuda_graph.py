@@ -14,14 +14,14 @@ import torch
 from benchmarks.gpu_graph_check import decode_batch
 from common.sampling import SamplingParams
 from stage09_cuda_graph import Engine
+from stage09_cuda_graph.attention_backend import GatherAttention
 from stage09_cuda_graph.cuda_graph_runner import MIN_KEY_BUCKET, CudaGraphRunner, batch_buckets, key_bucket
 from stage09_cuda_graph.forward_batch import ForwardBatch
-from stage09_cuda_graph.kv_cache import PagedAttention
 
 GREEDY = dict(max_tokens=12, temperature=0, ignore_eos=True)
 
 
-class PackedPlan(PagedAttention):
+class PackedPlan(GatherAttention):
     """Stage 08's plan in the packed (CUDA) layout, on the CPU."""
 
     packed = True
@@ -35,7 +35,7 @@ def prompts(count: int, seed: int = 5):
 def attach_graphs(engine, max_bs: int) -> list[tuple[int, int]]:
     """Give the engine uncaptured decode graphs; returns (bucket batch size, real batch size) per graph step."""
     runner = engine.runner
-    runner.graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages,
+    runner.graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages,
                                     max_bs, runner.config.max_position_embeddings, capture=False)
     used, run = [], runner.graphs.run
 
@@ -71,7 +71,7 @@ def test_only_decode_batches_that_fit_get_a_graph(checkpoints):
     # An engine of its own: a graph runner takes a page-table row (its padding row) from the runner.
     with Engine(model_path=str(checkpoints["dense"]), device="cpu") as engine:
         runner = engine.runner
-        graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 16, 512,
+        graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 16, 512,
                                  capture=False)
     assert graphs.bucket(batch_of([1] * 5, [30] * 5)) == (8, MIN_KEY_BUCKET)
     assert graphs.bucket(batch_of([1] * 16, [400] * 16)) == (16, 8192)  # 6400 keys
@@ -111,7 +111,7 @@ def test_padding_rows_never_touch_a_real_row(engine_for, checkpoints):
         eager_logits = runner.forward(batch)
         kv_eager = runner.pool.k.clone()
         runner.pool.k.copy_(kv_before)
-        graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 8, 512, capture=False)
+        graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 8, 512, capture=False)
         graphs.inputs.fill_(3)  # junk left in the buffers: run() must overwrite every column it uses
         graph_logits = runner.model.compute_logits(graphs.run(batch, graphs.bucket(batch)))
         torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-5, atol=1e-5)
@@ -135,7 +135,7 @@ def test_the_plan_computed_in_the_graph_is_stage08s(engine_for, checkpoints):
         batch = decode_batch(runner, running)
         runner.page_tables.apply(batch.update_rows, batch.update_columns, batch.update_pages)
         eager = PackedPlan(runner.pool, runner.page_tables, batch)
-        graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 8, 512, capture=False)
+        graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 8, 512, capture=False)
         bucket = graphs.bucket(batch)
         assert bucket[0] == 8  # 5 real rows and 3 padding rows
         graphs.run(batch, bucket)

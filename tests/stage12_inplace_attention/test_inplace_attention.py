@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.sampling import SamplingParams
-from stage12_inplace_attention import Engine, cuda_graph_runner, page_runs
+from stage12_inplace_attention import Engine, page_runs
 from stage12_inplace_attention.__main__ import build_parser
 from stage12_inplace_attention.cuda_graph_runner import CudaGraphRunner
 
@@ -114,12 +114,15 @@ def test_a_request_is_one_run_when_the_pool_allows(checkpoints):
 def attach_graphs(engine, max_bs: int) -> list[tuple[int, int, int]]:
     """Uncaptured decode graphs over runs (the CPU runs their forward directly); returns the buckets replayed."""
     runner = engine.runner
-    runner.graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages,
-                                    max_bs, runner.config.max_position_embeddings, capture=False, runs=True)
-    runner.graphs.run_inputs.fill_(5)  # junk in the buffers: run() must overwrite what it uses
+    runner.graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages,
+                                    max_bs, runner.config.max_position_embeddings, capture=False)
     used, run = [], runner.graphs.run
 
     def counting_run(batch, bucket):
+        if bucket.runs_per_seq and bucket not in runner.graphs.graphs:
+            recorded = runner.graphs.graph_for(bucket).attention
+            recorded.run_starts.fill_(5)  # junk in the graph's run buffers: run() must overwrite what it uses
+            recorded.run_lens.fill_(5)
         used.append(bucket)
         return run(batch, bucket)
 
@@ -130,7 +133,7 @@ def attach_graphs(engine, max_bs: int) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_graphs_over_runs_give_the_eager_tokens(kind, checkpoints, monkeypatch):
     """Graphs keyed by run slots, with padding rows; rows with more runs than a graph has slots run eagerly."""
-    monkeypatch.setattr(cuda_graph_runner, "MAX_RUNS_PER_SEQ", 4)
+    monkeypatch.setattr(page_runs, "MAX_RUNS_PER_SEQ", 4)
     monkeypatch.setattr(page_runs, "MIN_TOKENS_PER_RUN", 0)  # short runs too are read in place
     kwargs = dict(model_path=str(checkpoints[kind]), device="cpu", page_size=4, kv_cache_bytes=1 << 20)
     params = [greedy(m) for m in (3, 5, 8, 12, 10, 2, 11)]
@@ -151,7 +154,7 @@ def test_the_flag_is_validated_and_reaches_the_runner(checkpoints):
     with pytest.raises(ValueError, match="attention_backend"):
         Engine(model_path=str(checkpoints["dense"]), device="cpu", attention_backend="flash")
     with Engine(model_path=str(checkpoints["dense"]), device="cpu", attention_backend="gather") as engine:
-        assert engine.runner.attention_backend == "gather"
+        assert engine.runner.attention_backend.name == "gather"
     args = build_parser().parse_args(["hi", "--attention-backend", "gather"])
     assert args.attention_backend == "gather"
     assert build_parser().parse_args(["hi"]).attention_backend == "runs"  # SGLang's flag; runs by default

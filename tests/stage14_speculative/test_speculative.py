@@ -85,8 +85,8 @@ def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
         expected = [outputs(before, batch, **{**GREEDY, "max_tokens": n}) for batch, n in batches]
     with Engine(model_path=str(checkpoints["dense"]), device="cpu", speculative_algorithm="NGRAM") as engine:
         runner = engine.runner
-        runner.graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 4,
-                                        runner.config.max_position_embeddings, capture=False, runs=True)
+        runner.graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 4,
+                                        runner.config.max_position_embeddings, capture=False)
         runner.graphs.verify_inputs.fill_(5)  # junk: run() must overwrite what it uses
         used, run = [], runner.graphs.run
         runner.graphs.run = lambda batch, bucket: used.append((bucket, batch.sizes.num_seqs)) or run(batch, bucket)

@@ -106,8 +106,8 @@ def test_decode_graphs_carry_each_rows_adapter(backend, checkpoints, adapters, p
     names = ["mlp", None, "qv"]  # three rows in the bucket of 4: one padding row
     with Engine(model_path=str(checkpoints["dense"]), device="cpu", lora_paths=adapters, lora_backend=backend) as engine:
         runner = engine.runner
-        runner.graphs = CudaGraphRunner(runner.model, runner.pool, runner.page_tables, runner.allocator.num_pages, 4,
-                                        runner.config.max_position_embeddings, capture=False, runs=True, lora=runner.lora)
+        runner.graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 4,
+                                        runner.config.max_position_embeddings, capture=False, lora=runner.lora)
         runner.graphs.lora_slots.fill_(3)  # junk: run() must overwrite what it uses
         used, run = [], runner.graphs.run
         runner.graphs.run = lambda batch, bucket: used.append(bucket[4]) or run(batch, bucket)
