@@ -200,9 +200,13 @@ CODE_SPAN = re.compile(r"<code>([^<]*)</code>")
 
 
 def breakable_paths(cell: re.Match) -> str:
-    """A table cell's code spans may break after ``/``, ``_`` and ``::`` (``<wbr>``), so a long test
-    path wraps between its parts instead of mid-word ("tests/ladde r/...")."""
-    return CODE_SPAN.sub(lambda m: "<code>" + re.sub(r"(/|_|::)", r"\1<wbr>", m.group(1)) + "</code>", cell.group(0))
+    """A table cell's code spans may break after ``/``, ``_``, ``::`` and before a file's suffix
+    (``<wbr>``), so a long test path wraps between its parts instead of mid-word ("tests/ladde r/...",
+    "reliability.p y")."""
+    def breakable(code: str) -> str:
+        return re.sub(r"(\.py\b)", r"<wbr>\1", re.sub(r"(/|_|::)", r"\1<wbr>", code))
+
+    return CODE_SPAN.sub(lambda m: "<code>" + breakable(m.group(1)) + "</code>", cell.group(0))
 
 
 def on_page_content(html, page, config, files):

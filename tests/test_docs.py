@@ -155,3 +155,10 @@ def test_the_benchmarks_page_opens_with_each_stages_best_gpu_figure_and_names_cp
     assert hooks.where_it_ran({"machine": "x86_64", "cpu": "Intel(R) Xeon(R)", "cpu_count": 2}).startswith(
         "CPU Intel(R) Xeon(R), 2 threads")
     assert hooks.where_it_ran({"gpu": "NVIDIA H100", "torch": "2.11"}) == "NVIDIA H100, torch 2.11"
+
+
+def test_table_code_breaks_between_path_parts_not_inside_words():
+    cell = "<td><code>tests/server/test_reliability.py</code> and <code>--max-request-bytes</code></td>"
+    out = hooks.TABLE_CELL.sub(hooks.breakable_paths, cell)
+    assert "<code>tests/<wbr>server/<wbr>test_<wbr>reliability<wbr>.py</code>" in out
+    assert "<code>--max-request-bytes</code>" in out  # a browser breaks after its hyphens already
