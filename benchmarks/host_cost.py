@@ -1,6 +1,6 @@
 """Host cost of a decode step per running request, on the CPU with a model too small to matter.
 
-    python -m benchmarks.host_cost [--stages stage04_batching,stage06_scheduling] [--out FILE]
+    python -m benchmarks.host_cost [--stages stage04_batching,stage06_scheduling] [--option NAME=VALUE ...] [--out FILE]
 
 With a 2-layer, 64-wide model the forward costs next to nothing, so a decode
 step's time is the engine's own work: scheduling, page tables, batch
@@ -49,18 +49,21 @@ def decode_step_ms(engine, batch: int, temperature: float) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.host_cost")
     parser.add_argument("--stages", default="stage04_batching,stage05_chunked,stage06_scheduling")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an engine keyword, e.g. attention_backend=runs (repeatable)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    options = dict(option.split("=", 1) for option in args.option)
     torch.set_num_threads(1)
     results = []
     with tempfile.TemporaryDirectory() as root:
         # A 1024-token vocabulary keeps the output head negligible too (49k would make it real work).
         folder = write_checkpoint("dense", Path(root) / "dense", resolve_model_path(None), vocab_size=VOCAB)
         for stage in args.stages.split(","):
-            with importlib.import_module(stage).Engine(model_path=str(folder), device="cpu") as engine:
+            with importlib.import_module(stage).Engine(model_path=str(folder), device="cpu", **options) as engine:
                 for temperature in (0.0, 0.7):
                     small, large = (decode_step_ms(engine, b, temperature) for b in (SMALL, LARGE))
-                    results.append(dict(stage=stage, temperature=temperature, step_ms_small=round(small, 3),
+                    results.append(dict(stage=stage, options=options, temperature=temperature, step_ms_small=round(small, 3),
                                         step_ms_large=round(large, 3),
                                         us_per_request=round((large - small) / (LARGE - SMALL) * 1000, 1)))
                     print(json.dumps(results[-1]), flush=True)

@@ -36,6 +36,11 @@ def register_backend(name: str):
     return register
 
 
+def default_backend(device: torch.device) -> str:
+    """The backend a device gets when the settings name none: this stage has one."""
+    return "gather"
+
+
 class AttentionBackend:
     """What every backend offers the model runner: built once over the pool and the
     device page tables (``kv_cache.py``), it prepares each forward's attention."""

@@ -12,7 +12,7 @@ import torch
 
 from common.settings import Settings, at_least, positive, positive_number, setting
 
-from .attention_backend import ATTENTION_BACKENDS
+from .attention_backend import ATTENTION_BACKENDS, default_backend
 from .schedule_policy import POLICIES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,7 +33,8 @@ class EngineArgs(Settings):
     page_size: int = setting(16, "tokens per KV page", check=positive)
     kv_cache_bytes: int | None = setting(None, "KV pool size (default: 512 MiB on CPU, 80% of free GPU memory)",
                                          check=positive)
-    attention_backend: str = setting("gather", "how attention reads the paged KV pool", choices=ATTENTION_BACKENDS)
+    attention_backend: str | None = setting(None, "how attention reads the paged KV pool (default: the best for the "
+                                                  "device)", choices=ATTENTION_BACKENDS)
     disable_radix_cache: bool = setting(False, "do not reuse cached prompt prefixes")
     max_prefill_tokens: int = setting(16384, "token budget of one prefill batch", check=positive)
     chunked_prefill_size: int | None = setting(2048, "prompt tokens per step (-1: no chunking)", check=chunk_size)
@@ -58,6 +59,7 @@ class EngineArgs(Settings):
 
     def validate(self) -> None:
         self.device = resolve_device(self.device)
+        self.attention_backend = self.attention_backend or default_backend(self.device)
         self.dtype = DTYPES.get(self.dtype, self.dtype)
         if self.dtype not in (None, *DTYPES.values()):
             raise ValueError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")

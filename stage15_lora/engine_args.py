@@ -13,7 +13,7 @@ import torch
 from common.settings import Settings, at_least, positive, positive_number, setting
 
 from . import page_runs  # noqa: F401  (importing it registers the "runs" attention backend)
-from .attention_backend import ATTENTION_BACKENDS
+from .attention_backend import ATTENTION_BACKENDS, default_backend
 from .lora_adapter import TARGET_MODULES, adapter_folders
 from .lora_layers import LORA_BACKENDS, check_lora_backend
 from .lora_pool import DEFAULT_MAX_LORAS_PER_BATCH
@@ -38,8 +38,9 @@ class EngineArgs(Settings):
     page_size: int = setting(16, "tokens per KV page", check=positive)
     kv_cache_bytes: int | None = setting(None, "KV pool size (default: 512 MiB on CPU, 80% of free GPU memory)",
                                          check=positive)
-    attention_backend: str = setting("runs", "how attention reads the KV pool: in place, run by run of pages, or gathered "
-                                             "first", choices=ATTENTION_BACKENDS)
+    attention_backend: str | None = setting(None, "how attention reads the KV pool: in place, run by run of pages, or "
+                                                  "gathered first (default: runs on CUDA, gather on the CPU)",
+                                            choices=ATTENTION_BACKENDS)
     disable_radix_cache: bool = setting(False, "do not reuse cached prompt prefixes")
     max_prefill_tokens: int = setting(16384, "token budget of one prefill batch", check=positive)
     chunked_prefill_size: int | None = setting(2048, "prompt tokens per step (-1: no chunking)", check=chunk_size)
@@ -85,6 +86,7 @@ class EngineArgs(Settings):
 
     def validate(self) -> None:
         self.device = resolve_device(self.device)
+        self.attention_backend = self.attention_backend or default_backend(self.device)
         self.dtype = DTYPES.get(self.dtype, self.dtype)
         if self.dtype not in (None, *DTYPES.values()):
             raise ValueError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")

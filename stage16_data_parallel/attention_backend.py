@@ -53,6 +53,12 @@ def register_backend(name: str):
     return register
 
 
+def default_backend(device: torch.device) -> str:
+    """The backend a device gets when the settings name none. Stage 12: ``runs`` on CUDA; on the
+    CPU ``gather``, since the runs backend computes each run in a Python loop there (the reference)."""
+    return "runs" if device.type == "cuda" else "gather"
+
+
 class AttentionBackend:
     """What every backend offers the model runner: built once over the pool and the
     device page tables (``kv_cache.py``), it prepares each forward's attention."""

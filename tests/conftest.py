@@ -62,11 +62,13 @@ def stage_engine_class(stage: str):
     return importlib.import_module(stage).Engine
 
 
-def stage_has(stage: str, setting: str) -> bool:
-    """Whether ``stage`` has the setting (an EngineArgs field, so an Engine keyword and a flag): the one
-    way a shared test decides from which stage on it applies (``page_size`` from stage 02, ...)."""
+def stage_has(stage: str, setting: str, choice: str | None = None) -> bool:
+    """Whether ``stage`` has the setting (an EngineArgs field, so an Engine keyword and a flag), and
+    ``choice`` among its values when one is given: the one way a shared test decides from which
+    stage on it applies (``page_size`` from stage 02, ``attention_backend="runs"`` from 12, ...)."""
     engine_args = importlib.import_module(f"{stage}.engine_args").EngineArgs
-    return setting in {field.name for field in dataclasses.fields(engine_args)}
+    fields = {field.name: field for field in dataclasses.fields(engine_args)}
+    return setting in fields and (choice is None or choice in (fields[setting].metadata.get("choices") or ()))
 
 
 @pytest.fixture(scope="session")

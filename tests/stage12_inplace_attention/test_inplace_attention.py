@@ -1,8 +1,9 @@
 """Stage 12 end to end: decode over page runs gives the gather path's tokens.
 
 ``attention_backend="gather"`` is stage 11's attention (keys copied out of
-their pages first), so it is the oracle here; the shared suite checks stage 12
-against transformers and stage 11 as well. Each test also checks that the
+their pages first), so it is the oracle here; ``"runs"`` is asked for by name,
+since on the CPU the default is gather (``tests/ladder/test_runs_backend.py``
+checks it in every later stage too). Each test also checks that the
 case it is about really happened: steps ran over runs, sequences had several
 runs, graphs were replayed, steps with too many runs ran eagerly.
 """
@@ -15,6 +16,7 @@ import torch
 from common.sampling import SamplingParams
 from stage12_inplace_attention import Engine, page_runs
 from stage12_inplace_attention.__main__ import build_parser
+from stage12_inplace_attention.attention_backend import default_backend
 from stage12_inplace_attention.cuda_graph_runner import CudaGraphRunner
 
 KINDS = ["dense", "moe", "llama"]
@@ -60,7 +62,7 @@ def test_runs_give_the_gather_tokens_with_prefixes_from_the_cache(kind, checkpoi
     kwargs = dict(model_path=str(checkpoints[kind]), device="cpu", page_size=4, chunked_prefill_size=16)
     with Engine(attention_backend="gather", **kwargs) as engine:
         expected = serve_rounds(engine)
-    with Engine(**kwargs) as engine:
+    with Engine(attention_backend="runs", **kwargs) as engine:
         log = RunLog(engine)
         assert serve_rounds(engine) == expected
         assert max(log.slots) >= 2  # cached prefix pages and a request's own pages: two runs, merged
@@ -85,7 +87,7 @@ def test_a_fragmented_pool_gives_the_same_tokens(short_runs, checkpoints, monkey
     kwargs = dict(model_path=str(checkpoints["dense"]), device="cpu", page_size=4, kv_cache_bytes=1 << 20)
     with Engine(attention_backend="gather", **kwargs) as engine:
         expected = [o.token_ids for o in engine.generate_batch(prompts(5), greedy(16))]
-    with Engine(**kwargs) as engine:
+    with Engine(attention_backend="runs", **kwargs) as engine:
         held = fragment(engine)
         log = RunLog(engine)
         assert [o.token_ids for o in engine.generate_batch(prompts(5), greedy(16))] == expected
@@ -139,7 +141,7 @@ def test_graphs_over_runs_give_the_eager_tokens(kind, checkpoints, monkeypatch):
     params = [greedy(m) for m in (3, 5, 8, 12, 10, 2, 11)]
     with Engine(attention_backend="gather", **kwargs) as engine:
         expected = [o.token_ids for o in engine.generate_batch(prompts(7, longest=12), params)]
-    with Engine(**kwargs) as engine:
+    with Engine(attention_backend="runs", **kwargs) as engine:
         held = fragment(engine)  # runs grow a page at a time: 1, 2, 4, then more than 4 run slots
         log, used = RunLog(engine), attach_graphs(engine, max_bs=4)
         assert [o.token_ids for o in engine.generate_batch(prompts(7, longest=12), params)] == expected
@@ -157,4 +159,12 @@ def test_the_flag_is_validated_and_reaches_the_runner(checkpoints):
         assert engine.runner.attention_backend.name == "gather"
     args = build_parser().parse_args(["hi", "--attention-backend", "gather"])
     assert args.attention_backend == "gather"
-    assert build_parser().parse_args(["hi"]).attention_backend == "runs"  # SGLang's flag; runs by default
+    assert build_parser().parse_args(["hi"]).attention_backend is None  # SGLang's flag; the device chooses
+
+
+def test_the_default_backend_is_the_fast_one_for_the_device(checkpoints):
+    """In place on CUDA; gathered on the CPU, where each run is a Python loop (the reference)."""
+    assert default_backend(torch.device("cuda")) == "runs"
+    assert default_backend(torch.device("cpu")) == "gather"
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu") as engine:
+        assert engine.runner.attention_backend.name == "gather"

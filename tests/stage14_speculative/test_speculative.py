@@ -83,7 +83,8 @@ def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
     batches = [(prompts, 20), (prompts[:3], 19), (prompts[2:3], 17)]  # 4, 3 (a padding row) and 1 sequences
     with Stage13Engine(model_path=str(checkpoints["dense"]), device="cpu") as before:
         expected = [outputs(before, batch, **{**GREEDY, "max_tokens": n}) for batch, n in batches]
-    with Engine(model_path=str(checkpoints["dense"]), device="cpu", speculative_algorithm="NGRAM") as engine:
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", speculative_algorithm="NGRAM",
+                attention_backend="runs") as engine:  # decode steps over runs, verifies gathered, as on CUDA
         runner = engine.runner
         runner.graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 4,
                                         runner.config.max_position_embeddings, capture=False)

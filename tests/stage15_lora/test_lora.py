@@ -104,7 +104,8 @@ def test_decode_graphs_carry_each_rows_adapter(backend, checkpoints, adapters, p
     row's slot is a buffer of the graph, and padding rows and base rows take slot 0. A batch of
     base rows only replays a graph recorded without the adapters."""
     names = ["mlp", None, "qv"]  # three rows in the bucket of 4: one padding row
-    with Engine(model_path=str(checkpoints["dense"]), device="cpu", lora_paths=adapters, lora_backend=backend) as engine:
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", lora_paths=adapters, lora_backend=backend,
+                attention_backend="runs") as engine:  # as on CUDA
         runner = engine.runner
         runner.graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 4,
                                         runner.config.max_position_embeddings, capture=False, lora=runner.lora)
