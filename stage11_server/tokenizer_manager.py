@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 
-from .engine_process import GenerateRequest, RequestUpdate, UpdateBatch
+from .engine_process import GenerateRequest, ProfileRequest, RequestUpdate, UpdateBatch
 from .engine_supervisor import EngineSupervisor, log
 from .metrics import ServerMetrics
 
@@ -141,6 +141,27 @@ class TokenizerManager:
                     self.engines.abort(rid)
 
     # ----- what the engine sends (called on the event loop by the supervisor) ---------
+
+    async def call_engine(self, message) -> RequestUpdate:
+        """Send the engine one message that is not a generation and await its one answer;
+        ``EngineError`` if the engine refuses it."""
+        if not self.engine_alive:
+            raise EngineError(503, "the engine process is not running (it is being restarted); retry later")
+        queue = asyncio.Queue()
+        self.queues[message.rid] = (queue, 0)
+        try:
+            self.engines.send(message)
+            _, update = await queue.get()
+        finally:
+            del self.queues[message.rid]
+        if update.error is not None:
+            raise EngineError(update.status, update.error)
+        return update
+
+    async def profile(self, start: bool, output_dir: str | None = None, num_steps: int | None = None) -> str | None:
+        """Start profiling the engine's steps, or stop and return the trace's path (``step_profiler.py``)."""
+        update = await self.call_engine(ProfileRequest(uuid.uuid4().hex, start, output_dir, num_steps))
+        return update.text
 
     def _dispatch(self, batch: UpdateBatch) -> None:
         self.metrics.observe_stats(batch.stats)

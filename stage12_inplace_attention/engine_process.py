@@ -10,6 +10,7 @@ another; one duplex pipe joins them:
     front end (tokenizer_manager.py)                    engine process (this file)
       GenerateRequest(rid, prompt ids, params)  ──▶       Engine.add_request
       AbortRequest(rid)                         ──▶       Engine.abort_request
+      ProfileRequest(rid, start, ...)           ──▶       its step profiler (step_profiler.py)
                                                 ◀──       UpdateBatch: new text per request,
                                                           outputs of finished ones, engine stats
 
@@ -30,6 +31,7 @@ from common.sampling import SamplingParams
 
 from .engine import Engine
 from .request import GenerateOutput
+from .step_profiler import StepProfiler
 
 SHUTDOWN = "shutdown"  # the front end's last message: leave the loop and release the engine
 
@@ -48,6 +50,17 @@ class AbortRequest:
     """Front end -> engine: stop a request (its client went away); its pages are freed."""
 
     rid: str
+
+
+@dataclass
+class ProfileRequest:
+    """Front end -> engine: start profiling its steps (``start``) or stop and write the trace.
+    Answered with one RequestUpdate: the trace's path as ``text`` on stop, else the error."""
+
+    rid: str
+    start: bool
+    output_dir: str | None = None
+    num_steps: int | None = None
 
 
 @dataclass
@@ -97,6 +110,7 @@ class EngineLoop:
         self.front_id: dict[int, str] = {}  # the reverse map
         self.logprobs_sent: dict[str, int] = {}  # requests that stream log-probabilities: tokens sent so far
         self.prompt_scores_due: dict[str, list[int]] = {}  # ... and the prompt tokens whose scores are not sent yet
+        self.profiler = StepProfiler()
 
     def run(self) -> None:
         while True:
@@ -117,6 +131,8 @@ class EngineLoop:
             if message.rid in self.live:
                 self.engine.abort_request(self.live[message.rid])  # reported as finished at the next step
             return []
+        if isinstance(message, ProfileRequest):
+            return [self.profile(message)]
         rid = message.rid
         waiting = self.engine.stats()["waiting"]
         if self.max_queued_requests is not None and waiting >= self.max_queued_requests:
@@ -133,9 +149,19 @@ class EngineLoop:
             self.prompt_scores_due[rid] = message.prompt_ids[message.params.logprob_start_len :]
         return [RequestUpdate(rid)]
 
+    def profile(self, message: ProfileRequest) -> RequestUpdate:
+        try:
+            if message.start:
+                self.profiler.start(message.output_dir, message.num_steps)
+                return RequestUpdate(message.rid)
+            return RequestUpdate(message.rid, text=self.profiler.stop())
+        except (ValueError, OSError) as error:
+            return RequestUpdate(message.rid, error=str(error), status=400)
+
     def step(self) -> list[RequestUpdate]:
         """One engine step; then an update for every request with new text or a finish."""
         pieces = self.engine.step()
+        self.profiler.stepped()
         updates = {self.front_id[eid]: RequestUpdate(self.front_id[eid], text=piece) for eid, piece in pieces.items()}
         for rid, engine_id in list(self.live.items()):
             output = self.engine.get_output(engine_id)

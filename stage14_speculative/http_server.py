@@ -34,6 +34,7 @@ from . import openai_protocol as protocol
 from .api_key import APIKeyCheck
 from .openai_choices import ChatChoices, CompletionChoices
 from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
+from .profile_routes import add_profile_routes
 from .reasoning_parser import starts_in_reasoning
 from .request_body import read_body
 from .server_args import MAX_REQUEST_BYTES, ServerArgs
@@ -68,6 +69,7 @@ def build_app(manager: TokenizerManager, model_name: str, api_key: str | None = 
 
     add_info_routes(app, manager, model_name)
     add_generation_routes(app, manager, model_name, max_request_bytes, reasoning_parser)
+    add_profile_routes(app, manager, max_request_bytes)
     return app
 
 

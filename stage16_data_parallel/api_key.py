@@ -8,8 +8,9 @@ are compared in constant time (``hmac.compare_digest``), so the time an
 answer takes does not tell how much of a guess was right.
 
 Stage 15: the admin routes (``/load_lora_adapter``, ``/unload_lora_adapter``)
-load files the server can read, so, as in SGLang, they take the admin key
-when one is set (else the API key); the other routes take the API key.
+load files the server can read, and the profile routes write them, so, as in
+SGLang, they take the admin key when one is set (else the API key); the
+other routes take the API key.
 """
 
 import hmac
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse
 from .openai_protocol import error_body
 
 OPEN_PATHS = {"/health"}
-ADMIN_PATHS = {"/load_lora_adapter", "/unload_lora_adapter"}
+ADMIN_PATHS = {"/load_lora_adapter", "/unload_lora_adapter", "/start_profile", "/stop_profile"}
 
 
 class APIKeyCheck:

@@ -103,7 +103,7 @@ class DataParallelController:
     # ----- requests in -----------------------------------------------------------------
 
     def send(self, message) -> None:
-        """A generate request to the replica the router picks; anything else (an adapter load) to all."""
+        """A generate request to the replica the router picks; anything else (an adapter load, a profile) to all."""
         if isinstance(message, GenerateRequest):
             replica = self.router.choose(message.prompt_ids)
             self.owner[message.rid], self.sent[message.rid] = replica, message

@@ -27,7 +27,7 @@ from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 
 from .data_parallel_controller import DataParallelController
-from .engine_process import GenerateRequest, LoRAAdapterRequest, RequestUpdate, UpdateBatch
+from .engine_process import GenerateRequest, LoRAAdapterRequest, ProfileRequest, RequestUpdate, UpdateBatch
 from .replica_metrics import ReplicaMetrics
 
 # A token of real text is a few characters; text longer than this many characters per token of context is
@@ -105,17 +105,7 @@ class TokenizerManager:
 
     async def update_lora_adapter(self, name: str, path: str | None) -> None:
         """Load (``path`` given) or unload an adapter in the engine; ``EngineError`` if it refuses."""
-        if not self.engine_alive:
-            raise EngineError(503, "the engine process is not running (it is being restarted); retry later")
-        queue, rid = asyncio.Queue(), uuid.uuid4().hex
-        self.queues[rid] = (queue, 0)
-        try:
-            self.engines.send(LoRAAdapterRequest(rid, name, path))
-            _, update = await queue.get()
-        finally:
-            del self.queues[rid]
-        if update.error is not None:
-            raise EngineError(update.status, update.error)
+        await self.call_engine(LoRAAdapterRequest(uuid.uuid4().hex, name, path))
         if path is None:
             self.lora_adapters.pop(name, None)
         else:
@@ -166,6 +156,27 @@ class TokenizerManager:
                     self.engines.abort(rid)
 
     # ----- what the engine sends (called on the event loop by the supervisor) ---------
+
+    async def call_engine(self, message) -> RequestUpdate:
+        """Send the engine one message that is not a generation and await its one answer;
+        ``EngineError`` if the engine refuses it."""
+        if not self.engine_alive:
+            raise EngineError(503, "the engine process is not running (it is being restarted); retry later")
+        queue = asyncio.Queue()
+        self.queues[message.rid] = (queue, 0)
+        try:
+            self.engines.send(message)
+            _, update = await queue.get()
+        finally:
+            del self.queues[message.rid]
+        if update.error is not None:
+            raise EngineError(update.status, update.error)
+        return update
+
+    async def profile(self, start: bool, output_dir: str | None = None, num_steps: int | None = None) -> str | None:
+        """Start profiling the engine's steps, or stop and return the trace's path (``step_profiler.py``)."""
+        update = await self.call_engine(ProfileRequest(uuid.uuid4().hex, start, output_dir, num_steps))
+        return update.text
 
     def _dispatch(self, batch: UpdateBatch, replica: int = 0) -> None:
         self.metrics.observe_stats(batch.stats, replica)

@@ -344,6 +344,31 @@ def test_deeply_nested_bodies_get_a_400_never_a_crash(server, depth, field):
     assert status == 400 and json.loads(answer)["error"]["type"] == "invalid_request_error", (depth, field, answer[:200])
 
 
+def test_a_profile_of_the_engines_steps_is_written_where_asked(server, tmp_path):
+    """SGLang's /start_profile and /stop_profile: the engine's steps between them land in a Chrome
+    trace in the folder asked for; one profile at a time, and a stop with none running is a 400."""
+    status, body = http("POST", f"{server.url}/start_profile", json.dumps({"output_dir": str(tmp_path)}).encode())
+    assert status == 200, body
+    assert http("POST", f"{server.url}/start_profile", b"")[0] == 400  # one is running
+    server.client.completions.create(model="m", prompt=PROMPTS[1], max_tokens=3, temperature=0)
+    status, body = http("POST", f"{server.url}/stop_profile")
+    assert status == 200, body
+    trace = Path(json.loads(body)["trace"])
+    assert trace.parent == tmp_path
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(event.get("name", "").startswith("aten::") for event in events)  # the model's ops ran under it
+    assert http("POST", f"{server.url}/stop_profile")[0] == 400
+    assert http("POST", f"{server.url}/start_profile", b'{"num_steps": 0}')[0] == 400
+
+
+def test_a_counted_profile_ends_by_itself(server, tmp_path):
+    body = json.dumps({"output_dir": str(tmp_path), "num_steps": 2}).encode()
+    assert http("POST", f"{server.url}/start_profile", body)[0] == 200
+    server.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    assert len(list(tmp_path.glob("*.trace.json"))) == 1
+    assert http("POST", f"{server.url}/stop_profile")[0] == 400  # it stopped after its two steps
+
+
 def test_server_still_serves_after_bad_requests(server, reference):
     for body in BAD_BODIES.values():  # (the random bodies above ran before this too)
         http("POST", f"{server.url}/v1/completions", body)

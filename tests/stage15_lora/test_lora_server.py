@@ -2,12 +2,14 @@
 them, and ``/load_lora_adapter`` / ``/unload_lora_adapter`` change them while the server runs.
 Each answer equals the engine's own for that adapter."""
 
+import asyncio
 import json
 
 import pytest
 from test_lora import ADAPTERS, write_adapter
 
 from stage15_lora import Engine
+from stage15_lora.api_key import APIKeyCheck
 from test_server import Server, http
 
 PROMPT = "Once upon a time"
@@ -74,3 +76,25 @@ def test_bad_adapter_requests_are_refused(server, path, body, status, words):
     got, answer = post(server, path, body)
     assert got == status and words in answer["error"]["message"]
     assert server.client.completions.create(model="qv", prompt=PROMPT, max_tokens=2).choices[0].text
+
+
+@pytest.mark.parametrize("path, key, allowed", [
+    ("/v1/completions", "user", True), ("/v1/completions", "admin", False),
+    ("/load_lora_adapter", "user", False), ("/load_lora_adapter", "admin", True),
+    ("/start_profile", "user", False), ("/stop_profile", "admin", True), ("/health", "nobody", True),
+])
+def test_routes_that_touch_files_take_the_admin_key(path, key, allowed):
+    """With ``--admin-api-key``, adapter loads (they read files) and profiles (they write them)
+    take that key and no other; every other route takes the API key."""
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    check = APIKeyCheck(app, api_key="user", admin_api_key="admin")
+    asyncio.run(check({"type": "http", "path": path, "headers": [(b"authorization", f"Bearer {key}".encode())]}, None, send))
+    assert (reached == [path]) == allowed
+    assert allowed or sent[0]["status"] == 401
