@@ -19,10 +19,11 @@ seconds, device memory.
 """
 
 import argparse
+import dataclasses
 import importlib
-import inspect
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from benchmarks.checkpoints import random_checkpoint
 from checkpoints import write_checkpoint
 from stage09_cuda_graph import Engine
+from stage09_cuda_graph.engine_args import EngineArgs
 from stage09_cuda_graph.forward_batch import ForwardBatch
 from stage10_overlap import Engine as Stage10
 
@@ -126,7 +128,8 @@ def check_kind(kind: str, folder: Path) -> int:
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {kind:<6} fp32 runs eagerly (the flash kernel is bf16/fp16 only)", flush=True)
     # Teacher-forced steps read each step's tokens before building the next (no overlap schedule).
-    serial = {"disable_overlap_schedule": True} if "disable_overlap_schedule" in inspect.signature(Engine).parameters else {}
+    settings = {field.name for field in dataclasses.fields(EngineArgs)}
+    serial = {"disable_overlap_schedule": True} if "disable_overlap_schedule" in settings else {}
     with Engine(model_path=str(folder), device="cuda", dtype="bfloat16", cuda_graph_max_bs=32, **serial) as engine:
         for batch_size in (1, 5, 32):
             ok, detail = teacher_forced(engine, batch_size)
@@ -141,7 +144,7 @@ def check_kind(kind: str, folder: Path) -> int:
 
 
 def main(argv=None) -> int:
-    global Engine, ForwardBatch
+    global Engine, EngineArgs, ForwardBatch
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_graph_check")
     parser.add_argument("tokenizer_folder")
     parser.add_argument("--stage", default="stage09_cuda_graph")
@@ -149,6 +152,7 @@ def main(argv=None) -> int:
     tokenizer_folder = args.tokenizer_folder
     Engine = importlib.import_module(args.stage).Engine
     ForwardBatch = importlib.import_module(f"{args.stage}.forward_batch").ForwardBatch
+    EngineArgs = importlib.import_module(f"{args.stage}.engine_args").EngineArgs
     failures = 0
     with tempfile.TemporaryDirectory() as root:
         for kind in ("dense", "moe", "llama"):
@@ -157,7 +161,9 @@ def main(argv=None) -> int:
                 failures += check_kind(kind, folder)
             except Exception as error:  # noqa: BLE001 - report, and go on with the other kinds
                 failures += 1
-                print(f"FAIL {kind:<6} {type(error).__name__}: {str(error).splitlines()[0]}", flush=True)
+                where = traceback.extract_tb(error.__traceback__)[-1]
+                print(f"FAIL {kind:<6} {type(error).__name__}: {str(error).splitlines()[0]} "
+                      f"({Path(where.filename).name}:{where.lineno})", flush=True)
     folder = random_checkpoint("qwen3-0.6b")
     with Engine(model_path=str(folder), device="cuda", dtype="bfloat16") as engine:
         graphs = engine.runner.graphs

@@ -12,7 +12,7 @@ work in a single forward:
 
 So a long prompt no longer stalls everyone's decode, and no forward holds
 activations for more than a chunk of prompt tokens. Without chunking
-(``chunked_prefill_size`` None), a step is a prefill batch bounded by
+(``chunked_prefill_size`` -1), a step is a prefill batch bounded by
 ``max_prefill_tokens`` or a decode batch, as in stage 04.
 
 Admission promises pages for only part of each request's remaining
@@ -39,7 +39,7 @@ class Scheduler:
     def __init__(self, runner: ModelRunner, max_prefill_tokens: int, chunked_prefill_size: int | None):
         self.runner = runner
         self.max_prefill_tokens = max_prefill_tokens
-        self.chunked_prefill_size = chunked_prefill_size
+        self.chunked_prefill_size = None if chunked_prefill_size == -1 else chunked_prefill_size  # -1: SGLang's "off"
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_retractions = 0

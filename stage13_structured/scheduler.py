@@ -12,7 +12,7 @@ work in a single forward:
 
 So a long prompt no longer stalls everyone's decode, and no forward holds
 activations for more than a chunk of prompt tokens. Without chunking
-(``chunked_prefill_size`` None), a step is a prefill batch bounded by
+(``chunked_prefill_size`` -1), a step is a prefill batch bounded by
 ``max_prefill_tokens`` or a decode batch, as in stage 04.
 
 Which waiting requests are considered first is the schedule policy's call
@@ -53,7 +53,7 @@ class Scheduler:
         self.runner = runner
         self.policy = policy
         self.max_prefill_tokens = max_prefill_tokens
-        self.chunked_prefill_size = chunked_prefill_size
+        self.chunked_prefill_size = None if chunked_prefill_size == -1 else chunked_prefill_size  # -1: SGLang's "off"
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_retractions = 0

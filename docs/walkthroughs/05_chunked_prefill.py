@@ -47,13 +47,13 @@ with Engine(chunked_prefill_size=32) as engine:
 # 32 tokens beside them: its ~100 tokens take four steps, and the short requests never pause.
 #
 # ## Without chunks
-# `chunked_prefill_size=None` (SGLang's `-1`) runs the whole prompt as one prefill step, in which
+# `chunked_prefill_size=-1` (SGLang's spelling) runs the whole prompt as one prefill step, in which
 # the running requests feed nothing (request ids keep counting, so here they are r3, r4 and the
 # long r5). On a GPU, with a prompt of thousands of tokens, that step is a visible stall in their
 # streams.
 
 # %%
-with Engine(chunked_prefill_size=None) as engine:
+with Engine(chunked_prefill_size=-1) as engine:
     trace(engine)
     whole = run(engine)
 

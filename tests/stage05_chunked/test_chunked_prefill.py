@@ -1,5 +1,7 @@
 """Stage 05: chunked prefill gives stage04's tokens, keeps decode moving, and bounds each forward."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -149,7 +151,7 @@ def peak_forward_tensor(engine, prompt):
 
 def test_peak_activation_of_a_prefill_step_is_bounded_by_the_chunk(checkpoints):
     prompt = tokens(400, 17)
-    with chunked_engine(checkpoints, 16) as chunked, chunked_engine(checkpoints, None) as whole:
+    with chunked_engine(checkpoints, 16) as chunked, chunked_engine(checkpoints, -1) as whole:
         config = chunked.config
         chunked_peak, whole_peak = peak_forward_tensor(chunked, prompt), peak_forward_tensor(whole, prompt)
     # Per chunk: the MLP activations [16, intermediate] or the scores [heads, 16, 400].
@@ -160,3 +162,16 @@ def test_peak_activation_of_a_prefill_step_is_bounded_by_the_chunk(checkpoints):
 def test_bad_chunk_size_is_refused(checkpoints):
     with pytest.raises(ValueError, match="chunked_prefill_size"):
         chunked_engine(checkpoints, 0)
+
+
+def test_the_default_chunk_is_sized_from_the_device(monkeypatch):
+    """2,048 prompt tokens a step on the CPU; on a GPU, more with more memory (SGLang sizes it so)."""
+    from stage05_chunked.engine_args import EngineArgs, default_chunked_prefill_size
+
+    assert EngineArgs(device="cpu").chunked_prefill_size == 2048
+    assert EngineArgs(device="cpu", chunked_prefill_size=-1).chunked_prefill_size == -1  # off, and stays off
+    sizes = {}
+    for gib in (16, 40, 64, 80, 141):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, gib=gib: SimpleNamespace(total_memory=gib << 30))
+        sizes[gib] = default_chunked_prefill_size(torch.device("cuda"))
+    assert sizes == {16: 2048, 40: 4096, 64: 8192, 80: 16384, 141: 16384}
