@@ -127,10 +127,7 @@ def check_kind(kind: str, folder: Path) -> int:
         ok = engine.runner.graphs is None
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {kind:<6} fp32 runs eagerly (the flash kernel is bf16/fp16 only)", flush=True)
-    # Teacher-forced steps read each step's tokens before building the next (no overlap schedule).
-    settings = {field.name for field in dataclasses.fields(EngineArgs)}
-    serial = {"disable_overlap_schedule": True} if "disable_overlap_schedule" in settings else {}
-    with Engine(model_path=str(folder), device="cuda", dtype="bfloat16", cuda_graph_max_bs=32, **serial) as engine:
+    with Engine(model_path=str(folder), device="cuda", dtype="bfloat16", cuda_graph_max_bs=32, **serial_schedule()) as engine:
         for batch_size in (1, 5, 32):
             ok, detail = teacher_forced(engine, batch_size)
             failures += not ok
@@ -143,16 +140,27 @@ def check_kind(kind: str, folder: Path) -> int:
     return failures
 
 
-def main(argv=None) -> int:
+def use_stage(stage: str) -> None:
+    """Check ``stage``'s engine (its settings, its batches) instead of stage 09's."""
     global Engine, EngineArgs, ForwardBatch
+    Engine = importlib.import_module(stage).Engine
+    EngineArgs = importlib.import_module(f"{stage}.engine_args").EngineArgs
+    ForwardBatch = importlib.import_module(f"{stage}.forward_batch").ForwardBatch
+
+
+def serial_schedule() -> dict:
+    """Teacher-forced steps read each step's tokens before building the next: no overlap schedule."""
+    settings = {field.name for field in dataclasses.fields(EngineArgs)}
+    return {"disable_overlap_schedule": True} if "disable_overlap_schedule" in settings else {}
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_graph_check")
     parser.add_argument("tokenizer_folder")
     parser.add_argument("--stage", default="stage09_cuda_graph")
     args = parser.parse_args(argv)
     tokenizer_folder = args.tokenizer_folder
-    Engine = importlib.import_module(args.stage).Engine
-    ForwardBatch = importlib.import_module(f"{args.stage}.forward_batch").ForwardBatch
-    EngineArgs = importlib.import_module(f"{args.stage}.engine_args").EngineArgs
+    use_stage(args.stage)
     failures = 0
     with tempfile.TemporaryDirectory() as root:
         for kind in ("dense", "moe", "llama"):

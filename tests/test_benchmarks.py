@@ -152,3 +152,28 @@ def test_teacher_forced_check_catches_a_planted_decode_mask_bug(checkpoints, mon
     teacher_forced.plant_decode_off_by_one(teacher_forced.PLANTED_STAGE)
     (_, planted) = teacher_forced.check_kind("dense", checkpoints["dense"], [teacher_forced.PLANTED_STAGE], "cpu", "float32", steps=6)
     assert not planted["ok"] and planted["max_error"] > 0.1
+
+
+@pytest.mark.parametrize("backend", ["runs", "gather"])
+def test_the_gpu_graph_check_steps_run_on_the_cpu(backend, checkpoints, monkeypatch):
+    """``benchmarks.gpu_graph_check``'s teacher-forced steps on the last stage, through uncaptured
+    graphs (the CPU runs their forward directly): the check itself works (it once read an empty batch
+    under the overlap schedule and failed on the GPU), and finds replay, unrecorded and eager equal."""
+    import importlib
+
+    from benchmarks import gpu_graph_check
+
+    stage = STAGES[-1]
+    monkeypatch.setattr(gpu_graph_check, "Engine", gpu_graph_check.Engine)  # use_stage sets these: restored after
+    monkeypatch.setattr(gpu_graph_check, "EngineArgs", gpu_graph_check.EngineArgs)
+    monkeypatch.setattr(gpu_graph_check, "ForwardBatch", gpu_graph_check.ForwardBatch)
+    gpu_graph_check.use_stage(stage)
+    graph_runner = importlib.import_module(f"{stage}.cuda_graph_runner").CudaGraphRunner
+    with gpu_graph_check.Engine(model_path=str(checkpoints["dense"]), device="cpu", attention_backend=backend,
+                                **gpu_graph_check.serial_schedule()) as engine:
+        runner = engine.runner
+        runner.graphs = graph_runner(runner.model, runner.attention_backend, runner.allocator.num_pages, 8,
+                                     runner.config.max_position_embeddings, capture=False)
+        for batch_size in (1, 5):
+            ok, detail = gpu_graph_check.teacher_forced(engine, batch_size)
+            assert ok, detail
