@@ -166,6 +166,19 @@ def where_it_ran(env: dict) -> str:
     return ", ".join([machine] + [f"{k} {env[k]}" for k in ("torch", "git_commit") if env.get(k)])
 
 
+HOST_COST = "benchmarks/results/profiles/cpu-host-cost-ladder.json"
+
+
+def render_host_cost() -> str:
+    """Per stage, a decode step's host work per running request (``benchmarks.host_cost``'s medians)."""
+    report = json.loads((ROOT / HOST_COST).read_text())
+    rows = ["| stage | greedy: µs per request | sampled (0.7): µs per request | greedy step at 64 requests |",
+            "| --- | --- | --- | --- |"]
+    rows += [f"| `{r['stage']}` | {r['greedy_us_per_request']:.0f} | {r['sampled_us_per_request']:.0f} | "
+             f"{r['greedy_step_ms_at_64']:.1f} ms |" for r in report["summary"]]
+    return "\n".join(rows) + f"\n\n{where_it_ran(report['environment'])}; `{HOST_COST}`.\n"
+
+
 def render_benchmark_results() -> str:
     """The summary charts, then one section per results file: where it ran, a table of the
     systems, a bar chart of output tok/s."""
@@ -222,6 +235,8 @@ def on_page_markdown(markdown, page, config, files):
             markdown = markdown.replace("\n## The diff from", f"\n{exercises}\n## The diff from", 1)
         elif exercises:
             markdown = markdown.rstrip("\n") + f"\n\n{exercises}"
+    if "<!-- host-cost -->" in markdown:
+        markdown = markdown.replace("<!-- host-cost -->", render_host_cost())
     if "<!-- benchmark-headline -->" in markdown:
         markdown = markdown.replace("<!-- benchmark-headline -->", render_benchmark_headline())
     markdown = markdown.replace("<!-- benchmark-results -->", render_benchmark_results()) if "<!-- benchmark-results -->" in markdown else markdown

@@ -162,3 +162,9 @@ def test_table_code_breaks_between_path_parts_not_inside_words():
     out = hooks.TABLE_CELL.sub(hooks.breakable_paths, cell)
     assert "<code>tests/<wbr>server/<wbr>test_<wbr>reliability<wbr>.py</code>" in out
     assert "<code>--max-request-bytes</code>" in out  # a browser breaks after its hyphens already
+
+
+def test_the_host_cost_table_has_a_row_per_measured_stage():
+    report = json.loads((ROOT / hooks.HOST_COST).read_text())
+    table = hooks.render_host_cost()
+    assert all(f"| `{r['stage']}` |" in table for r in report["summary"]) and "CPU" in table
