@@ -11,6 +11,7 @@ Every run starts with a small warm-up so one-time costs (allocator, kernels) are
 import dataclasses
 import gc
 import importlib
+import inspect
 import json
 import statistics
 import time
@@ -225,7 +226,10 @@ def accepted_kwargs(stage: str, engine_kwargs: dict | None) -> dict:
     """The engine options this stage understands (e.g. chunked_prefill_size only from stage05 on)."""
     if not engine_kwargs:
         return {}
-    settings = {field.name for field in dataclasses.fields(importlib.import_module(f"{stage}.engine_args").EngineArgs)}
+    try:
+        settings = {field.name for field in dataclasses.fields(importlib.import_module(f"{stage}.engine_args").EngineArgs)}
+    except ModuleNotFoundError:  # a copy from before the settings object (a before/after run): Engine names them
+        settings = set(inspect.signature(importlib.import_module(stage).Engine).parameters)
     return {k: v for k, v in engine_kwargs.items() if k in settings}
 
 
