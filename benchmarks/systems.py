@@ -8,6 +8,7 @@ gives every request the longest max_new_tokens) and ``hf-continuous-batching``
 Every run starts with a small warm-up so one-time costs (allocator, kernels) are not timed.
 """
 
+import collections
 import dataclasses
 import gc
 import importlib
@@ -124,6 +125,45 @@ def run_long_prompt(stage: str, model_path, workload: Workload, device: str, eng
     itl = gaps
     result = summarize(stage, workload, seconds, device, [outputs[long_id].token_times[0] - outputs[long_id].arrival_time], itl,
                        longest_decode_gap_ms=round(max(gaps) * 1000, 3))
+    engine.shutdown()
+    return result
+
+
+def run_multi_turn(stage: str, model_path, workload: Workload, device: str, engine_kwargs: dict | None = None) -> dict:
+    """Serve the conversations turn by turn: a turn is sent once its conversation's answer before it is
+    in, at most ``workload.in_flight`` conversations at a time, each one after its turn going to the
+    back of the line. Needs the add_request / step loop (stage04 and later)."""
+    engine = importlib.import_module(stage).Engine(model_path=model_path, device=device, **(engine_kwargs or {}))
+    engine.generate(workload.prompts[0][:16], max_tokens=2, temperature=0, ignore_eos=True)  # warm-up
+    engine.flush_cache()
+    n = workload.conversations
+    history, turn, line, running, outputs = [[] for _ in range(n)], [0] * n, collections.deque(range(n)), {}, []
+    synchronize(device)
+    start = time.perf_counter()
+    while line or running:
+        while line and len(running) < workload.in_flight:
+            c = line.popleft()
+            prompt = history[c] + workload.prompts[turn[c] * n + c]
+            params = SamplingParams(max_tokens=workload.max_tokens[turn[c] * n + c], temperature=0, ignore_eos=True)
+            running[engine.add_request(prompt, params)] = (c, prompt)
+        engine.step()
+        for rid in list(running):
+            if (out := engine.get_output(rid)) is not None:
+                c, prompt = running.pop(rid)
+                history[c], turn[c] = prompt + out.token_ids, turn[c] + 1
+                outputs.append(out)
+                if turn[c] * n < len(workload.prompts):
+                    line.append(c)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    prompt_tokens, cached = sum(o.prompt_tokens for o in outputs), sum(o.cached_tokens for o in outputs)
+    ttft = [o.token_times[0] - o.arrival_time for o in outputs]
+    itl = [b - a for o in outputs for a, b in zip(o.token_times, o.token_times[1:])]
+    tiers = {k: v for k, v in engine.stats().items() if k.startswith("hicache_")}
+    result = summarize(stage, workload, seconds, device, ttft, itl, prompt_tokens=prompt_tokens,
+                       prefix_cache_hit_rate=round(cached / prompt_tokens, 4), prefilled_tokens=prompt_tokens - cached,
+                       **tiers)
+    result["total_tokens_per_s"] = round((prompt_tokens + workload.output_tokens) / seconds, 2)
     engine.shutdown()
     return result
 
@@ -249,7 +289,7 @@ def run_system(system: str, model_path, model_folder, workload: Workload, device
     if system == "hf-continuous-batching":
         return run_hf_continuous_batching(model_folder, workload, device)
     if system.startswith("stage") and system[5:7].isdigit():
-        run = run_long_prompt if workload.name == "long-prompt" else run_stage
+        run = {"long-prompt": run_long_prompt, "multi-turn": run_multi_turn}.get(workload.name, run_stage)
         return run(system, model_path, workload, device, accepted_kwargs(system, engine_kwargs))
     raise ValueError(f"unknown system {system!r}: a stage folder name, hf-generate, hf-generate-batch "
                      "or hf-continuous-batching")

@@ -18,6 +18,10 @@ class Workload:
     prompts: list[list[int]]
     max_tokens: list[int]
     warm_cache: bool = False  # keep the warm-up prompt in the prefix cache (a system prompt seen before)
+    # multi-turn: ``prompts`` are the user turns, conversation c's turn r at index r * conversations + c;
+    # a turn's prompt is its conversation so far (earlier turns and answers) plus the turn.
+    conversations: int = 0
+    in_flight: int = 0  # multi-turn: conversations with a request running at once
 
     @property
     def input_tokens(self) -> int:
@@ -81,12 +85,26 @@ def long_prompt_workload(size: str, vocab_size: int, seed: int) -> Workload:
                     prompts, [decode_new] * decoders + [4])
 
 
+def multi_turn_workload(size: str, vocab_size: int, seed: int) -> Workload:
+    """Chats that come back: each conversation opens with its own long context (a document, a system
+    prompt), then asks again and again, each turn sent once the answer before it is in. A few
+    conversations run at once; in between, the others' turns push its prefix out of a small device
+    pool. (SGLang's bench_multiturn, with random tokens.)"""
+    conversations, rounds, first, turn, new, in_flight = (48, 4, 2000, 200, 64, 8) if size == "gpu" else (6, 3, 96, 16, 4, 2)
+    rng = random.Random(seed)
+    prompts = [_random_prompt(rng, first if r == 0 else turn, vocab_size) for r in range(rounds) for _ in range(conversations)]
+    return Workload("multi-turn", f"{conversations} conversations x {rounds} turns ({first}-token context, {turn}-token "
+                    f"turns, {new} new tokens each), {in_flight} in flight", prompts, [new] * len(prompts),
+                    conversations=conversations, in_flight=in_flight)
+
+
 WORKLOADS = {
     "random": random_workload,
     "single": single_workload,
     "shared-prefix": shared_prefix_workload,
     "prefix-mix": prefix_mix_workload,
     "long-prompt": long_prompt_workload,
+    "multi-turn": multi_turn_workload,
 }
 
 

@@ -37,6 +37,7 @@ SPECULATIVE = "tests/stage14_speculative/test_speculative.py::"
 SPEC_SAMPLING = "tests/stage14_speculative/test_spec_sampling_and_storm.py::"
 LORA = "tests/stage15_lora/test_lora.py::"
 ROUTER = "tests/stage16_data_parallel/test_router.py::"
+HICACHE = "tests/stage17_hicache/test_hicache.py::"
 
 EXERCISES = [
     Exercise(
@@ -390,6 +391,30 @@ EXERCISES = [
         '        raise NotImplementedError("exercise: count the leading tokens the tree holds")\n',
         (ROUTER + "test_the_prompt_tree_matches_prefixes_and_forgets_the_least_recently_used",
          ROUTER + "test_cache_aware_follows_the_prefix_and_balances_when_loads_part"),
+    ),
+    Exercise(
+        "stage17_hicache", 1, BREAK, "an eviction that copies nothing down",
+        "Under write_back, evicting a device leaf no longer copies it to the host first. Every test of "
+        "tokens still passes: which tests fail, and what does a returning conversation pay for it?",
+        "hiradix_cache.py",
+        '            if self.write_policy == "write_back":\n'
+        "                self._back_up(node)\n",
+        "",
+        (HICACHE + "test_a_pool_too_small_for_the_prefixes_gives_the_same_tokens_and_prefills_fewer",
+         HICACHE + "test_write_policies_copy_at_insert_on_eviction_or_after_two_hits"),
+    ),
+    Exercise(
+        "stage17_hicache", 2, BUILD, "pages back into the device pool",
+        "HiCacheController._scatter has lost its body. kv holds n pages in the host layout [n, 2, layers, "
+        "page_size, heads, dim], already on the device; put page i's keys and values into the slots of "
+        "pages[i] in the device pool, whose layout is [layers, slots, heads, dim] (self.slots gives the slots).",
+        "cache_controller.py",
+        "        slots = self.slots(pages, self.device)\n"
+        "        kv = kv.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)  # [2, L, n * ps, H, D]\n"
+        "        self.device_pool.k[:, slots], self.device_pool.v[:, slots] = kv[0], kv[1]\n",
+        '        raise NotImplementedError("exercise: scatter the loaded pages into the device pool")\n',
+        (HICACHE + "test_a_prefix_goes_to_host_then_to_disk_and_comes_back_the_same",
+         HICACHE + "test_aborting_a_request_whose_prefix_is_loading_frees_every_tier"),
     ),
 ]
 

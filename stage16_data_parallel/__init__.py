@@ -1,4 +1,4 @@
-"""Stage 16 (data parallelism): several engine replicas behind one server, the full system.
+"""Stage 16 (data parallelism): several engine replicas behind one server.
 
 ``--dp-size N`` starts N engine processes, each a whole engine with its own
 KV pool and prefix cache, placed on their own GPUs (``--base-gpu-id``,

@@ -113,10 +113,11 @@ def alone(storm_checkpoint):
         yield tokens
 
 
-def small_pool_engine(stage: str, model_path):
-    """The stage's engine with a pool of POOL_PAGES pages and its scheduling options turned on."""
+def small_pool_engine(stage: str, model_path, **settings):
+    """The stage's engine with a pool of POOL_PAGES pages and its scheduling options turned on
+    (and ``settings``: stage 17's storm adds its hierarchical cache)."""
     engine_class = stage_engine_class(stage)
-    kwargs = dict(model_path=str(model_path), device="cpu", page_size=PAGE, max_prefill_tokens=64)
+    kwargs = dict(model_path=str(model_path), device="cpu", page_size=PAGE, max_prefill_tokens=64, **settings)
     if stage_has(stage, "chunked_prefill_size"):
         kwargs["chunked_prefill_size"] = 16  # long prompts run in chunks beside decodes
     if stage_has(stage, "schedule_policy"):
