@@ -3,14 +3,15 @@
     python -m benchmarks.gpu_hicache_check [--pages 1024] [--out FILE]
 
 A Qwen3-0.6B-shaped device pool (bf16, 16-token pages) is filled with random
-values. Scattered pages are written to pinned host memory while the step
-stream is busy with matmuls, their device pages are overwritten (as a reused
-page would be), then loaded back into other scattered pages, again beside
-busy matmuls. The loaded pages must equal the originals bit for bit. Then it
-times a load of the same pages three ways, medians of interleaved repeats:
-the controller's (one gathered copy across), page by page (a copy per page
-and layer), and a plain pinned-to-device copy of the same bytes (the link's
-bandwidth, the ceiling).
+values. Scattered device pages are written to pinned host memory while the
+step stream is busy with matmuls, their device pages are overwritten (as a
+reused page would be), then loaded back into other scattered pages, again
+beside busy matmuls. The loaded pages must equal the originals bit for bit,
+both from one run of host pages and from scattered host pages. Then it times
+loads of the same bytes, medians of interleaved repeats: the controller's
+from one run of host pages (one copy across), from host pages in random order
+(a copy per page), page by page and layer by layer (a copy each), and a plain
+pinned-to-device copy (the link's bandwidth, the ceiling).
 """
 
 import argparse
@@ -64,23 +65,27 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), torch.bfloat16
     pool = PagedKVPool(SimpleNamespace(**QWEN3_06B), 4 * args.pages, 16, device, dtype)  # the pool reads only these
     pool.k.normal_(), pool.v.normal_()
-    host = HostKVPool(pool, args.pages)
+    host = HostKVPool(pool, 2 * args.pages)
     controller = HiCacheController(pool, host, None)
     order = torch.randperm(4 * args.pages).tolist()
     source, target = order[: args.pages], order[args.pages : 2 * args.pages]
     slots = lambda pages: controller.slots(pages, device)
     keep_k, keep_v = pool.k[:, slots(source)].clone(), pool.v[:, slots(source)].clone()
 
-    busy(device)
-    controller.write(source, list(range(args.pages)))
-    pool.k[:, slots(source)] = 0  # the pages are reused at once: the write must have read them first
-    pool.v[:, slots(source)] = 0
-    busy(device)
-    controller.load(list(range(args.pages)), target)
-    exact = bool(torch.equal(pool.k[:, slots(target)], keep_k) and torch.equal(pool.v[:, slots(target)], keep_v))
+    one_run, scattered = list(range(args.pages)), torch.randperm(2 * args.pages)[: args.pages].tolist()
+    exact = True
+    for host_pages in (one_run, scattered):
+        pool.k[:, slots(source)], pool.v[:, slots(source)] = keep_k, keep_v
+        busy(device)
+        controller.write(source, host_pages)
+        pool.k[:, slots(source)] = 0  # the pages are reused at once: the write must have read them first
+        pool.v[:, slots(source)] = 0
+        busy(device)
+        controller.load(host_pages, target)
+        exact &= bool(torch.equal(pool.k[:, slots(target)], keep_k) and torch.equal(pool.v[:, slots(target)], keep_v))
 
     nbytes = 2 * keep_k.numel() * keep_k.element_size()
-    staged = torch.empty(host.kv.shape, dtype=dtype, pin_memory=device.type == "cuda")  # the same bytes in one block
+    staged = host.kv[: args.pages]  # the same bytes in one block of pinned memory
     page = 16
 
     def page_by_page():
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
                 pool.v[layer, d * page : (d + 1) * page].copy_(host.kv[h, 1, layer], non_blocking=True)
 
     ways = {
-        "gathered_load": lambda: controller.load(list(range(args.pages)), target),
+        "load_one_run": lambda: controller.load(one_run, target),
+        "load_scattered": lambda: controller.load(scattered, target),
         "page_by_page": page_by_page,
         "link_copy": lambda: staged.to(device, non_blocking=True),
     }

@@ -324,7 +324,6 @@ class HiRadixCache(RadixCache):
         """Drop every cached prefix on every tier (only while no request holds one)."""
         if self.locked_pages:
             raise RuntimeError("cannot flush the prefix cache while requests are using it")
-        self.controller.settle_writes()
         for node in list(self._nodes()):
             self._drop_lower_tiers(node)
             self.allocator.free_pages(node.pages)
