@@ -133,7 +133,8 @@ def render_walkthrough(script: str) -> str:
 STAGE_SYSTEM = re.compile(r"(stage\d\d)_[a-z_]+")
 # Results kept in a subfolder are discussed in a section of the page, not listed under "Every run".
 SECTION_OF_FOLDER = {"structured": "structured-outputs-stage-13", "speculative": "speculative-decoding-stage-14",
-                     "lora": "multi-lora-stage-15", "data_parallel": "data-parallel-replicas-stage-16"}
+                     "lora": "multi-lora-stage-15", "data_parallel": "data-parallel-replicas-stage-16",
+                     "hicache": "hierarchical-cache-stage-17"}
 
 
 def render_benchmark_headline() -> str:
