@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from common.device_copy import copy_to_device
+
 from .hicache_storage import HiCacheFile
 from .host_kv_pool import HostKVPool
 from .kv_cache import PagedKVPool
@@ -61,8 +63,10 @@ class HiCacheController:
         self.stats = HiCacheStats()
 
     def slots(self, pages: list[int], device: torch.device) -> torch.Tensor:
-        """The device pool slots of ``pages``, in order: page * page_size + 0 .. page_size - 1."""
-        pages = torch.tensor(pages, dtype=torch.int64, device=device)
+        """The device pool slots of ``pages``, in order: page * page_size + 0 .. page_size - 1.
+        (The page ids cross in a pinned copy that does not wait: ``torch.tensor(pages, device=...)``
+        would make the host wait for the running step.)"""
+        (pages,) = copy_to_device([pages], device)
         return (pages[:, None] * self.page_size + torch.arange(self.page_size, device=device)).flatten()
 
     def _pages_first(self, pages: list[int]) -> torch.Tensor:
