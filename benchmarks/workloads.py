@@ -93,8 +93,8 @@ def multi_turn_workload(size: str, vocab_size: int, seed: int) -> Workload:
     conversations, rounds, first, turn, new, in_flight = (48, 4, 2000, 200, 64, 8) if size == "gpu" else (6, 3, 96, 16, 4, 2)
     rng = random.Random(seed)
     prompts = [_random_prompt(rng, first if r == 0 else turn, vocab_size) for r in range(rounds) for _ in range(conversations)]
-    return Workload("multi-turn", f"{conversations} conversations x {rounds} turns ({first}-token context, {turn}-token "
-                    f"turns, {new} new tokens each), {in_flight} in flight", prompts, [new] * len(prompts),
+    return Workload("multi-turn", f"{conversations} conversations x {rounds} turns, each a {first}-token context then "
+                    f"{turn}-token turns, {new} new tokens a turn, {in_flight} in flight", prompts, [new] * len(prompts),
                     conversations=conversations, in_flight=in_flight)
 
 
