@@ -37,22 +37,47 @@ def pytest_configure(config):
                                        "not only the newest")
 
 
+# The front end: what a serving stage's server tests exercise beyond its engine (metrics.py, which some
+# stages extend, has tests of its own in those stages' folders).
+FRONT_END_FILES = ("http_server.py", "tokenizer_manager.py", "openai_protocol.py", "openai_choices.py",
+                   "engine_process.py", "engine_supervisor.py", "engine_handle.py", "request_body.py", "api_key.py",
+                   "server_args.py", "reasoning_parser.py", "tool_parser.py")
+
+
+def front_end_changed(stage: str) -> bool:
+    """Is ``stage`` the first serving stage, or does its front end differ from the stage before it?"""
+    index = SERVER_STAGES.index(stage)
+    if index == 0:
+        return True
+    before = ROOT / SERVER_STAGES[index - 1]
+    return any(not (before / f).exists() or (before / f).read_bytes() != (ROOT / stage / f).read_bytes()
+               for f in FRONT_END_FILES if (ROOT / stage / f).exists())
+
+
 @pytest.hookimpl(trylast=True)  # after --stage has picked its tests
 def pytest_collection_modifyitems(config, items):
-    """Every serving stage runs a few server tests; the newest runs them all.
+    """The newest serving stage runs every server test; an earlier one runs a few, or none.
 
     The server files change little from one stage to the next, so this keeps
-    the suite's time flat as the ladder grows: each earlier serving stage runs
+    the suite's time flat as the ladder grows: an earlier serving stage whose
+    front end differs from the stage before it (``front_end_changed``) runs
     the tests marked ``every_serving_stage`` (a request of each kind: plain,
-    streamed, chat, aborted, scored, a tool call, refused). With ``--stage
-    stage11_server`` a learner still gets all of stage 11's server tests, and a
-    test named on the command line (``path::test[stage11_server]``) always runs.
+    streamed, chat, aborted, scored, a tool call, refused); one whose front
+    end is the stage before's, byte for byte, runs none (its engine is the
+    ladder's to test, in process). With ``--stage stage12_inplace_attention``
+    a learner still gets all of that stage's server tests, and a test named on
+    the command line (``path::test[stage11_server]``) always runs.
     """
     if config.getoption("stage") or any("::" in arg for arg in config.args):
         return
-    older = {item for item in items
-             if item.get_closest_marker("every_serving_stage") is None
-             and getattr(item, "callspec", None) and item.callspec.params.get("server_stage", SERVER_STAGES[-1]) != SERVER_STAGES[-1]}
+
+    def dropped(item) -> bool:
+        stage = getattr(item, "callspec", None) and item.callspec.params.get("server_stage", SERVER_STAGES[-1])
+        if not stage or stage == SERVER_STAGES[-1]:
+            return False
+        return item.get_closest_marker("every_serving_stage") is None or not front_end_changed(stage)
+
+    older = {item for item in items if dropped(item)}
     if older:
         config.hook.pytest_deselected(items=list(older))
         items[:] = [item for item in items if item not in older]
