@@ -38,6 +38,7 @@ SPEC_SAMPLING = "tests/stage14_speculative/test_spec_sampling_and_storm.py::"
 LORA = "tests/stage15_lora/test_lora.py::"
 ROUTER = "tests/stage16_data_parallel/test_router.py::"
 HICACHE = "tests/stage17_hicache/test_hicache.py::"
+HANDOVER = "tests/stage18_pd_disaggregation/test_handover.py::"
 
 EXERCISES = [
     Exercise(
@@ -415,6 +416,30 @@ EXERCISES = [
         '        raise NotImplementedError("exercise: scatter the loaded pages into the device pool")\n',
         (HICACHE + "test_a_prefix_goes_to_host_then_to_disk_and_comes_back_the_same",
          HICACHE + "test_aborting_a_request_whose_prefix_is_loading_frees_every_tier"),
+    ),
+    Exercise(
+        "stage18_pd_disaggregation", 1, BREAK, "a failed handover that keeps its pages",
+        "When a handover fails (no K/V in time, or an abort), the decode engine no longer frees the pages "
+        "it reserved. The requests still end. Which tests fail, and what happens to a decode engine after "
+        "a few hundred such failures?",
+        "disaggregation.py",
+        "        if request.page_table or request.table_row is not None:\n"
+        "            self.runner.free_cache(request)\n",
+        "",
+        (HANDOVER + "test_no_kv_within_the_timeout_ends_the_request_with_an_error",
+         HANDOVER + "test_aborts_on_the_decode_side_leak_nothing"),
+    ),
+    Exercise(
+        "stage18_pd_disaggregation", 2, BUILD, "the K/V into the reserved pages",
+        "DecodeRole._place no longer writes what arrived into the pool. arrival.kv holds the prompt's keys "
+        "and values as [2, layers, pages * page_size, heads, dim]; write them into the slots of the "
+        "request's reserved pages (pool_slots gives them) of runner.pool.k and runner.pool.v.",
+        "disaggregation.py",
+        "        slots = pool_slots(request.page_table, runner.page_size, runner.pool.k.device)\n"
+        "        kv = arrival.kv.to(runner.pool.k.device)\n"
+        "        runner.pool.k[:, slots], runner.pool.v[:, slots] = kv[0], kv[1]\n",
+        '        raise NotImplementedError("exercise: place the received K/V in the reserved pages")\n',
+        (HANDOVER + "test_the_decode_engine_gives_stage17s_tokens",),
     ),
 ]
 

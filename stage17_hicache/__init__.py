@@ -1,4 +1,4 @@
-"""Stage 17 (hierarchical cache): prefixes evicted from the device pool go to host memory and files, and come back, the full system.
+"""Stage 17 (hierarchical cache): prefixes evicted from the device pool go to host memory and files, and come back.
 
 ``--enable-hierarchical-cache`` puts two tiers under the radix tree: a host
 pool (``--hicache-ratio`` times the device pool, or ``--hicache-size`` GB)

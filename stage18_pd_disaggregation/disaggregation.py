@@ -1,0 +1,187 @@
+"""Stage 18: an engine that only prefills, or only decodes (``--disaggregation-mode``).
+
+In one engine a long prompt's prefill and everyone else's decode share each
+step, so a burst of prompts shows in every running request's time between
+tokens. Disaggregation splits the two phases into engines of their own:
+
+    router ──▶ prefill engine: computes the prompt's K/V and its first token,
+         │                     hands both to the decode engine (kv_transfer.py)
+         └──▶ decode engine:   waits for the K/V, then generates the rest
+
+Both engines get the same request, with the same ``bootstrap_room`` (the
+number that matches the two halves) and the prefill engine's bootstrap
+address (``bootstrap_host``, ``bootstrap_port``). On the decode side each
+handover goes through explicit states (``Handover``): waiting (for pages to
+reserve), transferring (pages reserved and announced to the prefill engine,
+its K/V on the way), done (running like any decoding request), or failed (no
+K/V within ``--disaggregation-timeout``: the request ends with an error, and
+every page it held is free).
+"""
+
+import dataclasses
+import enum
+import math
+import queue
+import time
+
+import torch
+
+from common.sampling import SamplingParams
+
+from .kv_transfer import KVReceiver, KVSender
+
+IDLE_WAIT_S = 0.005  # a decode engine with nothing but handovers in flight waits this long for K/V per step
+
+
+class Handover(enum.Enum):
+    WAITING = "waiting"  # for pages to reserve
+    TRANSFERRING = "transferring"  # pages reserved, the prefill engine told; its K/V on the way
+    DONE = "done"  # K/V placed: the request decodes
+    FAILED = "failed"  # no K/V in time (or aborted): its pages are free again
+
+
+def check_disaggregation(args) -> None:
+    """Refuse what the handover does not cover yet, saying why."""
+    if args.disaggregation_mode is not None and max(args.tp_size, args.ep_size) > 1:
+        raise ValueError("disaggregation_mode hands over rank 0's K/V only and does not compose with tp_size or ep_size "
+                         "above 1 yet")
+
+
+def make_role(args, runner, scheduler):
+    """The engine's part in disaggregation: PrefillRole, DecodeRole, or None (an engine of both phases)."""
+    if args.disaggregation_mode == "prefill":
+        return PrefillRole(runner, args.disaggregation_bootstrap_port, args.disaggregation_timeout)
+    if args.disaggregation_mode == "decode":
+        return DecodeRole(runner, scheduler, args.disaggregation_timeout)
+    return None
+
+
+def pool_slots(pages: list[int], page_size: int, device: torch.device) -> torch.Tensor:
+    return (torch.tensor(pages)[:, None] * page_size + torch.arange(page_size)).flatten().to(device)
+
+
+class PrefillRole:
+    """A prefill engine: each request with a bootstrap room stops after its first token, and its
+    prompt's K/V goes to the decode engine that asks for that room."""
+
+    waits_for_kv = False
+
+    def __init__(self, runner, port: int, timeout_s: float):
+        self.runner, self.sender = runner, KVSender(port, timeout_s)
+
+    def check(self, params: SamplingParams, bootstrap: dict) -> SamplingParams:
+        """A request to hand over generates its first token here, and the decode engine the rest."""
+        return params if bootstrap["bootstrap_room"] is None else dataclasses.replace(params, max_tokens=1)
+
+    def hand_over(self, finished: list) -> None:
+        """Called before finished requests release their pages: copy their prompt's K/V off the
+        pool and queue it for the decode engine."""
+        pool, page_size = self.runner.pool, self.runner.page_size
+        for request in finished:
+            if request.bootstrap_room is None or not request.output_ids or request.error is not None:
+                continue
+            prompt = len(request.prompt_ids)
+            pages = request.page_table[: math.ceil(prompt / page_size)]
+            slots = pool_slots(pages, page_size, pool.k.device)
+            kv = torch.stack([pool.k[:, slots], pool.v[:, slots]]).cpu()
+            self.sender.send(request.bootstrap_room, request.output_ids[0], prompt, len(pages), kv)
+
+    def add(self, request) -> None:
+        raise AssertionError("a prefill engine schedules every request itself")
+
+    def admit(self) -> None:
+        pass
+
+    def abort(self, request) -> None:
+        pass
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+class DecodeRole:
+    """A decode engine: a request reserves pages, asks its prefill engine for the K/V, then decodes."""
+
+    waits_for_kv = True
+
+    def __init__(self, runner, scheduler, timeout_s: float):
+        self.runner, self.scheduler, self.timeout_s = runner, scheduler, timeout_s
+        layers, _, heads, dim = runner.pool.k.shape
+        self.receiver = KVReceiver(layers, runner.page_size, heads, dim, runner.pool.k.dtype, timeout_s)
+        self.handovers: dict[int, tuple] = {}  # room -> (request, since when), in arrival order
+
+    def check(self, params: SamplingParams, bootstrap: dict) -> SamplingParams:
+        if bootstrap["bootstrap_room"] is None:
+            return params
+        if None in (bootstrap["bootstrap_host"], bootstrap["bootstrap_port"]):
+            raise ValueError("a request with bootstrap_room needs bootstrap_host and bootstrap_port (its prefill engine)")
+        if params.return_logprob or params.logprob_start_len >= 0:
+            raise ValueError("log-probabilities are not handed over from the prefill engine yet: send this request "
+                             "to an engine of both phases")
+        return params
+
+    def add(self, request) -> None:
+        if request.bootstrap_room in self.handovers:
+            raise ValueError(f"bootstrap_room {request.bootstrap_room} is already in use")
+        request.handover = Handover.WAITING
+        self.handovers[request.bootstrap_room] = (request, time.monotonic())
+
+    def admit(self) -> None:
+        """Each step: reserve pages for waiting handovers (in order, while the pool allows) and ask
+        their prefill engines to send; place K/V that arrived; fail handovers past the timeout."""
+        runner, now = self.runner, time.monotonic()
+        for request, _ in list(self.handovers.values()):
+            if request.handover is Handover.WAITING:
+                pages = math.ceil((len(request.prompt_ids) + 1) / runner.page_size)
+                if pages > runner.available_pages() or not runner.page_tables.free_rows:
+                    break  # in order: nobody overtakes the oldest
+                runner.page_tables.take_row(request)
+                runner.allocate_cache(request, len(request.prompt_ids))
+                self.receiver.expect(request.bootstrap_host, request.bootstrap_port, request.bootstrap_room)
+                request.handover = Handover.TRANSFERRING
+        idle = not self.scheduler.running and not self.scheduler.waiting
+        arrivals = []
+        if idle and self.handovers:  # nothing else to do: wait a moment for K/V rather than spin
+            try:
+                arrivals.append(self.receiver.arrivals.get(timeout=IDLE_WAIT_S))
+            except queue.Empty:
+                pass
+        while not self.receiver.arrivals.empty():
+            arrivals.append(self.receiver.arrivals.get())
+        for arrival in arrivals:
+            if arrival.room in self.handovers:  # (else its request was aborted or failed meanwhile)
+                self._place(self.handovers.pop(arrival.room)[0], arrival)
+        for room, (request, since) in list(self.handovers.items()):
+            if now - since > self.timeout_s:
+                self._fail(request, f"no K/V arrived from the prefill engine within {self.timeout_s:g} s")
+
+    def _place(self, request, arrival) -> None:
+        runner = self.runner
+        slots = pool_slots(request.page_table, runner.page_size, runner.pool.k.device)
+        kv = arrival.kv.to(runner.pool.k.device)
+        runner.pool.k[:, slots], runner.pool.v[:, slots] = kv[0], kv[1]
+        request.num_cached, request.handover = arrival.prompt_tokens, Handover.DONE
+        request.append_token(arrival.first_token)
+        if request.grammar is not None:  # the prefill engine's grammar allowed it; this one follows it too
+            request.grammar.follow(request, arrival.first_token, False)
+        if request.finished:
+            runner.free_cache(request)
+        else:
+            self.scheduler.running.append(request)
+
+    def _fail(self, request, why: str) -> None:
+        del self.handovers[request.bootstrap_room]
+        if request.page_table or request.table_row is not None:
+            self.runner.free_cache(request)
+        request.handover, request.error, request.finish_reason = Handover.FAILED, why, "abort"
+
+    def abort(self, request) -> None:
+        if request.bootstrap_room in self.handovers and self.handovers[request.bootstrap_room][0] is request:
+            self._fail(request, "aborted")
+            request.error = None
+
+    def hand_over(self, finished: list) -> None:
+        pass
+
+    def close(self) -> None:
+        self.receiver.close()
