@@ -101,21 +101,12 @@ class HiRadixCache(RadixCache):
     def match_tiers(self, tokens: list[int], namespace: str | None = None) -> tuple[list[int], HiTreeNode, list[HiTreeNode]]:
         """Like ``match_prefix``, and past the device part: ``(device pages, the node where they end,
         the matched nodes below it that are on the host or disk only)``."""
-        tokens = tokens[: self._aligned(len(tokens))]
-        node, pages, below, i = self._root_for(namespace), [], [], 0
-        while i < len(tokens):
-            child = node.children.get(self._child_key(tokens[i:]))
-            if child is None:
-                break
-            child.last_access = next(self._clock)
-            n = self._common_length(child.key, tokens[i:])
-            if n < len(child.key):
-                child = self._split(child, n)
-            if child.on_device and not below:
-                pages += child.pages
+        node, pages, below = self._root_for(namespace), [], []
+        for node in self._walk(tokens, namespace):
+            if node.on_device and not below:
+                pages += node.pages
             else:
-                below.append(child)
-            node, i = child, i + n
+                below.append(node)
         device_end = below[0].parent if below else node
         return pages, device_end, below
 
@@ -208,22 +199,29 @@ class HiRadixCache(RadixCache):
     def evict(self, num_pages: int) -> int:
         """Free at least ``num_pages`` device pages from least-recently-used unlocked device leaves,
         each copied to the host first under write_back."""
-        leaves = [(n.last_access, id(n), n) for n in self._nodes() if self._device_leaf(n)]
+        def release(node: HiTreeNode) -> int:
+            if self.write_policy == "write_back":
+                self._back_up(node)
+            self.allocator.free_pages(node.pages)
+            freed, node.pages = len(node.pages), []
+            self.total_pages -= freed
+            return freed
+
+        return self._evict_lru(num_pages, self._device_leaf, release)
+
+    def _evict_lru(self, num_pages: int, is_leaf, release) -> int:
+        """Release least-recently-used leaves of one tier (``is_leaf``) until ``num_pages`` are free;
+        a node left on no tier leaves the tree, and a parent that becomes a leaf joins the queue."""
+        leaves = [(n.last_access, id(n), n) for n in self._nodes() if is_leaf(n)]
         heapq.heapify(leaves)
         freed = 0
         while freed < num_pages and leaves:
             _, _, node = heapq.heappop(leaves)
-            if self.write_policy == "write_back":
-                self._back_up(node)
-            self.allocator.free_pages(node.pages)
-            freed += len(node.pages)
-            self.total_pages -= len(node.pages)
-            node.pages = []
-            parent = node.parent
+            freed += release(node)
             if not node.resident:
                 self._delete(node)
-            if self._device_leaf(parent):
-                heapq.heappush(leaves, (parent.last_access, id(parent), parent))
+            if is_leaf(node.parent):
+                heapq.heappush(leaves, (node.parent.last_access, id(node.parent), node.parent))
         return freed
 
     def _device_leaf(self, node: HiTreeNode) -> bool:
@@ -252,23 +250,15 @@ class HiRadixCache(RadixCache):
     def evict_host(self, num_pages: int) -> int:
         """Free at least ``num_pages`` host pages from least-recently-used host leaves; with a
         storage backend each is written to files first."""
-        leaves = [(n.last_access, id(n), n) for n in self._nodes() if self._host_leaf(n)]
-        heapq.heapify(leaves)
-        freed = 0
-        while freed < num_pages and leaves:
-            _, _, node = heapq.heappop(leaves)
+        def release(node: HiTreeNode) -> int:
             if self.storage is not None and node.disk_keys is None:
                 node.disk_keys = self._page_keys(node)
                 self.controller.store(node.host_pages, node.disk_keys)
             self.host.free_pages(node.host_pages)
-            freed += len(node.host_pages)
-            node.host_pages = None
-            parent = node.parent
-            if not node.resident:
-                self._delete(node)
-            if self._host_leaf(parent):
-                heapq.heappush(leaves, (parent.last_access, id(parent), parent))
-        return freed
+            freed, node.host_pages = len(node.host_pages), None
+            return freed
+
+        return self._evict_lru(num_pages, self._host_leaf, release)
 
     def _page_keys(self, node: HiTreeNode) -> list[str]:
         """The file keys of a node's pages: each page's key chains from the one before it."""

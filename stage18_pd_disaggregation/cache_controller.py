@@ -37,6 +37,14 @@ from .host_kv_pool import HostKVPool
 from .kv_cache import PagedKVPool
 
 
+def pool_slots(pages: list[int], page_size: int, device: torch.device) -> torch.Tensor:
+    """The pool slots of ``pages``, in order: page * page_size + 0 .. page_size - 1. (The page ids
+    cross in a pinned copy that does not wait: ``torch.tensor(pages, device=...)`` would make the
+    host wait for the running step.)"""
+    (pages,) = copy_to_device([pages], device)
+    return (pages[:, None] * page_size + torch.arange(page_size, device=device)).flatten()
+
+
 @dataclasses.dataclass
 class HiCacheStats:
     """What the tiers did, for ``Engine.stats()`` and ``/metrics``."""
@@ -63,11 +71,7 @@ class HiCacheController:
         self.stats = HiCacheStats()
 
     def slots(self, pages: list[int], device: torch.device) -> torch.Tensor:
-        """The device pool slots of ``pages``, in order: page * page_size + 0 .. page_size - 1.
-        (The page ids cross in a pinned copy that does not wait: ``torch.tensor(pages, device=...)``
-        would make the host wait for the running step.)"""
-        (pages,) = copy_to_device([pages], device)
-        return (pages[:, None] * self.page_size + torch.arange(self.page_size, device=device)).flatten()
+        return pool_slots(pages, self.page_size, device)
 
     def _pages_first(self, pages: list[int]) -> torch.Tensor:
         """Gather device pages into the host layout, on the device: ``[n, 2, layers, page_size, heads, dim]``."""

@@ -28,6 +28,7 @@ import torch
 
 from common.sampling import SamplingParams
 
+from .cache_controller import pool_slots
 from .kv_transfer import KVReceiver, KVSender
 
 IDLE_WAIT_S = 0.005  # a decode engine with nothing but handovers in flight waits this long for K/V per step
@@ -54,10 +55,6 @@ def make_role(args, runner, scheduler):
     if args.disaggregation_mode == "decode":
         return DecodeRole(runner, scheduler, args.disaggregation_timeout)
     return None
-
-
-def pool_slots(pages: list[int], page_size: int, device: torch.device) -> torch.Tensor:
-    return (torch.tensor(pages)[:, None] * page_size + torch.arange(page_size)).flatten().to(device)
 
 
 class PrefillRole:

@@ -95,8 +95,16 @@ class RadixCache:
     def match_prefix(self, tokens: list[int], namespace: str | None = None) -> tuple[list[int], TreeNode]:
         """Longest cached page-aligned prefix of ``tokens`` (computed under adapter ``namespace``):
         ``(its pages, the node where it ends)``."""
+        node, pages = self._root_for(namespace), []
+        for node in self._walk(tokens, namespace):
+            pages += node.pages
+        return pages, node
+
+    def _walk(self, tokens: list[int], namespace: str | None):
+        """The nodes a page-aligned prefix of ``tokens`` matches, root side first (a node matched
+        part way is split there), each marked as just used. Stage 17 walks on past the device."""
         tokens = tokens[: self._aligned(len(tokens))]
-        node, pages, i = self._root_for(namespace), [], 0
+        node, i = self._root_for(namespace), 0
         while i < len(tokens):
             child = node.children.get(self._child_key(tokens[i:]))
             if child is None:
@@ -105,9 +113,8 @@ class RadixCache:
             n = self._common_length(child.key, tokens[i:])
             if n < len(child.key):
                 child = self._split(child, n)
-            pages += child.pages
+            yield child
             node, i = child, i + n
-        return pages, node
 
     def insert(self, tokens: list[int], pages: list[int], namespace: str | None = None) -> int:
         """Cache ``tokens`` (page-aligned) held in ``pages``, computed under adapter ``namespace``;
