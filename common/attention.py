@@ -12,28 +12,43 @@ gathered keys/values from its own cache layout (contiguous, paged, ...):
   against, and what fp32 on CUDA runs).
 """
 
+import functools
+import importlib.util
 import inspect
 
 import torch
 import torch.nn.functional as F
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.10: CUDA runs the per-sequence loop too
+
+@functools.cache
+def _flash_kernel():
+    """PyTorch's varlen flash kernel and its keyword arguments for a causal and a full mask,
+    imported on first use: importing it loads torch._dynamo, a second of every process's
+    start that the CPU never needs."""
+    from torch.nn.attention.varlen import varlen_attn as kernel
+
+    # torch 2.10 spelled "causal" as is_causal=True; later versions as a (left, right) window.
+    # Grouped KV heads need no copies: the flash kernel reads each KV head for its whole query group
+    # (newer torch asks for enable_gqa=True to say so).
+    parameters = inspect.signature(kernel).parameters
+    if "window_size" in parameters:
+        causal, full = {"window_size": (-1, 0)}, {"window_size": (-1, -1)}
+    else:
+        causal, full = {"is_causal": True}, {"is_causal": False}
+    if "enable_gqa" in parameters:
+        causal["enable_gqa"] = full["enable_gqa"] = True
+    return kernel, causal, full
+
+
+def varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int, causal: bool = True) -> torch.Tensor:
+    """``torch.nn.attention.varlen.varlen_attn`` with a causal or a full mask."""
+    kernel, causal_mask, full_mask = _flash_kernel()
+    return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, **(causal_mask if causal else full_mask))
+
+
+if importlib.util.find_spec("torch.nn.attention.varlen") is None:  # torch < 2.10: CUDA runs the per-sequence loop too
     varlen_attn = None
 
-# torch 2.10 spelled "causal" as is_causal=True; later versions as a (left, right) window.
-# Grouped KV heads need no copies: the flash kernel reads each KV head for its whole query group
-# (newer torch asks for enable_gqa=True to say so).
-_CAUSAL, _FULL = {}, {}
-if varlen_attn is not None:
-    _parameters = inspect.signature(varlen_attn).parameters
-    if "window_size" in _parameters:
-        _CAUSAL, _FULL = {"window_size": (-1, 0)}, {"window_size": (-1, -1)}
-    else:
-        _CAUSAL, _FULL = {"is_causal": True}, {"is_causal": False}
-    if "enable_gqa" in _parameters:
-        _CAUSAL["enable_gqa"] = _FULL["enable_gqa"] = True
 FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what the flash kernel computes in
 
 
@@ -79,7 +94,7 @@ def varlen_attention(
     if q.is_cuda and varlen_attn is not None and q.dtype in FLASH_DTYPES:
         if max_q == 1 and q.shape[1] > k.shape[1]:
             return _decode_with_grouped_queries(q, k, v, cu_seqlens_k, max_k)
-        return varlen_attn(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_q, max_k, **_CAUSAL)
+        return varlen_attn(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_q, max_k)
     out = torch.empty_like(q)
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(bounds_q) - 1):
@@ -102,5 +117,5 @@ def _decode_with_grouped_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     groups = heads // kv_heads
     rows = q.view(batch, kv_heads, groups, dim).transpose(1, 2).reshape(batch * groups, kv_heads, dim)
     cu_seqlens_q = torch.arange(0, (batch + 1) * groups, groups, device=q.device, dtype=torch.int32)
-    out = varlen_attn(rows, k, v, cu_seqlens_q, cu_seqlens_k.int(), groups, max_k, **_FULL)
+    out = varlen_attn(rows, k, v, cu_seqlens_q, cu_seqlens_k.int(), groups, max_k, causal=False)
     return out.view(batch, groups, kv_heads, dim).transpose(1, 2).reshape(batch, heads, dim)

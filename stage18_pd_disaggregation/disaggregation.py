@@ -86,6 +86,10 @@ class PrefillRole:
     def add(self, request) -> None:
         raise AssertionError("a prefill engine schedules every request itself")
 
+    def stats(self) -> dict:
+        """Handovers whose K/V this engine still holds (not yet asked for, or being sent)."""
+        return {"prefill_inflight": self.sender.in_flight}
+
     def admit(self) -> None:
         pass
 
@@ -106,6 +110,9 @@ class DecodeRole:
         layers, _, heads, dim = runner.pool.k.shape
         self.receiver = KVReceiver(layers, runner.page_size, heads, dim, runner.pool.k.dtype, timeout_s)
         self.handovers: dict[int, tuple] = {}  # room -> (request, since when), in arrival order
+        self.transfer_started: dict[int, float] = {}  # room -> when its pages were reserved and asked for
+        self.done = self.failed = 0
+        self.kv_bytes = self.kv_seconds = self.handover_seconds = 0.0  # payloads received; reserve-to-placed times
 
     def check(self, params: SamplingParams, bootstrap: dict) -> SamplingParams:
         if bootstrap["bootstrap_room"] is None:
@@ -136,6 +143,7 @@ class DecodeRole:
                 runner.allocate_cache(request, len(request.prompt_ids))
                 self.receiver.expect(request.bootstrap_host, request.bootstrap_port, request.bootstrap_room)
                 request.handover = Handover.TRANSFERRING
+                self.transfer_started[request.bootstrap_room] = time.monotonic()
         idle = not self.scheduler.running and not self.scheduler.waiting
         arrivals = []
         if idle and self.handovers:  # nothing else to do: wait a moment for K/V rather than spin
@@ -158,6 +166,10 @@ class DecodeRole:
         kv = arrival.kv.to(runner.pool.k.device)
         runner.pool.k[:, slots], runner.pool.v[:, slots] = kv[0], kv[1]
         request.num_cached, request.handover = arrival.prompt_tokens, Handover.DONE
+        self.done += 1
+        self.kv_bytes += arrival.kv.numel() * arrival.kv.element_size()
+        self.kv_seconds += arrival.seconds
+        self.handover_seconds += time.monotonic() - self.transfer_started.pop(arrival.room)
         request.append_token(arrival.first_token)
         if request.grammar is not None:  # the prefill engine's grammar allowed it; this one follows it too
             request.grammar.follow(request, arrival.first_token, False)
@@ -168,6 +180,8 @@ class DecodeRole:
 
     def _fail(self, request, why: str) -> None:
         del self.handovers[request.bootstrap_room]
+        self.transfer_started.pop(request.bootstrap_room, None)
+        self.failed += 1
         if request.page_table or request.table_row is not None:
             self.runner.free_cache(request)
         request.handover, request.error, request.finish_reason = Handover.FAILED, why, "abort"
@@ -179,6 +193,13 @@ class DecodeRole:
 
     def hand_over(self, finished: list) -> None:
         pass
+
+    def stats(self) -> dict:
+        """Handovers by state (SGLang's prealloc and transfer queues), and what the done ones cost."""
+        states = [request.handover for request, _ in self.handovers.values()]
+        return {"decode_prealloc": states.count(Handover.WAITING), "decode_transfer": states.count(Handover.TRANSFERRING),
+                "handovers_done": self.done, "handovers_failed": self.failed, "kv_transfer_bytes": self.kv_bytes,
+                "kv_transfer_seconds": self.kv_seconds, "handover_seconds": self.handover_seconds}
 
     def close(self) -> None:
         self.receiver.close()

@@ -219,6 +219,7 @@ class Engine(LoRAAdmin):
                 "spec_verify_ct": self.speculator.spec_verify_ct if self.speculator else 0,
                 "spec_tokens": self.speculator.spec_tokens if self.speculator else 0,
                 **(runner.hicache.stats() if runner.hicache is not None else {}),
+                **(self.pd.stats() if self.pd is not None else {}),  # stage 18
             }
 
     def flush_cache(self) -> None:

@@ -40,6 +40,7 @@ from .step_profiler import StepProfiler
 
 SHUTDOWN = "shutdown"  # the front end's last message: leave the loop and release the engine
 HEARTBEAT_PERIOD_S = 0.5  # stage 16: how often a replica's heartbeat counts up
+IDLE_STATS_S = 1.0  # stage 18: an idle engine sends its counts this often
 
 
 @dataclass
@@ -133,8 +134,8 @@ class EngineLoop:
 
     def run(self) -> None:
         while True:
-            if not self.live:
-                self.conn.poll(None)  # idle: sleep until the front end sends something
+            if not self.live:  # idle: sleep until the front end sends something, and send the
+                self.conn.poll(IDLE_STATS_S)  # counts now and then (stage 18: handovers end in the background)
             updates = []
             while self.conn.poll():
                 message = self.conn.recv()

@@ -20,8 +20,9 @@ and ``bootstrap_room`` (the number that matches its two halves). The protocol:
 
 Gloo completes a receive only inside ``wait()``, so each pair's receiving end
 is a thread that waits for header, then payload, and hands them to the engine
-through a queue; sending is a thread too. An engine's step never blocks on a
-transfer.
+through a queue; each pair's sending end is a thread too, so a slow or hung
+decode engine delays only its own handovers. An engine's step never blocks on
+a transfer.
 """
 
 import datetime
@@ -33,13 +34,19 @@ import torch
 import torch.distributed as dist
 
 HEADER_TAG, PAYLOAD_TAG = 0, 1
+# A gloo wait that times out closes the pair for good, so the pair groups are built with no
+# practical timeout (an idle pair waits for its next header as long as it takes) and each
+# transfer's own waits are bounded by the handover timeout instead.
+IDLE = datetime.timedelta(days=7)
 
 
 class Arrival:
-    """A prompt's K/V, received: which request (room), its first token, and the keys and values."""
+    """A prompt's K/V, received: which request (room), its first token, the keys and values, and
+    how long the payload took to come (seconds, from its header)."""
 
-    def __init__(self, room: int, first_token: int, prompt_tokens: int, kv: torch.Tensor):
+    def __init__(self, room: int, first_token: int, prompt_tokens: int, kv: torch.Tensor, seconds: float):
         self.room, self.first_token, self.prompt_tokens, self.kv = room, first_token, prompt_tokens, kv
+        self.seconds = seconds
 
 
 class KVSender:
@@ -49,30 +56,42 @@ class KVSender:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.store = dist.TCPStore("0.0.0.0", port, is_master=True, wait_for_workers=False, timeout=self.timeout)
         self.groups: dict[int, object] = {}  # decode engine (peer id) -> its pair group
+        self.peer_queues: dict[int, queue.Queue] = {}  # decode engine -> handovers it asked for, sent in order
         self.outbox: queue.Queue = queue.Queue()
+        self.in_flight = 0  # handovers queued and not yet sent or dropped (their K/V held here)
+        self._count = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._accept, daemon=True, name="kv-accept"),
-                         threading.Thread(target=self._send, daemon=True, name="kv-send")]
+                         threading.Thread(target=self._dispatch, daemon=True, name="kv-dispatch")]
         for thread in self._threads:
             thread.start()
 
     def _accept(self) -> None:
-        """Build a pair group with each decode engine that introduces itself."""
+        """Build a pair group, and a thread that sends on it, with each decode engine that introduces itself."""
         seen = 0
         while not self._stop.is_set():
             peers = self.store.add("peers", 0)
             for peer in range(seen + 1, peers + 1):
-                self.groups[peer] = dist.ProcessGroupGloo(dist.PrefixStore(f"pair/{peer}", self.store), 0, 2, self.timeout)
+                self.peer_queues[peer] = queue.Queue()
+                self.groups[peer] = dist.ProcessGroupGloo(dist.PrefixStore(f"pair/{peer}", self.store), 0, 2, IDLE)
+                thread = threading.Thread(target=self._send_to, args=(peer,), daemon=True, name=f"kv-send-{peer}")
+                self._threads.append(thread)
+                thread.start()
             seen = peers
             time.sleep(0.01)
 
     def send(self, room: int, first_token: int, prompt_tokens: int, num_pages: int, kv: torch.Tensor) -> None:
         """Queue a handover (``kv`` already copied off the pool: the engine may reuse its pages)."""
+        self._counted(+1)
         self.outbox.put((room, first_token, prompt_tokens, num_pages, kv))
 
-    def _send(self) -> None:
-        """Send each queued handover once its decode engine has asked for it; one that nobody asks
-        for within the timeout is dropped. Handovers never wait behind one another."""
+    def _counted(self, change: int) -> None:
+        with self._count:
+            self.in_flight += change
+
+    def _dispatch(self) -> None:
+        """Pass each queued handover to its decode engine's thread once that engine has asked for it
+        (written ``room/<room>``); drop one that nobody asks for within the timeout."""
         pending, closing = [], False  # (deadline, handover)
         while not closing:  # closing drops what nobody has asked for yet (its decode engine will time out)
             try:
@@ -86,78 +105,115 @@ class KVSender:
             still = []
             for deadline, item in pending:
                 room = item[0]
-                if self.store.check([f"room/{room}"]) and int(self.store.get(f"room/{room}")) in self.groups:
-                    self._send_one(*item)
+                if self.store.check([f"room/{room}"]) and (peer := int(self.store.get(f"room/{room}"))) in self.groups:
+                    self.store.delete_key(f"room/{room}")
+                    self.peer_queues[peer].put(item)
                 elif time.monotonic() > deadline:
-                    continue  # nobody asked: its decode engine has given the request up (or never had it)
+                    self._counted(-1)  # nobody asked: its decode engine has given the request up (or never had it)
                 else:
                     still.append((deadline, item))
             pending = still
+        self._counted(-len(pending))
 
-    def _send_one(self, room: int, first_token: int, prompt_tokens: int, num_pages: int, kv: torch.Tensor) -> None:
-        try:
-            group = self.groups[int(self.store.get(f"room/{room}"))]
-            header = torch.tensor([room, num_pages, first_token, prompt_tokens], dtype=torch.int64)
-            group.send([header], 1, HEADER_TAG).wait()
-            group.send([kv.contiguous()], 1, PAYLOAD_TAG).wait()
-            self.store.delete_key(f"room/{room}")
-        except RuntimeError:  # the decode engine went away: its requests end there, after its timeout
-            pass
+    def _send_to(self, peer: int) -> None:
+        """Send one decode engine's handovers, one after another, on its pair group. If it has gone
+        away, what it asked for is dropped (its requests ended there) and it is asked nothing more."""
+        group, handovers = self.groups[peer], self.peer_queues[peer]
+        while (item := handovers.get()) is not None:
+            room, first_token, prompt_tokens, num_pages, kv = item
+            if peer in self.groups:
+                try:
+                    header = torch.tensor([room, num_pages, first_token, prompt_tokens], dtype=torch.int64)
+                    group.send([header], 1, HEADER_TAG).wait(self.timeout)
+                    group.send([kv.contiguous()], 1, PAYLOAD_TAG).wait(self.timeout)
+                except RuntimeError:  # gone, or hung past the timeout (the wait closed the pair)
+                    del self.groups[peer]
+            del item, kv  # the K/V copy is not held past its send
+            self._counted(-1)
 
     def close(self) -> None:
-        """Stop: handovers already asked for are sent first; the rest are dropped."""
+        """Stop: handovers already asked for are sent first (each within the timeout); the rest are dropped."""
         self.outbox.put(None)
         self._threads[1].join(timeout=self.timeout.total_seconds())
         self._stop.set()
         self._threads[0].join(timeout=5)
-        for group in self.groups.values():
+        for handovers in self.peer_queues.values():
+            handovers.put(None)
+        for thread in self._threads[2:]:
+            thread.join(timeout=self.timeout.total_seconds())
+        for group in list(self.groups.values()):
             group.abort()
 
 
 class KVReceiver:
-    """The decode side: one pair group per prefill engine it takes requests from, each with a
-    receiving thread."""
+    """The decode side: per prefill engine it takes requests from, a pair group and two threads,
+    one that tells it which rooms to send and one that receives. The engine's step only queues:
+    a prefill engine that is slow to answer, hung or gone delays only its own handovers."""
 
     def __init__(self, layers: int, page_size: int, heads: int, dim: int, dtype: torch.dtype, timeout_s: float):
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.shape, self.page_size, self.dtype = (layers, heads, dim), page_size, dtype
-        self.peers: dict[tuple[str, int], tuple] = {}  # prefill engine -> (its store, our peer id there, group)
+        self.peers: dict[tuple[str, int], queue.Queue] = {}  # prefill engine -> rooms to announce to it
+        self.groups: dict[tuple[str, int], object] = {}  # prefill engine -> the pair group, once built
         self.arrivals: queue.Queue[Arrival] = queue.Queue()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = []
 
     def expect(self, host: str, port: int, room: int) -> None:
         """Tell a prefill engine that this engine has reserved pages for ``room``: it may send."""
-        if (host, port) not in self.peers:
-            store = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
+        with self._lock:
+            if (host, port) not in self.peers:
+                self.peers[host, port] = queue.Queue()
+                self._start(self._announce, (host, port), self.peers[host, port])
+            self.peers[host, port].put(room)
+
+    def _start(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True, name=f"kv-{target.__name__}-{args[0]}")
+        self._threads.append(thread)
+        thread.start()
+
+    def _announce(self, address: tuple[str, int], rooms: queue.Queue) -> None:
+        """Introduce this engine to a prefill engine's store (a pair group with it, a receiving
+        thread), then write ``room/<room>`` there for each room reserved."""
+        try:
+            store = dist.TCPStore(*address, is_master=False, timeout=self.timeout)
             peer = store.add("peers", 1)
-            group = dist.ProcessGroupGloo(dist.PrefixStore(f"pair/{peer}", store), 1, 2, self.timeout)
-            self.peers[host, port] = (store, peer, group)
-            thread = threading.Thread(target=self._receive, args=((host, port), group), daemon=True,
-                                      name=f"kv-recv-{host}:{port}")
-            self._threads.append(thread)
-            thread.start()
-        store, peer, _ = self.peers[host, port]
-        store.set(f"room/{room}", str(peer))
+            group = dist.ProcessGroupGloo(dist.PrefixStore(f"pair/{peer}", store), 1, 2, IDLE)
+            self.groups[address] = group
+            self._start(self._receive, address, group)
+            while (room := rooms.get()) is not None and not self._stop.is_set():
+                store.set(f"room/{room}", str(peer))
+        except RuntimeError:  # unreachable or gone (DistStoreError is one): its requests time out
+            self._forget(address)
+
+    def _forget(self, address: tuple[str, int]) -> None:
+        """A prefill engine that failed: a later request to it connects afresh."""
+        with self._lock:
+            if (rooms := self.peers.pop(address, None)) is not None:
+                rooms.put(None)
 
     def _receive(self, address: tuple[str, int], group) -> None:
         layers, heads, dim = self.shape
         while not self._stop.is_set():
             header = torch.empty(4, dtype=torch.int64)
             try:
-                group.recv([header], 0, HEADER_TAG).wait()
+                group.recv([header], 0, HEADER_TAG).wait()  # idle until the next handover
                 room, pages, first_token, prompt_tokens = header.tolist()
                 kv = torch.empty((2, layers, pages * self.page_size, heads, dim), dtype=self.dtype)
-                group.recv([kv], 0, PAYLOAD_TAG).wait()
+                start = time.perf_counter()
+                group.recv([kv], 0, PAYLOAD_TAG).wait(self.timeout)
             except RuntimeError:  # the prefill engine went away (or this one is closing): its requests time out
-                self.peers.pop(address, None)  # a later request to it connects afresh
+                self._forget(address)
                 return
-            self.arrivals.put(Arrival(room, first_token, prompt_tokens, kv))
+            self.arrivals.put(Arrival(room, first_token, prompt_tokens, kv, time.perf_counter() - start))
 
     def close(self) -> None:
         """Stop receiving: the pair groups are aborted, which ends their threads' waits."""
         self._stop.set()
-        for _, _, group in self.peers.values():
+        for address in list(self.peers):
+            self._forget(address)
+        for group in list(self.groups.values()):
             group.abort()
         for thread in self._threads:
             thread.join(timeout=5)

@@ -55,6 +55,19 @@ class ServerMetrics:
                                         registry=registry)
         self.hicache_bad_files = Gauge("ladder:hicache_bad_files", "Files of the file tier found missing, short or "
                                        "altered (each prefix computed again)", registry=registry)
+        # Stage 18: handovers (SGLang's queue names), on the engine of each role.
+        self.prefill_inflight = Gauge("ladder:num_prefill_inflight_queue_reqs", "Handovers whose K/V this prefill "
+                                      "engine holds, not yet sent", registry=registry)
+        self.decode_prealloc = Gauge("ladder:num_decode_prealloc_queue_reqs", "Handovers waiting for pages to reserve",
+                                     registry=registry)
+        self.decode_transfer = Gauge("ladder:num_decode_transfer_queue_reqs", "Handovers with pages reserved, their "
+                                     "K/V on the way", registry=registry)
+        self.handovers = Gauge("ladder:handovers", "Handovers ended, done or failed (since start)", ["state"],
+                               registry=registry)
+        self.kv_transfer_speed = Gauge("ladder:kv_transfer_speed_gb_s", "K/V bytes received / seconds their payloads "
+                                       "took (since start)", registry=registry)
+        self.kv_transfer_latency = Gauge("ladder:kv_transfer_latency_ms", "Mean time from pages reserved to K/V "
+                                         "placed (since start)", registry=registry)
         self.prompt_tokens = Counter("ladder:prompt_tokens", "Prompt tokens of finished requests", registry=registry)
         self.cached_tokens = Counter("ladder:cached_tokens", "Prompt tokens served from the prefix cache", registry=registry)
         self.generation_tokens = Counter("ladder:generation_tokens", "Tokens generated", registry=registry)
@@ -89,6 +102,9 @@ class ServerMetrics:
             self.spec_accept_length.set(stats["spec_tokens"] / stats["spec_verify_ct"])
         if "hicache_host_pages_total" in stats:
             self._observe_hicache(stats)
+        self.prefill_inflight.set(stats.get("prefill_inflight", 0))
+        if "decode_prealloc" in stats:
+            self._observe_handovers(stats)
         generated = stats["generated_tokens"] + self._generated_before
         self.generation_tokens.inc(generated - (self._generated[-1][1] if self._generated else 0))
         self._generated.append((time.monotonic(), generated))
@@ -103,6 +119,16 @@ class ServerMetrics:
         self.hicache_host_pages.labels("total").set(stats["hicache_host_pages_total"])
         self.hicache_host_pages.labels("used").set(stats["hicache_host_pages_used"])
         self.hicache_bad_files.set(stats["hicache_bad_files"])
+
+    def _observe_handovers(self, stats: dict) -> None:
+        self.decode_prealloc.set(stats["decode_prealloc"])
+        self.decode_transfer.set(stats["decode_transfer"])
+        self.handovers.labels("done").set(stats["handovers_done"])
+        self.handovers.labels("failed").set(stats["handovers_failed"])
+        if stats["kv_transfer_seconds"]:
+            self.kv_transfer_speed.set(stats["kv_transfer_bytes"] / stats["kv_transfer_seconds"] / 1e9)
+        if stats["handovers_done"]:
+            self.kv_transfer_latency.set(1e3 * stats["handover_seconds"] / stats["handovers_done"])
 
     def engine_restarted(self) -> None:
         """A new engine process counts from zero: the old one's tokens stay counted."""

@@ -35,6 +35,9 @@ def pytest_configure(config):
     hang_guard.pytest_configure(config)
     config.addinivalue_line("markers", "every_serving_stage: a server test that runs for every serving stage, "
                                        "not only the newest")
+    config.addinivalue_line("markers", "where_changed(*files): a test of each stage (parameter 'stage') that the "
+                                       "full suite runs only for the newest stage and the stages where one of "
+                                       "these files differs from the stage before's")
 
 
 # The front end: what a serving stage's server tests exercise beyond its engine (metrics.py, which some
@@ -44,19 +47,25 @@ FRONT_END_FILES = ("http_server.py", "tokenizer_manager.py", "openai_protocol.py
                    "server_args.py", "reasoning_parser.py", "tool_parser.py")
 
 
-def front_end_changed(stage: str) -> bool:
-    """Is ``stage`` the first serving stage, or does its front end differ from the stage before it?"""
-    index = SERVER_STAGES.index(stage)
+def files_changed(stage: str, files) -> bool:
+    """Does one of ``files`` in ``stage`` differ from the stage before's (or is new there)?"""
+    index = STAGES.index(stage)
     if index == 0:
         return True
-    before = ROOT / SERVER_STAGES[index - 1]
+    before = ROOT / STAGES[index - 1]
     return any(not (before / f).exists() or (before / f).read_bytes() != (ROOT / stage / f).read_bytes()
-               for f in FRONT_END_FILES if (ROOT / stage / f).exists())
+               for f in files if (ROOT / stage / f).exists())
+
+
+def front_end_changed(stage: str) -> bool:
+    """Is ``stage`` the first serving stage, or does its front end differ from the stage before it?"""
+    return files_changed(stage, FRONT_END_FILES)
 
 
 @pytest.hookimpl(trylast=True)  # after --stage has picked its tests
 def pytest_collection_modifyitems(config, items):
-    """The newest serving stage runs every server test; an earlier one runs a few, or none.
+    """The newest serving stage runs every server test; an earlier one runs a few, or none. A test
+    marked ``where_changed(files)`` runs for the newest stage and where those files changed.
 
     The server files change little from one stage to the next, so this keeps
     the suite's time flat as the ladder grows: an earlier serving stage whose
@@ -72,6 +81,9 @@ def pytest_collection_modifyitems(config, items):
         return
 
     def dropped(item) -> bool:
+        if (marker := item.get_closest_marker("where_changed")) is not None:
+            stage = item.callspec.params["stage"]
+            return stage != STAGES[-1] and not files_changed(stage, marker.args)
         stage = getattr(item, "callspec", None) and item.callspec.params.get("server_stage", SERVER_STAGES[-1])
         if not stage or stage == SERVER_STAGES[-1]:
             return False
