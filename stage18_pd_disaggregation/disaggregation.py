@@ -65,6 +65,8 @@ class PrefillRole:
 
     def __init__(self, runner, port: int, timeout_s: float):
         self.runner, self.sender = runner, KVSender(port, timeout_s)
+        device = runner.pool.k.device
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def check(self, params: SamplingParams, bootstrap: dict) -> SamplingParams:
         """A request to hand over generates its first token here, and the decode engine the rest."""
@@ -72,7 +74,11 @@ class PrefillRole:
 
     def hand_over(self, finished: list) -> None:
         """Called before finished requests release their pages: copy their prompt's K/V off the
-        pool and queue it for the decode engine."""
+        pool and queue it for the decode engine.
+
+        The gather runs in the step's stream, so it reads the pages before anything reuses them;
+        on a GPU the copy to (pinned) host memory runs on a side stream, and the sending thread
+        waits for it, not the engine."""
         pool, page_size = self.runner.pool, self.runner.page_size
         for request in finished:
             if request.bootstrap_room is None or not request.output_ids or request.error is not None:
@@ -80,8 +86,17 @@ class PrefillRole:
             prompt = len(request.prompt_ids)
             pages = request.page_table[: math.ceil(prompt / page_size)]
             slots = pool_slots(pages, page_size, pool.k.device)
-            kv = torch.stack([pool.k[:, slots], pool.v[:, slots]]).cpu()
-            self.sender.send(request.bootstrap_room, request.output_ids[0], prompt, len(pages), kv)
+            kv, copied = torch.stack([pool.k[:, slots], pool.v[:, slots]]), None
+            if self.copy_stream is not None:
+                host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
+                self.copy_stream.wait_stream(torch.cuda.current_stream(kv.device))
+                with torch.cuda.stream(self.copy_stream):
+                    host.copy_(kv, non_blocking=True)
+                    kv.record_stream(self.copy_stream)  # not reused before the copy is done
+                    copied = torch.cuda.Event()
+                    copied.record()
+                kv = host
+            self.sender.send(request.bootstrap_room, request.output_ids[0], prompt, len(pages), kv, copied)
 
     def add(self, request) -> None:
         raise AssertionError("a prefill engine schedules every request itself")
@@ -108,8 +123,12 @@ class DecodeRole:
     def __init__(self, runner, scheduler, timeout_s: float):
         self.runner, self.scheduler, self.timeout_s = runner, scheduler, timeout_s
         layers, _, heads, dim = runner.pool.k.shape
-        self.receiver = KVReceiver(layers, runner.page_size, heads, dim, runner.pool.k.dtype, timeout_s)
+        device = runner.pool.k.device
+        self.receiver = KVReceiver(layers, runner.page_size, heads, dim, runner.pool.k.dtype, timeout_s,
+                                   pinned=device.type == "cuda")
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.handovers: dict[int, tuple] = {}  # room -> (request, since when), in arrival order
+        self.copying: dict[int, tuple] = {}  # room -> (arrival, its K/V on the device, copy done): GPU only
         self.transfer_started: dict[int, float] = {}  # room -> when its pages were reserved and asked for
         self.done = self.failed = 0
         self.kv_bytes = self.kv_seconds = self.handover_seconds = 0.0  # payloads received; reserve-to-placed times
@@ -155,15 +174,31 @@ class DecodeRole:
             arrivals.append(self.receiver.arrivals.get())
         for arrival in arrivals:
             if arrival.room in self.handovers:  # (else its request was aborted or failed meanwhile)
-                self._place(self.handovers.pop(arrival.room)[0], arrival)
+                self._copy_in(arrival)
+        for room, (arrival, kv, copied) in list(self.copying.items()):
+            if copied is None or copied.query():
+                del self.copying[room]
+                self._place(self.handovers.pop(room)[0], arrival, kv)
         for room, (request, since) in list(self.handovers.items()):
-            if now - since > self.timeout_s:
+            if now - since > self.timeout_s and room not in self.copying:
                 self._fail(request, f"no K/V arrived from the prefill engine within {self.timeout_s:g} s")
 
-    def _place(self, request, arrival) -> None:
+    def _copy_in(self, arrival) -> None:
+        """Start copying arrived K/V to the device: on a GPU from pinned memory on a side stream,
+        so the steps running meanwhile do not wait for it (a later step places it)."""
+        if self.copy_stream is None:
+            self.copying[arrival.room] = (arrival, arrival.kv, None)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            kv = arrival.kv.to(self.copy_stream.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        self.copying[arrival.room] = (arrival, kv, copied)
+
+    def _place(self, request, arrival, kv: torch.Tensor) -> None:
+        """Write the K/V into the pages reserved for it (in the step's stream), and let the request decode."""
         runner = self.runner
         slots = pool_slots(request.page_table, runner.page_size, runner.pool.k.device)
-        kv = arrival.kv.to(runner.pool.k.device)
         runner.pool.k[:, slots], runner.pool.v[:, slots] = kv[0], kv[1]
         request.num_cached, request.handover = arrival.prompt_tokens, Handover.DONE
         self.done += 1
@@ -180,6 +215,7 @@ class DecodeRole:
 
     def _fail(self, request, why: str) -> None:
         del self.handovers[request.bootstrap_room]
+        self.copying.pop(request.bootstrap_room, None)
         self.transfer_started.pop(request.bootstrap_room, None)
         self.failed += 1
         if request.page_table or request.table_row is not None:

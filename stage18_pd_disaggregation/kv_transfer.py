@@ -80,10 +80,12 @@ class KVSender:
             seen = peers
             time.sleep(0.01)
 
-    def send(self, room: int, first_token: int, prompt_tokens: int, num_pages: int, kv: torch.Tensor) -> None:
-        """Queue a handover (``kv`` already copied off the pool: the engine may reuse its pages)."""
+    def send(self, room: int, first_token: int, prompt_tokens: int, num_pages: int, kv: torch.Tensor,
+             copied: torch.cuda.Event | None = None) -> None:
+        """Queue a handover (``kv`` already copied off the pool: the engine may reuse its pages; on a
+        GPU the copy may still be under way, until ``copied``)."""
         self._counted(+1)
-        self.outbox.put((room, first_token, prompt_tokens, num_pages, kv))
+        self.outbox.put((room, first_token, prompt_tokens, num_pages, kv, copied))
 
     def _counted(self, change: int) -> None:
         with self._count:
@@ -120,9 +122,11 @@ class KVSender:
         away, what it asked for is dropped (its requests ended there) and it is asked nothing more."""
         group, handovers = self.groups[peer], self.peer_queues[peer]
         while (item := handovers.get()) is not None:
-            room, first_token, prompt_tokens, num_pages, kv = item
+            room, first_token, prompt_tokens, num_pages, kv, copied = item
             if peer in self.groups:
                 try:
+                    if copied is not None:
+                        copied.synchronize()
                     header = torch.tensor([room, num_pages, first_token, prompt_tokens], dtype=torch.int64)
                     group.send([header], 1, HEADER_TAG).wait(self.timeout)
                     group.send([kv.contiguous()], 1, PAYLOAD_TAG).wait(self.timeout)
@@ -150,9 +154,11 @@ class KVReceiver:
     one that tells it which rooms to send and one that receives. The engine's step only queues:
     a prefill engine that is slow to answer, hung or gone delays only its own handovers."""
 
-    def __init__(self, layers: int, page_size: int, heads: int, dim: int, dtype: torch.dtype, timeout_s: float):
+    def __init__(self, layers: int, page_size: int, heads: int, dim: int, dtype: torch.dtype, timeout_s: float,
+                 pinned: bool = False):
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.shape, self.page_size, self.dtype = (layers, heads, dim), page_size, dtype
+        self.pinned = pinned  # receive into pinned memory, which a GPU copies from without the host waiting
         self.peers: dict[tuple[str, int], queue.Queue] = {}  # prefill engine -> rooms to announce to it
         self.groups: dict[tuple[str, int], object] = {}  # prefill engine -> the pair group, once built
         self.arrivals: queue.Queue[Arrival] = queue.Queue()
@@ -200,7 +206,7 @@ class KVReceiver:
             try:
                 group.recv([header], 0, HEADER_TAG).wait()  # idle until the next handover
                 room, pages, first_token, prompt_tokens = header.tolist()
-                kv = torch.empty((2, layers, pages * self.page_size, heads, dim), dtype=self.dtype)
+                kv = torch.empty((2, layers, pages * self.page_size, heads, dim), dtype=self.dtype, pin_memory=self.pinned)
                 start = time.perf_counter()
                 group.recv([kv], 0, PAYLOAD_TAG).wait(self.timeout)
             except RuntimeError:  # the prefill engine went away (or this one is closing): its requests time out

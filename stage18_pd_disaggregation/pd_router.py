@@ -139,28 +139,31 @@ def sse_error(message: str) -> bytes:
     return f"data: {json.dumps({'error': {'message': message, 'code': 502}})}\n\n".encode()
 
 
-def build_app(router: PDRouter, timeout_s: float = 600.0) -> FastAPI:
-    app = FastAPI(title="qwen3-ladder PD router")
-    # Blocking HTTP calls run here, one thread each while open (a stream holds one for its length).
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="pd-router")
+class Proxy:
+    """Forwards one request at a time to a prefill and a decode server, and ends both halves."""
 
-    def in_thread(function, *args) -> asyncio.Future:
-        future = asyncio.get_running_loop().run_in_executor(pool, function, *args)
+    def __init__(self, router: PDRouter, timeout_s: float):
+        self.router, self.timeout_s = router, timeout_s
+        # Blocking HTTP calls run here, one thread each while open (a stream holds one for its length).
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="pd-router")
+
+    def in_thread(self, function, *args) -> asyncio.Future:
+        future = asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a call hung up on fails unread
         return future
 
-    async def client_gone(request: Request) -> None:
+    async def client_gone(self, request: Request) -> None:
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
 
-    def prefill_failure(task: asyncio.Future, call: Call) -> str | None:
+    def prefill_failure(self, task: asyncio.Future, call: Call) -> str | None:
         """Why a finished prefill half failed (None: it answered 200)."""
         if task.exception() is not None:
             return f"prefill server {call.server.url} failed: {task.exception()!r}"
         status, content = task.result()
         return None if status == 200 else f"prefill server {call.server.url} answered {status}: {content[:300]!r}"
 
-    async def settle_prefill(task: asyncio.Future, call: Call) -> None:
+    async def settle_prefill(self, task: asyncio.Future, call: Call) -> None:
         """After the decode half ended: a prefill server still silent a little later is hung."""
         done, _ = await asyncio.wait({task}, timeout=PREFILL_GRACE_S)
         if not done:
@@ -169,15 +172,15 @@ def build_app(router: PDRouter, timeout_s: float = 600.0) -> FastAPI:
         elif task.exception() is not None:
             call.server.mark_down()
 
-    async def attempt(path: str, body: dict, headers: dict, prefill: Upstream, decode: Upstream,
+    async def attempt(self, path: str, body: dict, headers: dict, prefill: Upstream, decode: Upstream,
                       request: Request) -> Response:
         """One try on one pair; ``Failed`` if a server failed before the client got anything."""
         body = dict(body, bootstrap_host=prefill.host, bootstrap_port=prefill.bootstrap_port,
                     bootstrap_room=random.getrandbits(62))
-        prefill_call = Call(prefill, path, dict(body, stream=False), headers, timeout_s)
-        decode_call = Call(decode, path, body, headers, timeout_s)
-        prefill_task, decode_task = in_thread(prefill_call.whole), in_thread(decode_call.open)
-        gone = asyncio.ensure_future(client_gone(request))
+        prefill_call = Call(prefill, path, dict(body, stream=False), headers, self.timeout_s)
+        decode_call = Call(decode, path, body, headers, self.timeout_s)
+        prefill_task, decode_task = self.in_thread(prefill_call.whole), self.in_thread(decode_call.open)
+        gone = asyncio.ensure_future(self.client_gone(request))
         prefill.open, decode.open, streaming = prefill.open + 1, decode.open + 1, False
         try:
             waiting = {prefill_task, decode_task, gone}
@@ -186,7 +189,7 @@ def build_app(router: PDRouter, timeout_s: float = 600.0) -> FastAPI:
                 waiting -= done
                 if gone in done:
                     return Response(status_code=499)  # nobody to answer; the finally below ends both halves
-                if prefill_task in done and not decode_task.done() and (why := prefill_failure(prefill_task, prefill_call)):
+                if prefill_task in done and not decode_task.done() and (why := self.prefill_failure(prefill_task, prefill_call)):
                     if prefill_task.exception() is None and prefill_task.result()[0] < 500:
                         status, content = prefill_task.result()  # the request itself is bad: say so
                         return Response(content, status_code=status, media_type="application/json")
@@ -196,37 +199,37 @@ def build_app(router: PDRouter, timeout_s: float = 600.0) -> FastAPI:
                 response = decode_task.result()
                 if body.get("stream") and response.status == 200:
                     streaming = True
-                    return StreamingResponse(relay(response, decode_call, prefill_task, prefill_call),
+                    return StreamingResponse(self.relay(response, decode_call, prefill_task, prefill_call),
                                              media_type="text/event-stream")
-                content = await in_thread(response.read)
+                content = await self.in_thread(response.read)
             except UPSTREAM_ERRORS as error:
                 decode.mark_down()
                 raise Failed(decode, f"decode server {decode.url} failed: {error!r}") from None
-            await settle_prefill(prefill_task, prefill_call)
+            await self.settle_prefill(prefill_task, prefill_call)
             return Response(content, status_code=response.status, media_type="application/json")
         finally:
             gone.cancel()
             if not streaming:  # (a stream's relay ends both halves when it ends)
-                finish(prefill_call, decode_call)
+                self.finish(prefill_call, decode_call)
 
-    def finish(prefill_call: Call, decode_call: Call) -> None:
+    def finish(self, prefill_call: Call, decode_call: Call) -> None:
         """Hang up on both servers (a half still running is aborted there) and count them free."""
         for call in (prefill_call, decode_call):
             call.hang_up()
             call.server.open -= 1
 
-    async def relay(response, decode_call: Call, prefill_task: asyncio.Future, prefill_call: Call):
+    async def relay(self, response, decode_call: Call, prefill_task: asyncio.Future, prefill_call: Call):
         """The decode server's stream, line by line as it comes; a prefill failure, or a stream that
         stops before its ``data: [DONE]``, ends it with an error event."""
         last = b""
         try:
             while True:
-                line = in_thread(response.readline)
+                line = self.in_thread(response.readline)
                 while not prefill_task.done():
                     await asyncio.wait({line, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
                     if line.done():
                         break
-                if prefill_task.done() and (why := prefill_failure(prefill_task, prefill_call)):
+                if prefill_task.done() and (why := self.prefill_failure(prefill_task, prefill_call)):
                     prefill_call.server.mark_down()
                     yield sse_error(why)
                     return
@@ -244,28 +247,33 @@ def build_app(router: PDRouter, timeout_s: float = 600.0) -> FastAPI:
                 decode_call.server.mark_down()
                 yield sse_error(f"decode server {decode_call.server.url} ended the stream early")
                 return
-            await settle_prefill(prefill_task, prefill_call)
+            await self.settle_prefill(prefill_task, prefill_call)
         finally:
-            finish(prefill_call, decode_call)
+            self.finish(prefill_call, decode_call)
 
-    async def route(path: str, request: Request) -> Response:
+    async def route(self, path: str, request: Request) -> Response:
         try:
             body = json.loads(await request.body())
         except json.JSONDecodeError as error:
             return JSONResponse({"error": {"message": f"the body is not JSON: {error}"}}, status_code=400)
         headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
         tried, failures = set(), []
-        while (prefill := router.pick("prefill", tried)) and (decode := router.pick("decode", tried)):
+        while (prefill := self.router.pick("prefill", tried)) and (decode := self.router.pick("decode", tried)):
             try:
-                return await attempt(path, body, headers, prefill, decode, request)
+                return await self.attempt(path, body, headers, prefill, decode, request)
             except Failed as failure:
                 tried.add(failure.server)
                 failures.append(str(failure))
         return error_response("no prefill/decode pair could serve the request: " + "; ".join(failures), 503)
 
+
+def build_app(router: PDRouter, timeout_s: float = 600.0) -> FastAPI:
+    app = FastAPI(title="qwen3-ladder PD router")
+    proxy = Proxy(router, timeout_s)
+
     def handler(path: str):
         async def forward(request: Request) -> Response:
-            return await route(path, request)
+            return await proxy.route(path, request)
         return forward
 
     for path in ROUTES:
@@ -288,7 +296,7 @@ def build_app(router: PDRouter, timeout_s: float = 600.0) -> FastAPI:
             return reply.status, reply.read()
 
         try:
-            status, content = await in_thread(get)
+            status, content = await proxy.in_thread(get)
         except UPSTREAM_ERRORS as error:
             server.mark_down()
             return error_response(f"decode server {server.url} failed: {error!r}", 503)
