@@ -39,6 +39,7 @@ LORA = "tests/stage15_lora/test_lora.py::"
 ROUTER = "tests/stage16_data_parallel/test_router.py::"
 HICACHE = "tests/stage17_hicache/test_hicache.py::"
 HANDOVER = "tests/stage18_pd_disaggregation/test_handover.py::"
+PIPELINE = "tests/stage19_pipeline_parallel/test_pipeline_parallel.py::"
 
 EXERCISES = [
     Exercise(
@@ -431,15 +432,41 @@ EXERCISES = [
     ),
     Exercise(
         "stage18_pd_disaggregation", 2, BUILD, "the K/V into the reserved pages",
-        "DecodeRole._place no longer writes what arrived into the pool. arrival.kv holds the prompt's keys "
-        "and values as [2, layers, pages * page_size, heads, dim]; write them into the slots of the "
-        "request's reserved pages (pool_slots gives them) of runner.pool.k and runner.pool.v.",
+        "DecodeRole._place no longer writes what arrived into the pool. kv holds the prompt's keys and "
+        "values, already on the pool's device, as [2, layers, pages * page_size, heads, dim]; write them "
+        "into the slots of the request's reserved pages (pool_slots gives them) of runner.pool.k and "
+        "runner.pool.v.",
         "disaggregation.py",
         "        slots = pool_slots(request.page_table, runner.page_size, runner.pool.k.device)\n"
-        "        kv = arrival.kv.to(runner.pool.k.device)\n"
         "        runner.pool.k[:, slots], runner.pool.v[:, slots] = kv[0], kv[1]\n",
         '        raise NotImplementedError("exercise: place the received K/V in the reserved pages")\n',
         (HANDOVER + "test_the_decode_engine_gives_stage17s_tokens",),
+    ),
+    Exercise(
+        "stage19_pipeline_parallel", 1, BREAK, "one micro-batch at a time",
+        "Rank 0 now samples each micro-batch as soon as it has sent it, whatever pp_async_batch_depth says. "
+        "Every token is still right. Which test fails, and what does the timeline it reads show? Draw the "
+        "two ranks' forwards over time, before and after.",
+        "engine.py",
+        "        if self.micro_batches and (len(self.micro_batches) >= self.pp_depth or not batch):\n",
+        "        if self.micro_batches:\n",
+        (PIPELINE + "test_two_micro_batches_in_flight_keep_both_ranks_busy_at_once",),
+    ),
+    Exercise(
+        "stage19_pipeline_parallel", 2, BUILD, "only this rank's layers",
+        "PipelineShard.run no longer runs anything. Write this rank's part of the forward: the first rank "
+        "embeds input_ids (model.model.embed_tokens), a later one starts from hidden; take the rotary cos and "
+        "sin for positions (model.model.rotary_cos_sin), run the layers in self.layers, and on the last rank "
+        "apply the final norm (model.model.norm).",
+        "pipeline.py",
+        "        inner = model.model\n"
+        "        x = inner.embed_tokens(input_ids) if self.first else hidden\n"
+        "        cos, sin = inner.rotary_cos_sin(positions, x.dtype)\n"
+        "        for index in self.layers:\n"
+        "            x = inner.layers[index](x, cos, sin, attention)\n"
+        "        return inner.norm(x) if self.last else x\n",
+        '        raise NotImplementedError("exercise: run this pipeline rank\'s layers")\n',
+        (PIPELINE + "test_pp2_gives_one_ranks_tokens_with_chunks_and_prefix_hits[dense]",),
     ),
 ]
 

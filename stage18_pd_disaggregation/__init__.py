@@ -1,4 +1,4 @@
-"""Stage 18 (prefill-decode disaggregation): prompts and generation in engines of their own, the K/V handed over, the full system.
+"""Stage 18 (prefill-decode disaggregation): prompts and generation in engines of their own, the K/V handed over.
 
 ``--disaggregation-mode prefill`` makes an engine that computes each prompt
 and its first token and hands the K/V on; ``--disaggregation-mode decode``

@@ -319,7 +319,7 @@ def parse_servers(items: list[str], with_ports: bool) -> list[Upstream]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stage18_pd_disaggregation --pd-router")
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__} --pd-router")
     parser.add_argument("--pd-router", action="store_true", required=True)
     parser.add_argument("--prefill", nargs="+", required=True, metavar="URL [BOOTSTRAP_PORT]",
                         help="prefill servers, each URL optionally followed by its --disaggregation-bootstrap-port")

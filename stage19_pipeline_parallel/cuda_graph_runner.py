@@ -1,0 +1,259 @@
+"""Stage 09: decode steps replay captured CUDA graphs.
+
+Why: a decode step of Qwen3-0.6B is ~700 small kernels, each launched from
+Python. At small batches the GPU finishes a kernel before Python has launched
+the next one, so the step costs what the launches cost, not what the math
+costs. A CUDA graph records the kernels of one forward once; replaying it
+launches all of them with a single call.
+
+A graph replays *exactly* what it recorded: the same kernels, on the same
+memory addresses, with the same shapes. So everything a step changes must be
+written into fixed input buffers before the replay, and every shape must be
+fixed in advance:
+
+* **batch buckets**: graphs are recorded for batch sizes 1, 2, 4, 8, 16, 24,
+  ... up to ``cuda_graph_max_bs``; a batch of 5 runs the graph of 8, with 3
+  padding rows;
+* **key buckets**: attention gathers the keys of every sequence into one
+  packed buffer (``attention_backend.py``), whose length is the total number
+  of keys. That length is rounded up to a power of two and is part of the graph's key:
+  ``(batch bucket, key bucket)``. Start-up records every batch bucket with
+  room for short sequences; a longer key bucket is recorded the first time a
+  step needs it;
+* **padding rows** must never change a real row: each is a sequence of one
+  token whose page-table row (one no request can take) points at a padding
+  page that no request owns, so it writes and attends only there;
+* **the plan inside the graph**: which slot each new token's K/V goes to and
+  which slots each sequence's keys are gathered from are computed *by the
+  graph*, from the page tables and the buffers, so a replay redoes them on the
+  device. The host copies only the step's token ids, positions, page-table
+  rows and lengths (``CudaGraphRunner.run``) and launches one replay.
+
+The runner owns what every graph shares (batch buckets, padding rows, the
+fixed buffers); the attention backend says what its graphs need: the key of a
+batch's graph and the attention recorded in it (``attention_backend.py``).
+
+Prefill and mixed steps, batches above the largest bucket, and dtypes the
+flash kernel does not run (fp32) run eagerly, as in stage 08. (SGLang's
+``CudaGraphRunner``; vLLM and nano-vllm capture the same way.)
+
+Stage 12: with page runs (the ``runs`` backend, ``page_runs.py``) nothing is
+gathered, so a graph of two or more sequences is keyed by **runs per
+sequence** instead of keys: ``(batch bucket, 0, runs per sequence)``, each
+sequence's runs padded with empty ones to a power of two. The host sends the
+runs with the batch; the graph reads the pool in place. Start-up records one
+run per sequence (what the allocator aims for); more are recorded when a step
+first needs them, up to ``MAX_RUNS_PER_SEQ``; a batch with more runs than
+that runs eagerly. One sequence keeps stage 11's graph: its gather is tiny,
+and SDPA spreads its keys over every SM.
+
+Stage 14: a verify step feeds every sequence its newest token and the same
+number of guesses (the engine pads short drafts with guesses that are never
+kept), so it has a fixed **width** too: ``(batch bucket, key bucket, 0,
+width)``. Its graph gathers the keys as a decode graph does, writes ``width``
+new tokens per sequence, and attends them causally; every row gets logits.
+
+Stage 15: a batch with LoRA rows replays a graph recorded with the adapters'
+matmuls, keyed ``(..., lora=True)`` and recorded at its first use; each
+row's adapter slot is one more input buffer, and the graph sorts the rows by
+slot itself (``lora_layers.py``). Padding rows and base rows use slot 0
+(zeros). A batch of base rows only replays the graph without them.
+"""
+
+import sys
+import time
+from typing import NamedTuple
+
+import torch
+
+from .forward_batch import ForwardBatch
+
+MIN_KEY_BUCKET = 1024  # the smallest packed-key buffer a graph is recorded with
+START_UP_KEYS_PER_SEQUENCE = 256  # start-up records each batch bucket for sequences this long
+
+
+def batch_buckets(max_bs: int) -> list[int]:
+    """The batch sizes graphs are recorded for: 1, 2, 4, 8, then every 8 up to ``max_bs``."""
+    sizes = [bs for bs in (1, 2, 4, 8) if bs <= max_bs] + list(range(16, max_bs + 1, 8))
+    return sizes if sizes[-1] == max_bs else sizes + [max_bs]
+
+
+def key_bucket(num_keys: int) -> int:
+    """The packed-key buffer length for ``num_keys`` keys: the next power of two (at least MIN_KEY_BUCKET)."""
+    return max(MIN_KEY_BUCKET, 1 << (num_keys - 1).bit_length())
+
+
+class GraphKey(NamedTuple):
+    """Which recorded graph a batch replays (``CudaGraphRunner.bucket``)."""
+
+    batch_size: int  # the batch padded up to a recorded size
+    keys: int  # the packed-key buffer's length (0 with runs)
+    runs_per_seq: int = 0  # stage 12: runs per sequence (0: the keys are gathered)
+    width: int = 1  # stage 14: tokens per sequence (1: decode; more: a verify)
+    lora: bool = False  # stage 15: some rows use adapters
+
+
+class DecodeGraph:
+    """One recorded decode forward: ``run()`` replays it and returns the hidden states ``[bs, hidden]``.
+
+    With ``capture=False`` nothing is recorded and ``run()`` calls the forward
+    directly on the same buffers: the CPU tests use this to check everything
+    around the graph (buckets, padding, buffer filling).
+    """
+
+    def __init__(self, forward, capture: bool, memory_pool=None):
+        self.forward = forward
+        self.graph = None
+        if capture:
+            # Warm up first, off the main stream (cuBLAS workspaces, kernel selection), as the
+            # PyTorch docs advise; a graph must not record one-time set-up work.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: work of other threads (NCCL's watchdog) does not break the capture.
+            with torch.cuda.graph(self.graph, pool=memory_pool, capture_error_mode="thread_local"):
+                self.hidden = forward()
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.forward()
+        self.graph.replay()
+        return self.hidden
+
+
+class CudaGraphRunner:
+    """Records decode forwards per (batch bucket, key bucket, runs per sequence) and runs decode batches
+    through them. A graph over page runs has key bucket 0; a gathering one has 0 runs per sequence."""
+
+    def __init__(self, model, attention_backend, padding_page: int, max_bs: int, max_context: int, capture: bool,
+                 lora=None):
+        self.model, self.backend, self.lora = model, attention_backend, lora
+        pool, page_tables = self.pool, self.page_tables = attention_backend.pool, attention_backend.page_tables
+        self.batch_sizes = batch_buckets(max_bs)
+        self.max_bs, self.max_context, self.capture = self.batch_sizes[-1], max_context, capture
+        self.padding_slot = padding_page * pool.page_size
+        # Padding rows read and write through a page-table row taken out of the free list for
+        # good, all of whose entries are the padding page (zeroed, so keys read there are finite).
+        self.padding_row = page_tables.free_rows.pop(0)
+        page_tables.table[self.padding_row] = padding_page
+        pool.k[:, self.padding_slot : self.padding_slot + pool.page_size] = 0
+        pool.v[:, self.padding_slot : self.padding_slot + pool.page_size] = 0
+        device = pool.k.device
+        # The fixed input buffers, one column per row of the batch: token id, position,
+        # page-table row, sequence length. Columns past a batch's size are padding rows.
+        self.inputs = torch.zeros(4, self.max_bs, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.seq_rows, self.seq_lens = self.inputs
+        # A verify graph's token ids and positions, ``width`` (at most a page) per sequence.
+        self.verify_inputs = torch.zeros(2, self.max_bs * pool.page_size, dtype=torch.int64, device=device)
+        self.padding_inputs = torch.tensor([[0], [0], [self.padding_row], [1]], device=device)  # token 0 at position 0
+        self.lora_slots = torch.zeros(self.max_bs * pool.page_size, dtype=torch.int64, device=device)  # per token
+        self.graphs: dict[GraphKey, DecodeGraph] = {}
+        self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
+        self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
+        self.replays = 0  # decode steps run through a graph
+
+    def capture_all(self, progress: bool = True) -> None:
+        """Record every batch bucket for short sequences, largest first (smaller graphs then
+        reuse the memory of larger ones in the shared pool)."""
+        for i, bs in enumerate(reversed(self.batch_sizes)):
+            self.graph_for(self.backend.start_up_key(bs))
+            if progress:
+                print(f"\rcapturing CUDA graphs: {i + 1}/{len(self.batch_sizes)} (bs {bs})", end="", file=sys.stderr)
+        if progress:
+            print(f" in {self.capture_seconds:.1f} s", file=sys.stderr)
+
+    def bucket(self, batch: ForwardBatch) -> GraphKey | None:
+        """The graph key for a batch, or None when it must run eagerly.
+
+        Only pure decode batches qualify: one new token and one logits row per
+        sequence, at most ``max_bs`` sequences. The attention backend names the
+        graph (or says the batch has none). Stage 14: so do verify batches,
+        where every sequence feeds the same ``width`` tokens (at most a page:
+        padding rows write within the padding page) and every row is scored.
+        Stage 15: the last entry says whether the batch has LoRA rows.
+        """
+        tokens, seqs, logits_rows = batch.sizes.num_tokens, batch.sizes.num_seqs, batch.sizes.num_logits_rows
+        width = batch.sizes.max_new_length
+        if tokens != seqs * width or logits_rows != tokens or width > self.pool.page_size or seqs > self.max_bs:
+            return None
+        bs = next(size for size in self.batch_sizes if size >= seqs)
+        key = self.backend.graph_key(batch, bs)
+        return key if key is None or not batch.has_lora or self.lora is None else key._replace(lora=True)
+
+    def graph_for(self, key: GraphKey) -> DecodeGraph:
+        """The graph of this bucket, recorded now if this is its first use."""
+        if key not in self.graphs:
+            bs, width, lora = key.batch_size, key.width, key.lora
+            start, reserved = time.perf_counter(), self._reserved()
+            # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
+            self.inputs[:, :bs] = self.padding_inputs
+            input_ids, positions = self.input_ids[:bs], self.positions[:bs]
+            if width > 1:
+                input_ids, positions = self._pad_verify(0, bs, width)
+            attention = self.backend.graph_attention(self, key)
+
+            def forward():
+                attention.begin_step()
+                if not lora:
+                    return self.model(input_ids, positions, attention)
+                self.lora.begin(self.lora_slots[: bs * width])  # recorded: the rows' slots are read at replay
+                try:
+                    return self.model(input_ids, positions, attention)
+                finally:
+                    self.lora.begin(None)
+
+            graph = self.graphs[key] = DecodeGraph(forward, self.capture, self.memory_pool)
+            graph.attention = attention  # fills its own inputs before a replay (and can be inspected)
+            self.capture_seconds += time.perf_counter() - start
+            self.memory_bytes += self._reserved() - reserved
+        return self.graphs[key]
+
+    def _pad_verify(self, n: int, bs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verify rows ``n .. bs - 1`` are padding: tokens 0 at positions ``0 .. width - 1`` of the
+        padding row (so they write within the padding page). Returns the verify graph's token id
+        and position buffers for ``bs`` sequences."""
+        input_ids, positions = self.verify_inputs[:, : bs * width]
+        input_ids[n * width :] = 0
+        positions[n * width :] = torch.arange(width, device=positions.device).repeat(bs - n)
+        self.seq_rows[n:bs], self.seq_lens[n:bs] = self.padding_row, width
+        return input_ids, positions
+
+    def run(self, batch: ForwardBatch, bucket: GraphKey) -> torch.Tensor:
+        """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
+
+        Four copies of the step's small arrays (already on the device) and
+        one fill of the padding columns; the graph computes the rest.
+        Page-table updates were applied by the caller.
+        """
+        bs, width, lora = bucket.batch_size, bucket.width, bucket.lora
+        graph = self.graph_for(bucket)
+        n = batch.sizes.num_seqs
+        if lora:  # base rows and padding rows: slot 0
+            self.lora_slots[: bs * width] = 0
+            self.lora_slots[: n * width] = batch.lora_slots
+        self.seq_rows[:n] = batch.seq_rows
+        self.seq_lens[:n] = batch.seq_lens
+        graph.attention.fill_inputs(batch)
+        if width > 1:  # a verify step
+            input_ids, positions = self._pad_verify(n, bs, width)
+            input_ids[: n * width] = batch.input_ids
+            positions[: n * width] = batch.positions
+            self.replays += 1
+            return graph.run()[: n * width]
+        self.input_ids[:n] = batch.input_ids
+        self.positions[:n] = batch.positions
+        if n < bs:
+            self.inputs[:, n:bs] = self.padding_inputs
+        self.replays += 1
+        return graph.run()[:n]
+
+    def _reserved(self) -> int:
+        """Device memory the caching allocator holds, after handing back what it only caches
+        (recording a graph empties the cache too, so before/after compare like with like)."""
+        if not self.capture:
+            return 0
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved(self.pool.k.device)
