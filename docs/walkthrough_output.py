@@ -16,11 +16,17 @@ the new output (look at the difference first: it is what the page will say).
 Runs are cached in ``.cache/walkthroughs/``, keyed by the script and every
 source file of the engine. Every run uses one CPU thread, as the suite's
 workers do, so that the output is the same whoever runs it.
+
+``run_many`` runs several walkthroughs in one process, one after another,
+each in a namespace of its own: the suite does that, since starting Python
+with torch and transformers costs seconds a script. A script that fails there
+is left uncached, and ``cell_outputs`` runs it alone, where its error shows.
 """
 
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "walkthroughs"
 KEPT = ROOT / "docs" / "walkthroughs" / "outputs"  # what the site shows, one JSON list per script
 MARKER = "<<<walkthrough cell done>>>"
+SCRIPT_DONE, SCRIPT_FAILED = "<<<walkthrough done>>>", "<<<walkthrough failed>>>"
 # Runs the cells in one namespace, as `python script.py` would run the file.
 DRIVER = f"""
 import json, sys
@@ -49,7 +56,8 @@ def code_cells(script: Path) -> list[str]:
 
 def _cache_key(script: Path) -> str:
     digest = hashlib.sha256(script.read_bytes())
-    for path in sorted(ROOT.glob("common/*.py")) + sorted(ROOT.glob("stage[0-9][0-9]_*/*.py")):
+    engine_files = sorted(ROOT.glob("common/*.py")) + sorted(ROOT.glob("stage[0-9][0-9]_*/*.py"))
+    for path in engine_files + sorted(ROOT.glob("lang/*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -94,6 +102,44 @@ def site_outputs(script: Path) -> list[str]:
     """What the site shows under each cell: the kept outputs, or (none kept yet) a run's."""
     kept = kept_outputs(script)
     return kept if kept is not None and len(kept) == len(code_cells(script)) else cell_outputs(script)
+
+
+MANY_DRIVER = f"""
+import json, sys, traceback
+for path, cells in json.load(open(sys.argv[1])):
+    namespace = {{"__name__": "__main__", "__file__": path}}
+    try:
+        for source in cells:
+            exec(compile(source, path, "exec"), namespace)
+            print({MARKER!r}, flush=True)
+        print({SCRIPT_DONE!r}, flush=True)
+    except BaseException:
+        traceback.print_exc()
+        print({SCRIPT_FAILED!r}, flush=True)
+"""
+
+
+def run_many(scripts: list[Path], timeout: float = 1800) -> None:
+    """Run the scripts not cached yet in one process, caching each one's outputs (see the module)."""
+    todo = [s for s in scripts if not (CACHE / f"{s.stem}-{_cache_key(s)}.json").exists()]
+    if not todo:
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
+    plan = CACHE / f"many.{os.getpid()}.json"
+    plan.write_text(json.dumps([[str(s), code_cells(s)] for s in todo]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", MANY_DRIVER, str(plan)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, check=False, env=env)
+    plan.unlink()
+    # Each script's output ends with its own marker: done, or failed (then left uncached).
+    parts = re.split(f"({re.escape(SCRIPT_DONE)}|{re.escape(SCRIPT_FAILED)})\n", result.stdout)
+    for script, printed, ending in zip(todo, parts[0::2], parts[1::2]):
+        if ending != SCRIPT_DONE:
+            continue
+        cached = CACHE / f"{script.stem}-{_cache_key(script)}.json"
+        staging = cached.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(printed.split(MARKER + "\n")[: len(code_cells(script))]))
+        staging.replace(cached)
 
 
 def update(scripts: list[Path]) -> None:

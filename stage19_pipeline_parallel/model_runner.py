@@ -445,8 +445,8 @@ class ModelRunner:
         attention = self.attention_backend.prepare(batch, None)
         hidden = self.pipeline.run(self.model, batch.input_ids, hidden, batch.positions, attention)
         if not self.pipeline.last:
+            links.timeline.append((f"rank {links.pp_rank}", started, time.perf_counter()))  # (before the send)
             links.send_on(batch, hidden)
-            links.timeline.append((f"rank {links.pp_rank}", started, time.perf_counter()))
             return None
         logits = self.model.compute_logits(hidden[batch.logits_rows]) if batch.logits_rows.numel() else None
         if links.tp_rank == 0:

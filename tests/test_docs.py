@@ -43,8 +43,15 @@ def test_identical_stages_are_refused_by_the_diff_renderer():
         hooks.render_stage_diff(STAGES[0], STAGES[0])
 
 
+@pytest.fixture(scope="module")
+def walkthroughs_run(builtin_folder):
+    """Every walkthrough, run once in one process (``run_many``: a Python start with torch costs
+    seconds a script); one that fails there runs again alone in its test, where its error shows."""
+    walkthrough_output.run_many(WALKTHROUGHS)
+
+
 @pytest.mark.parametrize("script", WALKTHROUGHS, ids=lambda p: p.name)
-def test_walkthrough_runs_with_plain_python(script, builtin_folder):
+def test_walkthrough_runs_with_plain_python(script, walkthroughs_run):
     """Run as a learner would (plain python, from the repository root); its cell outputs are cached
     for the site build below, which shows them under each cell."""
     outputs = walkthrough_output.cell_outputs(script)

@@ -1,0 +1,104 @@
+"""Where a program's generations run: any stage's in-process ``Engine``.
+
+``EngineBackend`` turns the interpreter's three questions into engine calls:
+``generate`` (texts for several prompts, as one batch), ``stream`` (one
+prompt's text, piece by piece) and ``score`` (the log-probability of each of
+several continuations of one prompt, as one batch with prompt
+log-probabilities). Many programs may call it at once (``run_batch``'s
+threads): on stage 04 and later each caller adds its requests and whoever is
+free steps the engine, so every caller's requests share the same steps
+(continuous batching across programs); stages 01 to 03 run one call at a time.
+"""
+
+import contextlib
+import dataclasses
+import importlib
+import threading
+
+
+@dataclasses.dataclass
+class Output:
+    """One generation: its text and SGLang's meta info (token counts, cached tokens, finish reason)."""
+
+    text: str
+    meta_info: dict
+
+
+class EngineBackend:
+    """Any stage's ``Engine``, in this process."""
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.stage = type(engine).__module__.split(".")[0]
+        self.continuous = all(hasattr(engine, name) for name in ("add_request", "step", "get_output"))
+        self._lock = threading.Lock()  # stages 01-03: one call at a time
+        self.params_class = importlib.import_module(self.stage).SamplingParams  # the stage's own
+        self.sampling_fields = {field.name for field in dataclasses.fields(self.params_class)}
+
+    # ----- the three questions -----------------------------------------------------------------
+
+    def generate(self, prompts: list[str], sampling: dict) -> list[Output]:
+        """Generate for each prompt with the same sampling parameters, in one batch."""
+        self.check(sampling)
+        ids = [self.tokenizer.encode(prompt) for prompt in prompts]
+        outputs = self._run(ids, [sampling] * len(ids))
+        return [Output(out.text, meta_info(out)) for out in outputs]
+
+    def stream(self, prompt: str, sampling: dict):
+        """Yield one prompt's generated text piece by piece."""
+        self.check(sampling)
+        with self._lock if not self.continuous else contextlib.nullcontext():
+            yield from self.engine.generate_stream(self.tokenizer.encode(prompt), self.params_class(**sampling))
+
+    def score(self, prompt: str, continuations: list[str]) -> tuple[list[list[float]], list[Output]]:
+        """The log-probability of each token of each continuation after ``prompt``: all of them
+        scored in one batch (their shared prompt is one prefix, computed once with a prefix cache)."""
+        base = self.tokenizer.encode(prompt)
+        ids, starts = [], []
+        for continuation in continuations:
+            full = self.tokenizer.encode(prompt + continuation)
+            shared = next((i for i, (a, b) in enumerate(zip(base, full)) if a != b), min(len(base), len(full)))
+            ids.append(full)
+            starts.append(min(shared, len(full) - 1))  # at least the last token is scored
+        params = [dict(max_tokens=1, temperature=0, return_logprob=True, logprob_start_len=start) for start in starts]
+        outputs = self._run(ids, params)
+        scores = [[lp for lp in out.input_token_logprobs if lp is not None] for out in outputs]
+        return scores, [Output(out.text, meta_info(out)) for out in outputs]
+
+    # ----- helpers -------------------------------------------------------------------------------
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The model's chat template over ``messages``."""
+        if not self.tokenizer.hf.chat_template:
+            raise ValueError(f"{self.stage}'s model has no chat template: use plain text, not system/user/assistant")
+        return self.tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def check(self, sampling: dict) -> None:
+        """Refuse, by name, a sampling parameter this stage does not have (regex before stage 13, ...)."""
+        unknown = sorted(set(sampling) - self.sampling_fields)
+        if unknown:
+            constrained = {"regex", "json_schema", "ebnf"} & set(unknown)
+            why = " (constrained decoding starts at stage13_structured)" if constrained else ""
+            raise ValueError(f"{self.stage} does not take {', '.join(unknown)}{why}")
+
+    def _run(self, ids: list[list[int]], params: list[dict]):
+        """Outputs for ``ids`` (one sampling dict each)."""
+        params = [self.params_class(**p) for p in params]
+        if not self.continuous:
+            with self._lock:
+                return self.engine.generate_batch(ids, params)
+        engine = self.engine
+        rids = [engine.add_request(i, p) for i, p in zip(ids, params)]
+        outputs = {}
+        while len(outputs) < len(rids):
+            for rid in rids:
+                if rid not in outputs and (out := engine.get_output(rid)) is not None:
+                    outputs[rid] = out
+            if len(outputs) < len(rids):
+                engine.step()  # steps everyone's requests, other programs' too
+        return [outputs[rid] for rid in rids]
+
+
+def meta_info(out) -> dict:
+    return dict(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                cached_tokens=out.cached_tokens, finish_reason=out.finish_reason)
