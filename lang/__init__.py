@@ -7,7 +7,8 @@
         s += sgl.user(question)
         s += sgl.assistant(sgl.select("answer", choices=["yes", "no"]))
 
-    sgl.set_default_backend(Engine())  # any stage's Engine
+    sgl.set_default_backend(Engine())  # any stage's Engine, or a server:
+    # sgl.set_default_backend(sgl.RuntimeEndpoint("http://127.0.0.1:30000"))
     print(pick.run(question="Is the sea salty?")["answer"])
 
 A program adds pieces to its state: text, roles (``system``, ``user``,
@@ -21,7 +22,8 @@ programs' requests in the same steps.
 from .backend import EngineBackend
 from .primitives import assistant, gen, select, system, user
 from .program import Program, function, set_default_backend
+from .runtime_endpoint import RuntimeEndpoint
 from .state import ForkGroup, ProgramState
 
-__all__ = ["EngineBackend", "ForkGroup", "Program", "ProgramState", "assistant", "function", "gen", "select",
-           "set_default_backend", "system", "user"]
+__all__ = ["EngineBackend", "ForkGroup", "Program", "ProgramState", "RuntimeEndpoint", "assistant", "function", "gen",
+           "select", "set_default_backend", "system", "user"]

@@ -53,13 +53,7 @@ class EngineBackend:
     def score(self, prompt: str, continuations: list[str]) -> tuple[list[list[float]], list[Output]]:
         """The log-probability of each token of each continuation after ``prompt``: all of them
         scored in one batch (their shared prompt is one prefix, computed once with a prefix cache)."""
-        base = self.tokenizer.encode(prompt)
-        ids, starts = [], []
-        for continuation in continuations:
-            full = self.tokenizer.encode(prompt + continuation)
-            shared = next((i for i, (a, b) in enumerate(zip(base, full)) if a != b), min(len(base), len(full)))
-            ids.append(full)
-            starts.append(min(shared, len(full) - 1))  # at least the last token is scored
+        ids, starts = score_inputs(self.tokenizer, prompt, continuations)
         params = [dict(max_tokens=1, temperature=0, return_logprob=True, logprob_start_len=start) for start in starts]
         outputs = self._run(ids, params)
         scores = [[lp for lp in out.input_token_logprobs if lp is not None] for out in outputs]
@@ -69,9 +63,7 @@ class EngineBackend:
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The model's chat template over ``messages``."""
-        if not self.tokenizer.hf.chat_template:
-            raise ValueError(f"{self.stage}'s model has no chat template: use plain text, not system/user/assistant")
-        return self.tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return render(self.tokenizer, self.stage, messages, add_generation_prompt)
 
     def check(self, sampling: dict) -> None:
         """Refuse, by name, a sampling parameter this stage does not have (regex before stage 13, ...)."""
@@ -102,3 +94,24 @@ class EngineBackend:
 def meta_info(out) -> dict:
     return dict(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
                 cached_tokens=out.cached_tokens, finish_reason=out.finish_reason)
+
+
+def score_inputs(tokenizer, prompt: str, continuations: list[str]) -> tuple[list[list[int]], list[int]]:
+    """Each ``prompt + continuation`` as token ids, and where its continuation's tokens start (the
+    first token that differs from the prompt's own: a continuation may merge with the prompt's last
+    token); at least the last token is scored."""
+    base = tokenizer.encode(prompt)
+    ids, starts = [], []
+    for continuation in continuations:
+        full = tokenizer.encode(prompt + continuation)
+        shared = next((i for i, (a, b) in enumerate(zip(base, full)) if a != b), min(len(base), len(full)))
+        ids.append(full)
+        starts.append(min(shared, len(full) - 1))
+    return ids, starts
+
+
+def render(tokenizer, where: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template of ``tokenizer``'s model over ``messages``."""
+    if not tokenizer.hf.chat_template:
+        raise ValueError(f"{where}'s model has no chat template: use plain text, not system/user/assistant")
+    return tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

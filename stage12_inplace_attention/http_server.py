@@ -6,7 +6,9 @@
 Every route runs on one asyncio loop; no handler ever blocks it on the
 engine: a handler awaits its requests' updates and the engine process keeps
 stepping for everyone else. Streams use Server-Sent Events, one ``data:``
-line per chunk and ``data: [DONE]`` at the end, as OpenAI's do.
+line per chunk and ``data: [DONE]`` at the end, as OpenAI's do. Beside
+OpenAI's routes the server speaks SGLang's native ``/generate``
+(``native_api.py``), through the same generation path.
 
 A client that goes away stops its requests: for a stream, when writing to it
 fails (the stream generator is closed and aborts what is still running); for
@@ -32,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import openai_protocol as protocol
 from .api_key import APIKeyCheck
+from .native_api import NativeChoices, max_new_tokens, parse_generate_request
 from .openai_choices import ChatChoices, CompletionChoices
 from .openai_protocol import BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
 from .profile_routes import add_profile_routes
@@ -92,10 +95,15 @@ def add_info_routes(app: FastAPI, manager: TokenizerManager, model_name: str) ->
     async def metrics():
         return Response(manager.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/get_model_info")
+    async def model_info():  # SGLang's: where a client (lang's RuntimeEndpoint) finds the tokenizer
+        return {"model_path": model_name, "tokenizer_path": str(manager.model_folder), "is_generation": True}
+
 
 def add_generation_routes(app: FastAPI, manager: TokenizerManager, model_name: str, max_request_bytes: int,
                           reasoning_parser: str | None) -> None:
-    """/v1/completions and /v1/chat/completions: parse and tokenize (on a tokenizer thread), then generate."""
+    """/v1/completions, /v1/chat/completions and SGLang's /generate: parse and tokenize (on a tokenizer
+    thread), then generate."""
 
     def parse(model: type, http_body: bytes):
         request = protocol.parse_request(model, http_body)
@@ -132,6 +140,15 @@ def add_generation_routes(app: FastAPI, manager: TokenizerManager, model_name: s
         choices = CompletionChoices(request, prompts, manager.token_text, manager.tokenizer.decode)
         return await generate(manager, model_name, http_request, request, prompts, [request.max_tokens] * len(prompts),
                               choices)
+
+    @app.post("/generate")
+    async def generate_native(http_request: HTTPRequest):
+        """SGLang's native endpoint (native_api.py)."""
+        body = await read_body(http_request, max_request_bytes)
+        request, prompts, native = await manager.run_on_tokenizer_thread(parse_generate_request, body, manager.encode)
+        choices = NativeChoices(native, request, prompts, manager.token_text)
+        limits = [max_new_tokens(native)] * len(prompts)
+        return await generate(manager, model_name, http_request, request, prompts, limits, choices)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http_request: HTTPRequest):

@@ -3,7 +3,7 @@
     python -m stage18_pd_disaggregation --pd-router \\
         --prefill http://127.0.0.1:30001 8998 --decode http://127.0.0.1:30002 --port 30000
 
-It serves the same OpenAI API as one server. For each request it picks a
+It serves the same API as one server (OpenAI's, and SGLang's ``/generate``). For each request it picks a
 prefill server and a decode server (``--policy``: round robin, or the one with
 the fewest requests open from this router), draws a ``bootstrap_room``, and
 sends the request to both at once with the prefill server's bootstrap address
@@ -45,7 +45,8 @@ DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's default --disaggregation-bootstrap-por
 RETRY_DOWN_S = 5.0  # a server marked down is tried again after this long
 PREFILL_GRACE_S = 2.0  # a prefill server still silent this long after its decode server finished is hung
 DISCONNECT_POLL_S = 0.2  # how often a waiting plain request checks that its client is still there
-ROUTES = ("/v1/completions", "/v1/chat/completions")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate")  # SGLang's native one too
+READ_ROUTES = ("/v1/models", "/get_model_info")  # answered by a decode server
 POLICIES = ("round_robin", "least_loaded")
 
 
@@ -284,23 +285,29 @@ def build_app(router: PDRouter, timeout_s: float = 600.0) -> FastAPI:
         down = [s.url for s in router.prefill + router.decode if not s.up]
         return JSONResponse({"status": "degraded", "down": down} if down else {"status": "ok"})
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        server = router.pick("decode", set())
-        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+    def reader(path: str):
+        async def read(request: Request) -> Response:
+            server = router.pick("decode", set())
+            if server is None:
+                return error_response("every decode server is down", 503)
+            headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
 
-        def get():
-            connection = http.client.HTTPConnection(server.host, server.port, timeout=timeout_s)
-            connection.request("GET", "/v1/models", headers=headers)
-            reply = connection.getresponse()
-            return reply.status, reply.read()
+            def get():
+                connection = http.client.HTTPConnection(server.host, server.port, timeout=timeout_s)
+                connection.request("GET", path, headers=headers)
+                reply = connection.getresponse()
+                return reply.status, reply.read()
 
-        try:
-            status, content = await proxy.in_thread(get)
-        except UPSTREAM_ERRORS as error:
-            server.mark_down()
-            return error_response(f"decode server {server.url} failed: {error!r}", 503)
-        return Response(content, status_code=status, media_type="application/json")
+            try:
+                status, content = await proxy.in_thread(get)
+            except UPSTREAM_ERRORS as error:
+                server.mark_down()
+                return error_response(f"decode server {server.url} failed: {error!r}", 503)
+            return Response(content, status_code=status, media_type="application/json")
+        return read
+
+    for path in READ_ROUTES:
+        app.add_api_route(path, reader(path), methods=["GET"])
 
     return app
 

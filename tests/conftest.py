@@ -44,7 +44,7 @@ def pytest_configure(config):
 # stages extend, has tests of its own in those stages' folders).
 FRONT_END_FILES = ("http_server.py", "tokenizer_manager.py", "openai_protocol.py", "openai_choices.py",
                    "engine_process.py", "engine_supervisor.py", "engine_handle.py", "request_body.py", "api_key.py",
-                   "server_args.py", "reasoning_parser.py", "tool_parser.py")
+                   "server_args.py", "reasoning_parser.py", "tool_parser.py", "native_api.py")
 
 
 def files_changed(stage: str, files) -> bool:
