@@ -40,6 +40,7 @@ ROUTER = "tests/stage16_data_parallel/test_router.py::"
 HICACHE = "tests/stage17_hicache/test_hicache.py::"
 HANDOVER = "tests/stage18_pd_disaggregation/test_handover.py::"
 PIPELINE = "tests/stage19_pipeline_parallel/test_pipeline_parallel.py::"
+LANG = "tests/lang/test_lang.py::"
 
 EXERCISES = [
     Exercise(
@@ -467,6 +468,29 @@ EXERCISES = [
         "        return inner.norm(x) if self.last else x\n",
         '        raise NotImplementedError("exercise: run this pipeline rank\'s layers")\n',
         (PIPELINE + "test_pp2_gives_one_ranks_tokens_with_chunks_and_prefix_hits[dense]",),
+    ),
+    Exercise(
+        "lang", 1, BREAK, "forks that take turns",
+        "A fork's branches now run their pieces one branch after another. Every branch still gets "
+        "its text; which test notices, and what does the engine lose when n requests arrive one by one "
+        "instead of as one batch (think of stage 06's in-batch prefix sharing)?",
+        "state.py",
+        "    def __iadd__(self, piece):\n        run(list(self), piece)\n        return self\n",
+        "    def __iadd__(self, piece):\n        for branch in self:\n            run([branch], piece)\n        return self\n",
+        (LANG + "test_a_forks_gen_goes_to_the_engine_in_one_call",),
+    ),
+    Exercise(
+        "lang", 2, BUILD, "where a choice's tokens start",
+        "score_inputs has lost its body. Tokenize each prompt + continuation and find the first token "
+        "that differs from the prompt's own (a continuation may merge with the prompt's last token): "
+        "select scores the tokens from there on, at least the last one.",
+        "backend.py",
+        "    base = tokenizer.encode(prompt)\n    ids, starts = [], []\n    for continuation in continuations:\n"
+        "        full = tokenizer.encode(prompt + continuation)\n"
+        "        shared = next((i for i, (a, b) in enumerate(zip(base, full)) if a != b), min(len(base), len(full)))\n"
+        "        ids.append(full)\n        starts.append(min(shared, len(full) - 1))\n    return ids, starts\n",
+        '    raise NotImplementedError("exercise: each prompt + continuation as ids, and where the continuation starts")\n',
+        (LANG + "test_select_picks_the_highest_normalized_likelihood_computed_by_transformers",),
     ),
 ]
 

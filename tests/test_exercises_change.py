@@ -27,9 +27,14 @@ def digest(stage: str) -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
 
 
+def parity(stage: str) -> str:
+    """Which rounds a package's exercises join. lang's tests run stages 03 and 19 (odd): it joins the even."""
+    return "even" if not stage.startswith("stage") or int(stage[5:7]) % 2 == 0 else "odd"
+
+
 ROUNDS = defaultdict(list)
 for _exercise in EXERCISES:  # the n-th exercise of the odd stages, of the even ones
-    ROUNDS[f"exercise {_exercise.number}, {'odd' if int(_exercise.stage[5:7]) % 2 else 'even'} stages"].append(_exercise)
+    ROUNDS[f"exercise {_exercise.number}, {parity(_exercise.stage)} stages"].append(_exercise)
 
 
 @pytest.mark.parametrize("name", sorted(ROUNDS))

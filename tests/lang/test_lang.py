@@ -118,6 +118,16 @@ def test_fork_branches_equal_separate_calls_and_share_their_prefix(engine):
     assert min(meta["cached_tokens"] for meta in again.meta["endings"]) >= 32
 
 
+def test_a_forks_gen_goes_to_the_engine_in_one_call(engine, monkeypatch):
+    """The branches are one batch: n requests the engine schedules together, not n calls in turn."""
+    backend = sgl.EngineBackend(engine)
+    calls = []
+    real = backend._run
+    monkeypatch.setattr(backend, "_run", lambda ids, params: calls.append(len(ids)) or real(ids, params))
+    branches.run("In the beginning ", backend=backend)
+    assert calls == [3]
+
+
 def test_run_batch_gives_each_programs_own_result_in_shared_steps(checkpoints):
     engine = stage_engine_class(LAST)(model_path=str(checkpoints["dense"]), device="cpu")
     openings = [f"Story number {i}:" for i in range(8)]

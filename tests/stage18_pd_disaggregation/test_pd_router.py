@@ -108,6 +108,11 @@ def test_the_router_serves_stage17s_text_plain_streamed_and_chat(cluster):
     chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8,
                                           temperature=0, extra_body={"ignore_eos": True})
     assert chat.choices[0].message.content == chat_expected
+    # SGLang's native endpoint crosses the handover too (lang's RuntimeEndpoint reads /get_model_info).
+    status, body = http("POST", f"{router.url}/generate", json.dumps(
+        {"text": prompts, "sampling_params": {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}}).encode())
+    assert status == 200 and [answer["text"] for answer in json.loads(body)] == expected
+    assert "tokenizer_path" in json.loads(http("GET", f"{router.url}/get_model_info")[1])
     assert http("GET", f"{router.url}/health")[0] == 200
 
 
