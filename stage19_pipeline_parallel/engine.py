@@ -119,6 +119,7 @@ class Engine(LoRAAdmin):
         # overlap's place: the host works while the other ranks compute).
         self.micro_batches: deque[PipelinedStep] = deque()
         self.pp_depth = args.pp_async_batch_depth if args.pp_size > 1 else 0
+        self.pp_max_micro_batch = args.pp_max_micro_batch_size if args.pp_size > 1 else None
         self.generated_tokens = 0  # tokens sampled and read since start (the server's throughput metric)
 
     # ----- public API -------------------------------------------------------------------
@@ -452,7 +453,7 @@ class Engine(LoRAAdmin):
         """Stage 19: send the next micro-batch down the pipeline (requests in flight sit it out);
         then, with ``pp_async_batch_depth`` in flight or nothing new to send, sample the oldest."""
         busy = {request.id for step in self.micro_batches for request in step.requests}
-        batch, new_lengths = self.scheduler.next_batch(busy, self.pp_depth)
+        batch, new_lengths = self.scheduler.next_batch(busy, self.pp_depth, self.pp_max_micro_batch)
         if batch:
             self.micro_batches.append(self.runner.launch(batch, new_lengths))
         if self.micro_batches and (len(self.micro_batches) >= self.pp_depth or not batch):

@@ -123,6 +123,8 @@ class EngineArgs(Settings):
                                                          "can be)", metavar="N", parse=int)
     pp_async_batch_depth: int = setting(2, "micro-batches in flight down the pipeline (1: one at a time)",
                                         check=positive)
+    pp_max_micro_batch_size: int | None = setting(None, "the most decoding requests one micro-batch runs (default: "
+                                                        "the running ones split over the micro-batches)", check=positive)
 
     @property
     def world_size(self) -> int:

@@ -52,8 +52,9 @@ STOP = -1
 def check_pipeline(args) -> None:
     """Refuse what the pipeline does not compose with yet, saying why."""
     if args.pp_size == 1:
-        if args.pp_layer_partition is not None:
-            raise ValueError("pp_layer_partition needs pp_size above 1")
+        for name in ("pp_layer_partition", "pp_max_micro_batch_size"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"{name} needs pp_size above 1")
         return
     others = {"speculative_algorithm": args.speculative_algorithm, "lora_paths": args.lora_paths,
               "enable_hierarchical_cache": args.enable_hierarchical_cache, "disaggregation_mode": args.disaggregation_mode,

@@ -68,23 +68,25 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def next_batch(self, busy: set[int] = frozenset(), depth: int = 1) -> tuple[list[Request], list[int]]:
+    def next_batch(self, busy: set[int] = frozenset(), depth: int = 1,
+                   max_decodes: int | None = None) -> tuple[list[Request], list[int]]:
         """The requests of the next forward step and how many new tokens each feeds. Stage 19:
-        none of the ``busy`` requests (ids), and about 1/``depth`` of the running set's decodes."""
+        none of the ``busy`` requests (ids), and about 1/``depth`` of the running set's decodes
+        (at most ``max_decodes``: ``--pp-max-micro-batch-size``)."""
         self._order_waiting()
         free = [r for r in self.running if r.id not in busy]
         if self.chunked_prefill_size is None:
             prefill = self._admit_prefill(self.max_prefill_tokens, whole_prompts=True)
             if prefill:
                 return self._fit([(r, r.seq_len - r.num_cached) for r in prefill], busy)
-            work = [(r, 1 + len(r.draft)) for r in free if not r.out_of_tokens][: self._share(depth)]
+            work = [(r, 1 + len(r.draft)) for r in free if not r.out_of_tokens][: self._share(depth, max_decodes)]
         else:
             # Decode first (one token each), then the half-done prompt, then new prompts. A request
             # whose pending token ends it by length runs no more; one that a stop token or string
             # will end may still run once more (its host has not seen the token): that extra token
             # is dropped.
             decode = [(r, 1 + len(r.draft)) for r in free
-                      if r.num_cached == r.seq_len - 1 and r.num_generated and not r.out_of_tokens][: self._share(depth)]
+                      if r.num_cached == r.seq_len - 1 and r.num_generated and not r.out_of_tokens][: self._share(depth, max_decodes)]
             partial = [r for r in free if r.num_cached < r.seq_len - 1 or not r.num_generated]
             budget, chunks = self.chunked_prefill_size, []
             for request in partial:
@@ -102,9 +104,11 @@ class Scheduler:
             self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         return self._fit(work, busy)
 
-    def _share(self, depth: int) -> int:
-        """Stage 19: decodes per micro-batch, so that ``depth`` micro-batches split the running set."""
-        return -(-len(self.running) // depth) if depth > 1 else len(self.running)
+    def _share(self, depth: int, cap: int | None = None) -> int:
+        """Stage 19: decodes per micro-batch, so that ``depth`` micro-batches split the running set
+        (and none runs more than ``cap``)."""
+        share = -(-len(self.running) // depth) if depth > 1 else len(self.running)
+        return share if cap is None else min(share, cap)
 
     def _order_waiting(self) -> None:
         """Starving requests first (in arrival order), then the policy's order."""

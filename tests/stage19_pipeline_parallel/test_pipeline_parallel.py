@@ -5,7 +5,7 @@ CPU): pp 2, an uneven split and pp 2 x tp 2 must give its tokens, for dense
 and MoE models, with chunked prefill and prefix-cache hits. The technique's
 own invariants: with two micro-batches in flight both ranks compute at once
 (their forwards overlap in time; with one in flight they never do), a storm
-with aborts leaks no page, and a worker that dies or hangs ends the engine's
+with aborts leaks no page, and a worker that dies, raises or hangs ends the engine's
 requests with an error in bounded time.
 """
 
@@ -64,11 +64,21 @@ def test_layers_split_evenly_or_as_asked():
         layer_partition(28, 2, [0, 28])
 
 
-def test_pp2_tp2_gives_the_same_tokens(checkpoints, expected):
-    with Engine(model_path=str(checkpoints["dense"]), device="cpu", chunked_prefill_size=32, pp_size=2,
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_pp2_tp2_gives_the_same_tokens(kind, checkpoints, expected):
+    with Engine(model_path=str(checkpoints[kind]), device="cpu", chunked_prefill_size=32, pp_size=2,
                 tp_size=2) as four:
         assert len(four.workers.processes) == 3
-        assert [o.token_ids for o in generate(four, 0)] == expected["dense"][0]
+        assert [o.token_ids for o in generate(four, 0)] == expected[kind][0]
+
+
+def test_max_micro_batch_size_caps_each_micro_batchs_decodes(checkpoints, expected):
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", chunked_prefill_size=32, pp_size=2,
+                pp_max_micro_batch_size=2) as engine:
+        sizes, real = [], engine.scheduler.next_batch
+        engine.scheduler.next_batch = lambda *a: (lambda out: sizes.append(sum(n == 1 for n in out[1])) or out)(real(*a))
+        assert [o.token_ids for o in generate(engine, 0)] == expected["dense"][0]
+        assert max(sizes) == 2  # six requests decode, two (at most) a micro-batch
 
 
 def overlaps(timeline) -> int:
@@ -136,11 +146,20 @@ def test_a_hung_pipeline_rank_fails_the_step_after_dist_timeout(checkpoints, mon
         engine.generate([5, 6, 7], GREEDY)
 
 
+def test_a_raising_pipeline_rank_is_quoted_at_once(checkpoints, monkeypatch):
+    monkeypatch.setattr("stage19_pipeline_parallel.engine.WorkerGroup",
+                        faulty_worker_group("stage19_pipeline_parallel", 1, "raise", 3))
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", pp_size=2, dist_timeout=60) as engine, \
+            pytest.raises(WorkerFailure, match=r"(?s)rank 1 raised during a step.*told to fail at step 3"):
+        engine.generate([5, 6, 7], GREEDY)  # (the 60 s timeout is not what ends it: the error comes back)
+
+
 @pytest.mark.parametrize(("settings", "match"), [
     (dict(pp_size=2, speculative_algorithm="NGRAM"), "does not compose with speculative_algorithm"),
     (dict(pp_size=2, enable_hierarchical_cache=True), "does not compose with enable_hierarchical_cache"),
     (dict(pp_size=2, pp_layer_partition=[2]), "must give each of the 2 pipeline ranks"),
     (dict(pp_layer_partition=[1, 1]), "needs pp_size above 1"),
+    (dict(pp_max_micro_batch_size=4), "needs pp_size above 1"),
 ])
 def test_what_the_pipeline_does_not_cover_is_refused(settings, match, checkpoints):
     with pytest.raises(ValueError, match=match):
