@@ -1,6 +1,6 @@
 """A request storm against every batching stage (04 on): nothing lost, nothing leaked.
 
-Hundreds of requests arrive a few per step with mixed lengths, shared prefixes
+About a hundred and forty requests arrive a few per step with mixed lengths, shared prefixes
 and sampling settings; some are aborted at random moments; the KV pool is so
 small that requests are retracted and cached prefixes evicted. Afterwards:
 
@@ -25,7 +25,7 @@ STORM_STAGES = [s for s in STAGES if stage_has(s, "max_prefill_tokens")]  # cont
 PAGE = 4
 POOL_PAGES = 24  # a request needs up to 17 pages: a few at a time fit, so some are retracted
 VOCAB = 1024  # the storm's checkpoint: a small vocabulary keeps each step's sampling cheap
-STEPS = 200  # about 230 requests
+STEPS = 120  # about 140 requests
 
 
 def random_tokens(rng: random.Random, n: int) -> list[int]:

@@ -1,6 +1,6 @@
 """Stage 15 under the ladder's request storm, with adapters: nothing lost, nothing leaked.
 
-The storm of ``tests/ladder/test_request_storm.py`` (hundreds of requests, aborts, a pool so
+The storm of ``tests/ladder/test_request_storm.py`` (some 140 requests, aborts, a pool so
 small that requests are retracted), each request with one of three adapters or none, and only
 two adapter slots: admission must keep the running set within two adapters, and the pool swaps
 adapters in and out. Every greedy request gives the tokens it gives alone under its adapter.
