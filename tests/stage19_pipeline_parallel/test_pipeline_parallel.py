@@ -76,7 +76,13 @@ def test_max_micro_batch_size_caps_each_micro_batchs_decodes(checkpoints, expect
     with Engine(model_path=str(checkpoints["dense"]), device="cpu", chunked_prefill_size=32, pp_size=2,
                 pp_max_micro_batch_size=2) as engine:
         sizes, real = [], engine.scheduler.next_batch
-        engine.scheduler.next_batch = lambda *a: (lambda out: sizes.append(sum(n == 1 for n in out[1])) or out)(real(*a))
+
+        def recording(*args):
+            batch, new_lengths = real(*args)
+            sizes.append(sum(n == 1 for n in new_lengths))  # the micro-batch's decodes
+            return batch, new_lengths
+
+        engine.scheduler.next_batch = recording
         assert [o.token_ids for o in generate(engine, 0)] == expected["dense"][0]
         assert max(sizes) == 2  # six requests decode, two (at most) a micro-batch
 
