@@ -58,8 +58,13 @@ def files_changed(stage: str, files) -> bool:
 
 
 def front_end_changed(stage: str) -> bool:
-    """Is ``stage`` the first serving stage, or does its front end differ from the stage before it?"""
-    return files_changed(stage, FRONT_END_FILES)
+    """Is ``stage`` the first serving stage, or does its front end differ from the stage before it?
+    (And from the newest stage's, which runs every server test anyway.)"""
+    newest = ROOT / SERVER_STAGES[-1]
+    same_as_newest = all((newest / f).exists() == (ROOT / stage / f).exists() and
+                         (not (newest / f).exists() or (newest / f).read_bytes() == (ROOT / stage / f).read_bytes())
+                         for f in FRONT_END_FILES)
+    return files_changed(stage, FRONT_END_FILES) and not same_as_newest
 
 
 @pytest.hookimpl(trylast=True)  # after --stage has picked its tests
@@ -72,8 +77,8 @@ def pytest_collection_modifyitems(config, items):
     front end differs from the stage before it (``front_end_changed``) runs
     the tests marked ``every_serving_stage`` (a request of each kind: plain,
     streamed, chat, aborted, scored, a tool call, refused); one whose front
-    end is the stage before's, byte for byte, runs none (its engine is the
-    ladder's to test, in process). With ``--stage stage12_inplace_attention``
+    end is the stage before's, or the newest stage's, byte for byte, runs none
+    (its engine is the ladder's to test, in process). With ``--stage stage12_inplace_attention``
     a learner still gets all of that stage's server tests, and a test named on
     the command line (``path::test[stage11_server]``) always runs.
     """

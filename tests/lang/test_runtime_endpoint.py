@@ -10,7 +10,7 @@ import pytest
 
 import lang as sgl
 from conftest import STAGES, stage_engine_class
-from test_lang import branches, chat, constrained, pick, story
+from test_lang import branches, chat, pick, story
 from test_server import Server
 
 LAST = STAGES[-1]
@@ -29,13 +29,19 @@ def engine(checkpoints):
         yield engine
 
 
+@sgl.function
+def yes_or_no(s):
+    s += "Answer:"
+    s += sgl.gen("x", max_tokens=4, regex="(yes|no)", temperature=0)  # greedy: the same choice both ways
+
+
 PROGRAMS = {
     "gen": (story, ("Once upon a time",)),
     "roles": (chat, ("What is 2 + 2?",)),
     "select": (pick, ("token_length_normalized",)),
     "select by first token": (pick, ("greedy_token_selection",)),
     "fork": (branches, ("In the beginning " * 12,)),
-    "regex": (constrained, ()),
+    "regex": (yes_or_no, ()),
 }
 
 
