@@ -149,8 +149,9 @@ def schema(fields: dict) -> dict:
 
 
 def max_new_tokens(request: GenerateReqInput) -> int:
-    params = one_sampling_dict(request.sampling_params, 1 if not isinstance(request.sampling_params, list)
-                               else len(request.sampling_params))
+    """The request's ``max_new_tokens`` (a list of sampling_params is one setting: parsing checked it)."""
+    params = request.sampling_params
+    params = (params[0] if params else {}) if isinstance(params, list) else params or {}
     value = params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise BadRequest(f"sampling_params.max_new_tokens={value!r} is invalid: must be an integer >= 0",
@@ -228,8 +229,8 @@ class NativeChoices:
             return {"input_token_logprobs": [], "input_top_logprobs": []}
         skip = start - self.engine_start  # the engine scored from the batch's earliest start
         ids = self.prompts[index][start:]
-        logprobs = (output.input_token_logprobs or [])[skip:]
-        tops = (output.input_top_logprobs or [None] * len(logprobs))[skip:]
+        logprobs = (output.input_token_logprobs or [])[skip:]  # (the engine sets both lists together)
+        tops = (output.input_top_logprobs or [])[skip:]
         return {"input_token_logprobs": [self._entry(lp, i) for i, lp in zip(ids, logprobs)],
                 "input_top_logprobs": [self._top(top) for top in tops]}
 

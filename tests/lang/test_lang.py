@@ -87,11 +87,17 @@ def test_select_picks_the_highest_normalized_likelihood_computed_by_transformers
     assert greedy["word"] == choices[max(range(3), key=lambda i: (expected[i][0], means[i]))]
 
 
-def test_a_selects_choices_go_to_the_engine_in_one_call(engine, monkeypatch):
+def counted(engine, monkeypatch) -> tuple[sgl.EngineBackend, list[int]]:
+    """A backend over ``engine`` that notes how many requests each of its engine calls carries."""
     backend = sgl.EngineBackend(engine)
     calls = []
     real = backend._run
     monkeypatch.setattr(backend, "_run", lambda ids, params: calls.append(len(ids)) or real(ids, params))
+    return backend, calls
+
+
+def test_a_selects_choices_go_to_the_engine_in_one_call(engine, monkeypatch):
+    backend, calls = counted(engine, monkeypatch)
     pick.run("token_length_normalized", backend=backend)
     assert calls == [3]
 
@@ -120,10 +126,7 @@ def test_fork_branches_equal_separate_calls_and_share_their_prefix(engine):
 
 def test_a_forks_gen_goes_to_the_engine_in_one_call(engine, monkeypatch):
     """The branches are one batch: n requests the engine schedules together, not n calls in turn."""
-    backend = sgl.EngineBackend(engine)
-    calls = []
-    real = backend._run
-    monkeypatch.setattr(backend, "_run", lambda ids, params: calls.append(len(ids)) or real(ids, params))
+    backend, calls = counted(engine, monkeypatch)
     branches.run("In the beginning ", backend=backend)
     assert calls == [3]
 

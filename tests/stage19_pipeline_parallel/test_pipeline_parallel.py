@@ -144,20 +144,17 @@ def test_a_killed_pipeline_rank_fails_the_next_step_at_once(checkpoints):
             engine.generate([5, 6, 7], GREEDY)
 
 
-def test_a_hung_pipeline_rank_fails_the_step_after_dist_timeout(checkpoints, monkeypatch):
+@pytest.mark.parametrize(("fault", "timeout", "match"), [
+    ("hang", 3, r"did not answer within dist_timeout=3 s"),
+    # A raised error comes back at once and is quoted (the 60 s timeout is not what ends it).
+    ("raise", 60, r"(?s)rank 1 raised during a step.*told to fail at step 3"),
+])
+def test_a_hung_or_raising_pipeline_rank_fails_the_step(fault, timeout, match, checkpoints, monkeypatch):
     monkeypatch.setattr("stage19_pipeline_parallel.engine.WorkerGroup",
-                        faulty_worker_group("stage19_pipeline_parallel", 1, "hang", 3))
-    with Engine(model_path=str(checkpoints["dense"]), device="cpu", pp_size=2, dist_timeout=3) as engine, \
-            pytest.raises(WorkerFailure, match=r"did not answer within dist_timeout=3 s"):
+                        faulty_worker_group("stage19_pipeline_parallel", 1, fault, 3))
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", pp_size=2, dist_timeout=timeout) as engine, \
+            pytest.raises(WorkerFailure, match=match):
         engine.generate([5, 6, 7], GREEDY)
-
-
-def test_a_raising_pipeline_rank_is_quoted_at_once(checkpoints, monkeypatch):
-    monkeypatch.setattr("stage19_pipeline_parallel.engine.WorkerGroup",
-                        faulty_worker_group("stage19_pipeline_parallel", 1, "raise", 3))
-    with Engine(model_path=str(checkpoints["dense"]), device="cpu", pp_size=2, dist_timeout=60) as engine, \
-            pytest.raises(WorkerFailure, match=r"(?s)rank 1 raised during a step.*told to fail at step 3"):
-        engine.generate([5, 6, 7], GREEDY)  # (the 60 s timeout is not what ends it: the error comes back)
 
 
 @pytest.mark.parametrize(("settings", "match"), [
