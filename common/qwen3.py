@@ -191,7 +191,10 @@ class Qwen3Model(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # The checkpoint fills every weight, so the table skips nn.Embedding's random init (on the
+        # meta device its normal_ imports torch._dynamo: ~1.5 s of every process's start).
+        table = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         inv_freq, self.attention_factor = rope_frequencies(

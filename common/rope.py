@@ -17,7 +17,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, max_posi
     ``attention_factor`` multiplies cos and sin (YaRN uses it to keep the
     softmax temperature steady on long contexts); it is 1.0 otherwise.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # Always on the CPU (the caller moves them): under a meta-device model build, this arithmetic
+    # would go through torch's reference ops, whose first use imports torch._dynamo (~1.5 s).
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
         return inv_freq, 1.0

@@ -106,7 +106,8 @@ class VocabParallelEmbedding(nn.Embedding):
     """Rows ``vocab_start .. vocab_start + num_embeddings`` of the embedding table."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, vocab_start: int):
-        super().__init__(num_embeddings, embedding_dim)
+        # No random init: the checkpoint fills the table (see common/qwen3.py's Qwen3Model).
+        super().__init__(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
         self.vocab_start = vocab_start
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
