@@ -7,6 +7,8 @@ the engine's flags are made from its settings (engine_args.py).
 import argparse
 import sys
 
+from common.sampling import SamplingParams
+
 from .engine import Engine
 from .engine_args import EngineArgs
 
@@ -39,6 +41,7 @@ def main(argv=None) -> int:
         presence_penalty=args.presence_penalty, stop=args.stop, ignore_eos=args.ignore_eos,
     )
     try:
+        SamplingParams(**sampling)  # checks every value: a bad flag is refused before the model loads
         with Engine(**vars(EngineArgs.from_namespace(args))) as engine:
             prompt = engine.tokenizer.apply_chat_template(args.prompt) if args.chat else args.prompt
             if args.no_stream:

@@ -10,6 +10,8 @@ until node 0 ends the group.
 import argparse
 import sys
 
+from common.sampling import SamplingParams
+
 from .engine import Engine, run_worker_node
 from .engine_args import EngineArgs
 
@@ -46,6 +48,7 @@ def main(argv=None) -> int:
         presence_penalty=args.presence_penalty, stop=args.stop, ignore_eos=args.ignore_eos,
     )
     try:
+        SamplingParams(**sampling)  # checks every value: a bad flag is refused before the model loads
         settings = EngineArgs.from_namespace(args)
         if worker_node:
             return run_worker_node(settings)

@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from common.sampling import SamplingParams
+
 from .engine import Engine, run_worker_node
 from .reasoning_parser import ReasoningStream, starts_in_reasoning
 from .server_args import ServerArgs
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
         presence_penalty=args.presence_penalty, stop=args.stop, ignore_eos=args.ignore_eos,
     )
     try:
+        SamplingParams(**sampling)  # checks every value: a bad flag is refused before the model loads
         settings = ServerArgs.from_namespace(args)
         if worker_node:
             return run_worker_node(settings)

@@ -14,6 +14,7 @@ import sys
 
 from .engine import Engine, run_worker_node
 from .reasoning_parser import ReasoningStream, starts_in_reasoning
+from .sampling_params import SamplingParams
 from .server_args import ServerArgs
 
 DIM, PLAIN = "\x1b[2m", "\x1b[0m"  # on a terminal, a thinking model's reasoning is shown dimmed
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
         json_schema=args.json_schema, regex=args.regex, ebnf=args.ebnf,
     )
     try:
+        SamplingParams(**sampling)  # checks every value: a bad flag is refused before the model loads
         settings = ServerArgs.from_namespace(args)
         if worker_node:
             return run_worker_node(settings)

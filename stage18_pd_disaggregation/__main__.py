@@ -17,6 +17,7 @@ import sys
 
 from .engine import Engine, run_worker_node
 from .reasoning_parser import ReasoningStream, starts_in_reasoning
+from .sampling_params import SamplingParams
 from .server_args import ServerArgs
 
 DIM, PLAIN = "\x1b[2m", "\x1b[0m"  # on a terminal, a thinking model's reasoning is shown dimmed
@@ -69,9 +70,10 @@ def main(argv=None) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty, stop=args.stop, ignore_eos=args.ignore_eos,
-        json_schema=args.json_schema, regex=args.regex, ebnf=args.ebnf, lora_path=args.lora_path,
+        json_schema=args.json_schema, regex=args.regex, ebnf=args.ebnf,
     )
     try:
+        SamplingParams(**sampling)  # checks every value: a bad flag is refused before the model loads
         settings = ServerArgs.from_namespace(args)
         if worker_node:
             return run_worker_node(settings)
@@ -88,10 +90,10 @@ def main(argv=None) -> int:
             dim_reasoning = args.chat and args.reasoning_parser is not None and sys.stdout.isatty()
             splitter = ReasoningStream(starts_in_reasoning(args.reasoning_parser, prompt)) if dim_reasoning else None
             if args.no_stream:
-                show(engine.generate(prompt, **sampling).text, splitter, last=True)
+                show(engine.generate(prompt, lora_path=args.lora_path, **sampling).text, splitter, last=True)
                 print()
             else:
-                for piece in engine.generate_stream(prompt, **sampling):
+                for piece in engine.generate_stream(prompt, lora_path=args.lora_path, **sampling):
                     show(piece, splitter)
                 show("", splitter, last=True)
                 print()
