@@ -164,20 +164,20 @@ class KVReceiver:
         self.arrivals: queue.Queue[Arrival] = queue.Queue()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = []
+        self._announcers = []  # one thread per prefill engine (the receiving threads are not kept: see close)
 
     def expect(self, host: str, port: int, room: int) -> None:
         """Tell a prefill engine that this engine has reserved pages for ``room``: it may send."""
         with self._lock:
             if (host, port) not in self.peers:
                 self.peers[host, port] = queue.Queue()
-                self._start(self._announce, (host, port), self.peers[host, port])
+                self._announcers.append(self._start(self._announce, (host, port), self.peers[host, port]))
             self.peers[host, port].put(room)
 
-    def _start(self, target, *args) -> None:
+    def _start(self, target, *args) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, daemon=True, name=f"kv-{target.__name__}-{args[0]}")
-        self._threads.append(thread)
         thread.start()
+        return thread
 
     def _announce(self, address: tuple[str, int], rooms: queue.Queue) -> None:
         """Introduce this engine to a prefill engine's store (a pair group with it, a receiving
@@ -215,11 +215,13 @@ class KVReceiver:
             self.arrivals.put(Arrival(room, first_token, prompt_tokens, kv, time.perf_counter() - start))
 
     def close(self) -> None:
-        """Stop receiving: the pair groups are aborted, which ends their threads' waits."""
+        """Stop receiving: the announcing threads end, the pair groups are aborted. A receiving
+        thread idle in ``recv`` is not waited for: gloo's abort does not interrupt a posted recv,
+        so that daemon thread ends when its prefill engine closes the pair (or with the process)."""
         self._stop.set()
         for address in list(self.peers):
             self._forget(address)
         for group in list(self.groups.values()):
             group.abort()
-        for thread in self._threads:
+        for thread in self._announcers:
             thread.join(timeout=5)
