@@ -26,10 +26,12 @@ def test_chat_template_gives_an_answer(builtin_engine):
     assert "Paris" in out.text
 
 
+@pytest.mark.where_changed("__main__.py")  # the engine behind it: test_capital_of_france_is_paris, every stage
 @pytest.mark.parametrize("stage", STAGES)
 def test_command_line_prints_the_continuation(stage, builtin_folder, capsys):
-    """From the shell for the first and the newest stage; the others run the same ``main()``
-    in-process (a new python costs seconds, and every stage's ``python -m`` line is the same)."""
+    """From the shell for the first and the newest stage; the others whose command line changed run
+    the same ``main()`` in-process (a new python costs seconds, and every stage's ``python -m`` line
+    is the same)."""
     args = ["The capital of France is", "--max-tokens", "3", "--device", "cpu"]
     if stage in (STAGES[0], STAGES[-1]):
         result = subprocess.run([sys.executable, "-m", stage, *args], cwd=ROOT, capture_output=True, text=True,

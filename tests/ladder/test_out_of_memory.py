@@ -61,15 +61,15 @@ def test_a_step_out_of_device_memory_stops_its_requests_and_the_engine_serves_on
             assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages, "a page was leaked"
 
 
-@pytest.mark.parametrize("decode_steps", range(3, 3 + PAGE))  # the failed step's token lands at each offset of a page
 @pytest.mark.parametrize("stage", [s for s in STAGES if stage_has(s, "max_prefill_tokens")])  # continuous batching
-def test_requests_decoding_beside_the_failed_prefill_are_stopped_and_nothing_wrong_is_cached(stage, decode_steps, checkpoints,
-                                                                                             monkeypatch):
+def test_requests_decoding_beside_the_failed_prefill_are_stopped_and_nothing_wrong_is_cached(stage, checkpoints, monkeypatch):
     """Two requests decode; a long prompt joins their step and the step runs out of memory.
 
     All three stop with the error. With overlap (stage 10+), the decoders also have a
     step in flight: reading it must not cache pages the failed step was to write (it
-    would, when the failed step's token completes a page).
+    would, when the failed step's token completes a page). The failure comes after 3 ..
+    3 + PAGE - 1 decode steps, so the failed step's token lands at each offset of a page,
+    one engine serving through all of them.
     """
     engine_class = stage_engine_class(stage)
     with engine_class(model_path=str(checkpoints["dense"]), device="cpu", page_size=PAGE) as engine:
@@ -79,31 +79,30 @@ def test_requests_decoding_beside_the_failed_prefill_are_stopped_and_nothing_wro
         # A prompt + its whole answer: served later, it would read any page the failed step spoiled.
         continuations = [p + e for p, e in zip(decoders, expected)]
         expected += [engine.generate(c, **GREEDY).token_ids for c in continuations]
-        engine.flush_cache()
-
         model, forward = engine.runner.model, engine.runner.model.forward
-
-        monkeypatch.setattr(model, "forward", little_memory(engine, forward))
-        ids = [engine.add_request(p, **params) for p in decoders]
-        for _ in range(decode_steps):  # both are decoding now
-            engine.step()
-        ids.append(engine.add_request(LONG, **GREEDY))
-        outputs = {}
-        for _ in range(50):
-            engine.step()
-            outputs.update({rid: out for rid in ids if rid not in outputs and (out := engine.get_output(rid))})
-            if len(outputs) == len(ids):
-                break
-        assert outputs[ids[2]].finish_reason == "abort"
-        assert "ran out of device memory" in outputs[ids[2]].error  # get_output's callers learn why too
-        if stage_has(stage, "chunked_prefill_size"):  # chunked prefill puts the long prompt into the decoders' step
-            assert [outputs[rid].finish_reason for rid in ids[:2]] == ["abort", "abort"]
-        monkeypatch.setattr(model, "forward", forward)
-        again = [engine.generate(p, **params).token_ids for p in decoders]
-        again += [engine.generate(c, **GREEDY).token_ids for c in continuations]
-        assert again == expected, "K/V of the failed step was reused"
-        engine.flush_cache()
-        assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages, "a page was leaked"
+        for decode_steps in range(3, 3 + PAGE):
+            engine.flush_cache()
+            monkeypatch.setattr(model, "forward", little_memory(engine, forward))
+            ids = [engine.add_request(p, **params) for p in decoders]
+            for _ in range(decode_steps):  # both are decoding now
+                engine.step()
+            ids.append(engine.add_request(LONG, **GREEDY))
+            outputs = {}
+            for _ in range(50):
+                engine.step()
+                outputs.update({rid: out for rid in ids if rid not in outputs and (out := engine.get_output(rid))})
+                if len(outputs) == len(ids):
+                    break
+            assert outputs[ids[2]].finish_reason == "abort", decode_steps
+            assert "ran out of device memory" in outputs[ids[2]].error  # get_output's callers learn why too
+            if stage_has(stage, "chunked_prefill_size"):  # chunked prefill puts the long prompt into the decoders' step
+                assert [outputs[rid].finish_reason for rid in ids[:2]] == ["abort", "abort"], decode_steps
+            monkeypatch.setattr(model, "forward", forward)
+            again = [engine.generate(p, **params).token_ids for p in decoders]
+            again += [engine.generate(c, **GREEDY).token_ids for c in continuations]
+            assert again == expected, f"K/V of the failed step was reused (after {decode_steps} decode steps)"
+            engine.flush_cache()
+            assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages, f"a page was leaked ({decode_steps})"
 
 
 GRAPH_STAGES = [s for s in STAGES if stage_has(s, "disable_cuda_graph")]

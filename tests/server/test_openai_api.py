@@ -245,6 +245,9 @@ def test_lm_eval_scores_through_the_server_equal_its_own_hf_model(server, script
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     import lm_eval  # a dev dependency
+    from lm_eval.tasks import TaskManager
+
+    tasks = TaskManager(include_defaults=False)  # the task is given inline: not lm_eval's ~10,000 YAML task files
     task = {
         "task": "tiny_multiple_choice", "dataset_path": "json", "test_split": "train",
         "dataset_kwargs": {"data_files": str(Path(__file__).parent / "data" / "tiny_multiple_choice.jsonl")},
@@ -259,7 +262,8 @@ def test_lm_eval_scores_through_the_server_equal_its_own_hf_model(server, script
     }
     results = {}
     for name, (model, args) in runs.items():
-        out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=[task], log_samples=True, batch_size=1)
+        out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=[task], log_samples=True, batch_size=1,
+                                      task_manager=tasks)
         samples = out["samples"]["tiny_multiple_choice"]
         results[name] = (out["results"]["tiny_multiple_choice"],
                          [[response[0][0] for response in sample["resps"]] for sample in samples])
