@@ -32,6 +32,7 @@ class CompletionChoices:
     """``/v1/completions``: ``n`` choices for each prompt."""
 
     id_prefix, object_kind = "cmpl", "text_completion"
+    max_tokens_field = "max_tokens"  # what a request beyond the context is told to lower
     response = staticmethod(protocol.completion_response)
 
     def __init__(self, request: CompletionRequest, prompts: list[list[int]], token_text, decode):
@@ -92,6 +93,7 @@ class ChatChoices:
     """``/v1/chat/completions``: ``n`` choices for one conversation."""
 
     id_prefix, object_kind = "chatcmpl", "chat.completion.chunk"
+    max_tokens_field = "max_tokens"  # what a request beyond the context is told to lower
     response = staticmethod(protocol.chat_response)
 
     def __init__(self, request: ChatCompletionRequest, token_text, parse_reasoning: bool = False,

@@ -172,9 +172,10 @@ async def generate(manager: TokenizerManager, model_name: str, http_request: HTT
         if limit is None:  # up to the context (the engine refuses a prompt that fills it)
             limit = max(1, manager.context_length - len(prompt_ids))
         elif 0 < len(prompt_ids) < manager.context_length < len(prompt_ids) + limit:  # as OpenAI and vLLM answer
-            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {limit}, "
+            field = choices.max_tokens_field  # max_tokens, or /generate's sampling_params.max_new_tokens
+            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens and {field} is {limit}, "
                              f"{len(prompt_ids) + limit} in all, but the model's context is {manager.context_length} "
-                             "tokens; lower max_tokens or shorten the prompt", "max_tokens")
+                             f"tokens; lower {field} or shorten the prompt", field)
         params += request.sampling_params(choices.engine_max_tokens(limit), **choices.logprobs)
     group_prompts = [ids for ids in prompts for _ in range(request.n)]
     group = manager.generate(group_prompts, params)

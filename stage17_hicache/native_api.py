@@ -164,6 +164,7 @@ class NativeChoices:
     ``openai_choices.py``'s classes, so the OpenAI routes' ``generate`` runs this endpoint too)."""
 
     id_prefix, object_kind = "generate", "generate"
+    max_tokens_field = "sampling_params.max_new_tokens"  # what a request beyond the context is told to lower
 
     def __init__(self, request: GenerateReqInput, fields: SamplingFields, prompts: list[list[int]], token_text):
         self.request, self.token_text, self.n = request, token_text, fields.n

@@ -395,7 +395,7 @@ NATIVE_REFUSED = {
     "starts that do not match the prompts": ({"text": ["a", "b"], "return_logprob": True, "logprob_start_len": [0]},
                                              "logprob_start_len"),
     "an unknown field": ({"text": "hi", "image_data": "x.png"}, "image_data"),
-    "beyond the context": ({"text": "hi", "sampling_params": {"max_new_tokens": 10_000}}, "max_tokens"),
+    "beyond the context": ({"text": "hi", "sampling_params": {"max_new_tokens": 10_000}}, "sampling_params.max_new_tokens"),
 }
 
 
