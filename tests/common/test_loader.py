@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from common.config import ModelConfig
 from common.loader import load_model, read_checkpoint_tensors, resolve_model_path
+from conftest import ROOT, STAGES
 
 
 def copy_checkpoint(src, dst):
@@ -113,3 +116,20 @@ def test_config_reads_transformers_5_rope_parameters(checkpoints):
     moe = ModelConfig.from_file(checkpoints["moe"])
     assert (moe.num_experts, moe.num_experts_per_tok, moe.mlp_only_layers) == (8, 2, [0])
     assert [moe.is_moe_layer(i) for i in range(3)] == [False, True, True]
+
+
+def test_building_a_model_imports_no_compiler(checkpoints):
+    """A model is built on the meta device and filled from the checkpoint: no layer runs its random
+    init and no buffer is computed on meta. Either goes through torch's reference ops, whose first
+    use imports torch._dynamo: ~1.5 s of every engine, worker and server process's start. (A fresh
+    process: this one has imported it long ago, with transformers' models.)"""
+    newest = STAGES[-1]
+    code = (f"import sys\nfrom common.config import ModelConfig\nfrom common.loader import load_model\n"
+            f"from {newest}.parallel import TensorParallelShard\n"
+            f"path = {str(checkpoints['moe'])!r}\n"
+            "load_model(path)\n"
+            "load_model(path, shard=TensorParallelShard(ModelConfig.from_file(path), 0, 2))  # a rank's vocabulary slice\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False", "building a model imported torch._dynamo"
