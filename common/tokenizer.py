@@ -9,8 +9,6 @@ window and emits only text that is complete.
 
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
 
 
@@ -18,6 +16,10 @@ class Tokenizer:
     """The checkpoint's tokenizer, with the few calls an engine needs."""
 
     def __init__(self, folder: str | Path):
+        # Imported here: every process of a parallel engine imports this module with its stage, but
+        # only rank 0 tokenizes, and transformers costs a worker ~1 s of its start.
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
         try:
             self.hf = AutoTokenizer.from_pretrained(str(folder))
         except Exception as error:  # noqa: BLE001 - any failure: try the plain tokenizer.json below

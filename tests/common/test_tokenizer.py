@@ -47,7 +47,7 @@ def test_a_tokenizer_json_is_enough_when_auto_tokenizer_fails(tmp_path, builtin_
     tokenizer.json directly."""
     import shutil
 
-    import common.tokenizer
+    import transformers
 
     reference = Tokenizer(builtin_folder)
     shutil.copy(builtin_folder / "tokenizer.json", tmp_path / "tokenizer.json")
@@ -55,7 +55,7 @@ def test_a_tokenizer_json_is_enough_when_auto_tokenizer_fails(tmp_path, builtin_
     def refuse(*args, **kwargs):
         raise ValueError("Couldn't instantiate the backend tokenizer")
 
-    monkeypatch.setattr(common.tokenizer.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)  # what Tokenizer imports
     assert Tokenizer(tmp_path).encode("paged attention") == reference.encode("paged attention")
     with pytest.raises(ValueError, match="no usable tokenizer"):
         Tokenizer(builtin_folder.parent / "nowhere")
