@@ -5,9 +5,10 @@
 prompt's text, piece by piece) and ``score`` (the log-probability of each of
 several continuations of one prompt, as one batch with prompt
 log-probabilities). Many programs may call it at once (``run_batch``'s
-threads): on stage 04 and later each caller adds its requests and whoever is
-free steps the engine, so every caller's requests share the same steps
-(continuous batching across programs); stages 01 to 03 run one call at a time.
+threads): on stage 04 and later each caller adds its requests and sleeps while
+one stepping thread runs the engine for everyone, so every caller's requests
+share the same steps (continuous batching across programs); stages 01 to 03
+run one call at a time.
 """
 
 import contextlib
@@ -32,6 +33,9 @@ class EngineBackend:
         self.stage = type(engine).__module__.split(".")[0]
         self.continuous = all(hasattr(engine, name) for name in ("add_request", "step", "get_output"))
         self._lock = threading.Lock()  # stages 01-03: one call at a time
+        self._wake = threading.Lock()  # guards the two below
+        self._waiting: list[Waiter] = []  # calls whose requests are in the engine
+        self._stepper: threading.Thread | None = None  # runs while some call waits
         self.params_class = importlib.import_module(self.stage).SamplingParams  # the stage's own
         self.sampling_fields = {field.name for field in dataclasses.fields(self.params_class)}
 
@@ -79,16 +83,60 @@ class EngineBackend:
         if not self.continuous:
             with self._lock:
                 return self.engine.generate_batch(ids, params)
-        engine = self.engine
-        rids = [engine.add_request(i, p) for i, p in zip(ids, params)]
-        outputs = {}
-        while len(outputs) < len(rids):
-            for rid in rids:
-                if rid not in outputs and (out := engine.get_output(rid)) is not None:
-                    outputs[rid] = out
-            if len(outputs) < len(rids):
-                engine.step()  # steps everyone's requests, other programs' too
-        return [outputs[rid] for rid in rids]
+        waiter = Waiter([self.engine.add_request(i, p) for i, p in zip(ids, params)])
+        with self._wake:
+            self._waiting.append(waiter)
+            if self._stepper is None:
+                self._stepper = threading.Thread(target=self._step_while_waited_on, daemon=True, name="lang-stepper")
+                self._stepper.start()
+        waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return [waiter.outputs[rid] for rid in waiter.rids]
+
+    def _step_while_waited_on(self) -> None:
+        """Step the engine while any call waits, handing each call its outputs once all have come.
+        One thread steps and the callers sleep: when each caller stepped the engine and polled
+        for its own outputs, 64 programs' threads spent their time taking the GIL from each other."""
+        while True:
+            with self._wake:
+                waiting = list(self._waiting)
+            for waiter in waiting:
+                for rid in waiter.rids:
+                    if rid not in waiter.outputs and (out := self.engine.get_output(rid)) is not None:
+                        waiter.outputs[rid] = out
+            with self._wake:
+                for waiter in waiting:
+                    if len(waiter.outputs) == len(waiter.rids):
+                        self._waiting.remove(waiter)
+                        waiter.done.set()
+                if not self._waiting:
+                    self._stepper = None  # the next call starts another
+                    return
+            try:
+                self.engine.step()  # everyone's requests, every program's
+            except Exception as error:  # noqa: BLE001 - e.g. a parallel rank died: each waiting call raises it
+                with self._wake:
+                    for waiter in self._waiting:
+                        for rid in set(waiter.rids) - set(waiter.outputs):  # nothing left behind in the engine
+                            with contextlib.suppress(Exception):
+                                self.engine.abort_request(rid)
+                                self.engine.get_output(rid)
+                        waiter.error = error
+                        waiter.done.set()
+                    self._waiting.clear()
+                    self._stepper = None
+                return
+
+
+class Waiter:
+    """One call's requests in the engine, the outputs collected for them so far, and the event
+    that wakes its caller."""
+
+    def __init__(self, rids: list[int]):
+        self.rids, self.outputs = rids, {}
+        self.error: Exception | None = None
+        self.done = threading.Event()
 
 
 def meta_info(out) -> dict:

@@ -146,6 +146,26 @@ def test_run_batch_gives_each_programs_own_result_in_shared_steps(checkpoints):
         engine.shutdown()
 
 
+def test_a_step_that_raises_ends_each_waiting_program_with_the_error_and_leaves_nothing(engine, monkeypatch):
+    """run_batch's programs sleep while one thread steps the engine: a step that raises must wake
+    every one of them with the error (not leave them waiting), abort their requests, and the
+    next program must run as before."""
+    if not sgl.EngineBackend(engine).continuous:
+        pytest.skip("stages 01-03 run one call at a time, in the caller's thread")
+    backend, real = sgl.EngineBackend(engine), engine.step
+    expected = story.run("Once upon a time", backend=backend)["next"]
+
+    def fail():
+        raise RuntimeError("a parallel rank died (simulated)")
+
+    monkeypatch.setattr(engine, "step", fail)
+    with pytest.raises(RuntimeError, match="simulated"):  # (returning at all: no program was left asleep)
+        story.run_batch([{"opening": f"Story {i}:"} for i in range(4)], backend=backend, num_threads=4)
+    assert not engine.scheduler.running and not engine.scheduler.waiting, "the failed calls' requests were left"
+    monkeypatch.setattr(engine, "step", real)
+    assert story.run("Once upon a time", backend=backend)["next"] == expected
+
+
 def test_a_streamed_state_gives_its_text_piece_by_piece(engine):
     state = story.run("Once upon a time", backend=engine, stream=True)
     pieces = list(state.text_iter())
