@@ -83,7 +83,14 @@ class EngineBackend:
         if not self.continuous:
             with self._lock:
                 return self.engine.generate_batch(ids, params)
-        waiter = Waiter([self.engine.add_request(i, p) for i, p in zip(ids, params)])
+        rids = []
+        try:
+            for prompt_ids, p in zip(ids, params):
+                rids.append(self.engine.add_request(prompt_ids, p))
+        except Exception:  # a refused request (too long, ...): the ones already added go too
+            self._forget(rids)
+            raise
+        waiter = Waiter(rids)
         with self._wake:
             self._waiting.append(waiter)
             if self._stepper is None:
@@ -118,15 +125,19 @@ class EngineBackend:
             except Exception as error:  # noqa: BLE001 - e.g. a parallel rank died: each waiting call raises it
                 with self._wake:
                     for waiter in self._waiting:
-                        for rid in set(waiter.rids) - set(waiter.outputs):  # nothing left behind in the engine
-                            with contextlib.suppress(Exception):
-                                self.engine.abort_request(rid)
-                                self.engine.get_output(rid)
+                        self._forget(set(waiter.rids) - set(waiter.outputs))  # nothing left behind in the engine
                         waiter.error = error
                         waiter.done.set()
                     self._waiting.clear()
                     self._stepper = None
                 return
+
+    def _forget(self, rids) -> None:
+        """Abort requests and drop their outputs: a call that failed leaves nothing in the engine."""
+        for rid in rids:
+            with contextlib.suppress(Exception):  # (an engine that failed may refuse even this)
+                self.engine.abort_request(rid)
+                self.engine.get_output(rid)
 
 
 class Waiter:

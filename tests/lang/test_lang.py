@@ -166,6 +166,18 @@ def test_a_step_that_raises_ends_each_waiting_program_with_the_error_and_leaves_
     assert story.run("Once upon a time", backend=backend)["next"] == expected
 
 
+def test_a_refused_request_in_a_batch_leaves_none_of_the_batch_behind(engine):
+    """A fork's gen whose second branch is refused (longer than the context): the call raises the
+    engine's reason, and the first branch's request, already added, is not left in the engine."""
+    backend = sgl.EngineBackend(engine)
+    too_long = "word " * (engine.context_length + 10)
+    with pytest.raises(ValueError):
+        backend.generate(["a short prompt", too_long], dict(max_tokens=4, temperature=0, ignore_eos=True))
+    if backend.continuous:
+        assert not engine.scheduler.running and not engine.scheduler.waiting, "the first branch was left"
+    assert story.run("Once upon a time", backend=backend)["next"]
+
+
 def test_a_streamed_state_gives_its_text_piece_by_piece(engine):
     state = story.run("Once upon a time", backend=engine, stream=True)
     pieces = list(state.text_iter())
