@@ -33,7 +33,7 @@ class EngineBackend:
         self.stage = type(engine).__module__.split(".")[0]
         self.continuous = all(hasattr(engine, name) for name in ("add_request", "step", "get_output"))
         self._lock = threading.Lock()  # stages 01-03: one call at a time
-        self._wake = threading.Lock()  # guards the two below
+        self._waiting_lock = threading.Lock()  # guards the two below
         self._waiting: list[Waiter] = []  # calls whose requests are in the engine
         self._stepper: threading.Thread | None = None  # runs while some call waits
         self.params_class = importlib.import_module(self.stage).SamplingParams  # the stage's own
@@ -91,7 +91,7 @@ class EngineBackend:
             self._forget(rids)
             raise
         waiter = Waiter(rids)
-        with self._wake:
+        with self._waiting_lock:
             self._waiting.append(waiter)
             if self._stepper is None:
                 self._stepper = threading.Thread(target=self._step_while_waited_on, daemon=True, name="lang-stepper")
@@ -106,13 +106,13 @@ class EngineBackend:
         One thread steps and the callers sleep: when each caller stepped the engine and polled
         for its own outputs, 64 programs' threads spent their time taking the GIL from each other."""
         while True:
-            with self._wake:
+            with self._waiting_lock:
                 waiting = list(self._waiting)
             for waiter in waiting:
                 for rid in waiter.rids:
                     if rid not in waiter.outputs and (out := self.engine.get_output(rid)) is not None:
                         waiter.outputs[rid] = out
-            with self._wake:
+            with self._waiting_lock:
                 for waiter in waiting:
                     if len(waiter.outputs) == len(waiter.rids):
                         self._waiting.remove(waiter)
@@ -123,7 +123,7 @@ class EngineBackend:
             try:
                 self.engine.step()  # everyone's requests, every program's
             except Exception as error:  # noqa: BLE001 - e.g. a parallel rank died: each waiting call raises it
-                with self._wake:
+                with self._waiting_lock:
                     for waiter in self._waiting:
                         self._forget(set(waiter.rids) - set(waiter.outputs))  # nothing left behind in the engine
                         waiter.error = error

@@ -171,3 +171,6 @@ def test_every_bad_flag_gets_a_clear_error_and_status_2(stage, checkpoints, caps
         assert message in err and "Traceback" not in err, (flags, err)
         tried += 1
     assert tried >= 12
+    # A bad sampling value is refused before the model loads (here, a model that is not there).
+    assert cli.main(["hello", "--top-p", "0", "--model-path", "/no/such/model"]) == 2
+    assert "top_p" in capsys.readouterr().err

@@ -247,7 +247,7 @@ def test_lm_eval_scores_through_the_server_equal_its_own_hf_model(server, script
     import lm_eval  # a dev dependency
     from lm_eval.tasks import TaskManager
 
-    tasks = TaskManager(include_defaults=False)  # the task is given inline: not lm_eval's ~10,000 YAML task files
+    tasks = TaskManager(include_defaults=False)  # the task is inline: lm_eval's own index parses its every YAML file
     task = {
         "task": "tiny_multiple_choice", "dataset_path": "json", "test_split": "train",
         "dataset_kwargs": {"data_files": str(Path(__file__).parent / "data" / "tiny_multiple_choice.jsonl")},
