@@ -7,13 +7,15 @@ on a random Qwen3-0.6B, steps until every prompt is prefilled, then times 20
 consecutive decode steps and profiles 10 more with torch.profiler. The 20
 steps are timed as one stretch (the mean), with no sync between them, so a
 stage that overlaps a step's host work with the GPU (stage 10) keeps doing so.
-"GPU busy" is the GPU time per step the profiler saw (the union of kernel and
+"kernels_per_step" counts the kernels and copies the profiler saw (inside a CUDA
+graph's replay too, where the profiler can see them). "GPU busy" is the GPU time per step the profiler saw (the union of kernel and
 copy intervals) divided by that mean wall time: the share of a step the GPU
 spends computing rather than waiting for the host. (The profiler slows the
 host, so its own wall time would understate it.)
 """
 
 import argparse
+import ast
 import importlib
 import json
 import random
@@ -37,6 +39,14 @@ def kernel_time_us(prof) -> float:
     return busy
 
 
+def literal(text: str):
+    """An option's value as Python reads it (True, 8, 0.5), or the text itself (gather)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_profile")
     parser.add_argument("stage")
@@ -47,7 +57,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="an engine keyword, e.g. attention_backend=gather (repeatable)")
     args = parser.parse_args(argv)
-    options = dict(option.split("=", 1) for option in args.option)
+    options = {name: literal(value) for name, value in (option.split("=", 1) for option in args.option)}
     engine = importlib.import_module(args.stage).Engine(model_path=str(random_checkpoint(args.model, device="cuda")), device="cuda",
                                                         **options)
     rng = random.Random(0)
@@ -76,10 +86,11 @@ def main(argv=None) -> dict:
         wall = time.perf_counter() - start
     events = prof.key_averages()
     gpu_us = kernel_time_us(prof)
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     result = dict(stage=args.stage, options=options, batch=batch, temperature=args.temperature,
                   step_ms=round(step_s * 1000, 2), decode_tok_per_s=round(batch / step_s, 1),
                   profiled_step_ms=round(wall * 100, 2), gpu_ms_per_step=round(gpu_us / 10 / 1000, 2),
-                  gpu_busy=round(gpu_us / 10 / 1e6 / step_s, 3))
+                  gpu_busy=round(gpu_us / 10 / 1e6 / step_s, 3), kernels_per_step=round(kernels / 10, 1))
     if args.table:
         print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=50))
         print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=50))
