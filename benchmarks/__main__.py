@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.checkpoints import SHAPES, random_checkpoint
+from benchmarks.flops import peak_flops, prompt_flops
 from benchmarks.systems import run_system
 from benchmarks.workloads import WORKLOADS, make_workload
 from common.config import ModelConfig
@@ -39,10 +40,15 @@ def environment() -> dict:
                 torch=torch.__version__, python=platform.python_version(), git_commit=commit or None)
 
 
-def make_report(args, workload, results: list[dict]) -> dict:
+def make_report(args, workload, results: list[dict], config: ModelConfig | None = None) -> dict:
     base = results[0]["output_tokens_per_s"]
     for r in results:
         r["speed_vs_first"] = round(r["output_tokens_per_s"] / base, 3)
+    peak = peak_flops(torch.cuda.get_device_name()) if args.device.startswith("cuda") else None
+    if workload.name == "prefill" and config is not None and peak:  # the share of the GPU's peak the model math used
+        flops = sum(prompt_flops(config, len(p)) for p in workload.prompts)
+        for r in results:
+            r["model_flops_utilization"] = round(flops / r["seconds"] / peak, 4)
     return dict(environment=environment(), workload=workload.description, model=args.model,
                 engine_kwargs=args.engine_kwargs, results=results)
 
@@ -84,14 +90,15 @@ def main(argv=None) -> int:
     systems = (args.compare or args.stage or "stage01_core").split(",")
     model_path, folder = resolve_model(args.model, args.device)
     size = args.size or ("gpu" if args.device.startswith("cuda") else "cpu")
-    workload = make_workload(args.workload, size, ModelConfig.from_file(folder).vocab_size, requests=args.requests)
+    config = ModelConfig.from_file(folder)
+    workload = make_workload(args.workload, size, config.vocab_size, requests=args.requests)
     print(f"{workload.name}: {workload.description}; model {args.model}; device {args.device}", file=sys.stderr)
     runs = {system: [] for system in systems}
     for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits every system alike
         for system in systems:
             runs[system].append(run_system(system, model_path, folder, workload, args.device, args.engine_kwargs))
             print(json.dumps(runs[system][-1]), file=sys.stderr)
-            report = make_report(args, workload, [median_run(r) for r in runs.values() if r])
+            report = make_report(args, workload, [median_run(r) for r in runs.values() if r], config)
             if args.out:  # after every run, so a run cut short by a time limit keeps what it measured
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(report, indent=2))

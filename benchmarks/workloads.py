@@ -85,6 +85,15 @@ def long_prompt_workload(size: str, vocab_size: int, seed: int) -> Workload:
                     prompts, [decode_new] * decoders + [4])
 
 
+def prefill_workload(size: str, vocab_size: int, seed: int) -> Workload:
+    """Prompts alone: one output token each, so the run is (almost) all prefill; the harness
+    reports model FLOPs utilisation for it on a GPU it knows the peak of."""
+    count, length = (64, 2048) if size == "gpu" else (8, 128)
+    rng = random.Random(seed)
+    return Workload("prefill", f"{count} prompts of {length} tokens, 1 new token each",
+                    [_random_prompt(rng, length, vocab_size) for _ in range(count)], [1] * count)
+
+
 def multi_turn_workload(size: str, vocab_size: int, seed: int) -> Workload:
     """Chats that come back: each conversation opens with its own long context (a document, a system
     prompt), then asks again and again, each turn sent once the answer before it is in. A few
@@ -105,6 +114,7 @@ WORKLOADS = {
     "prefix-mix": prefix_mix_workload,
     "long-prompt": long_prompt_workload,
     "multi-turn": multi_turn_workload,
+    "prefill": prefill_workload,
 }
 
 

@@ -29,10 +29,21 @@ graphs see few shapes); an empty run has length 0 and weight 0.
 On the CPU (and in fp32) a reference loop computes the same per-run results
 with plain matmuls, so the CPU tests run the lesson's math.
 
+A batch that feeds a sequence several tokens (a prompt chunk, an extend after
+a prefix-cache hit, a batch that mixes these with decode rows) reads in place
+too (``ExtendRunAttention``). Its attention splits in two at the cache's edge:
+
+* the **cached prefix**: every new query sees every cached key, so no mask is
+  needed, and the prefix is read run by run from the pool, one flash call per
+  run index (all sequences' first runs, then all their second runs, ...);
+* the **new tokens**: the queries against the chunk's own keys, causal, straight
+  from the ``k, v`` the layer just computed (one flash call, as a plain prefill).
+
+The parts merge by log-sum-exp as a decode row's runs do. A fresh prompt has no
+prefix: one causal call over its own keys, and nothing is copied.
+
 All of this is one attention backend, ``runs`` (``RunsBackend``, at the end
-of this file; ``attention_backend.py`` says what a backend is): decode
-batches read their runs in place, every other batch gathers its keys as the
-``gather`` backend does.
+of this file; ``attention_backend.py`` says what a backend is).
 """
 
 import torch
@@ -50,6 +61,8 @@ MAX_VIRTUAL_SEQUENCES = 65_535
 # A decode batch reads runs in place only when its runs hold this many tokens on average.
 MIN_TOKENS_PER_RUN = 128
 MAX_RUNS_PER_SEQ = 64  # the most runs per sequence a CUDA graph is recorded for; more run eagerly
+# An extend makes one flash call per run index of its prefixes: past this many, it gathers instead.
+MAX_EXTEND_RUNS = 8
 NO_RUNS = (0, [], [])  # a batch that gathers its keys: no runs per sequence
 
 
@@ -86,8 +99,8 @@ def token_runs(runs: list[list[int]], seq_len: int, page_size: int) -> list[tupl
 
 
 def runs_per_seq(num_runs: int) -> int:
-    """Runs per sequence for a batch whose longest run list has ``num_runs``: a power of two."""
-    return 1 << (num_runs - 1).bit_length()
+    """Runs per sequence for a batch whose longest run list has ``num_runs``: a power of two (1 for none)."""
+    return 1 << max(num_runs - 1, 0).bit_length()
 
 
 def pack_runs(ranges: list[list[tuple[int, int]]]) -> tuple[int, list[int], list[int]]:
@@ -100,6 +113,37 @@ def pack_runs(ranges: list[list[tuple[int, int]]]) -> tuple[int, list[int], list
         starts += [start for start, _ in sequence] + empty
         lens += [length for _, length in sequence] + empty
     return per_seq, starts, lens
+
+
+def flash_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int, causal: bool,
+                   seqused_k: torch.Tensor | None = None):
+    """The flash kernel over packed sequences, in place: ``(out [Tq, heads, d], lse [Tq, heads])``.
+
+    With ``seqused_k``, sequence ``i``'s keys are ``k[cu_seqlens_k[i] : cu_seqlens_k[i] + seqused_k[i]]``
+    (only the starts are read), so ``k`` can be a whole pool. ``k`` may have fewer heads than ``q``:
+    each KV head serves its group of query heads. A sequence with no keys gets a zero output
+    and ``lse`` +inf (flash-attn's convention), which would outweigh every other part: the
+    merge must drop it."""
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 0.0, causal, False, seqused_k=seqused_k)[:2]
+    return out, lse.t()  # the kernel gives lse as [heads, Tq]
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
+    """One sequence's attention with plain matmuls (the reference; fp32 at least, as the kernel
+    accumulates): ``q [n, heads, d]`` over ``k, v [L, kv_heads, d]`` -> ``(out [n, heads, d], lse [n, heads])``.
+    Causal: the queries are the newest ``n`` of the ``L`` positions."""
+    (n, heads, dim), total = q.shape, k.shape[0]
+    wide = torch.promote_types(q.dtype, torch.float32)
+    groups = heads // k.shape[1]
+    q = q.transpose(0, 1).to(wide)  # [heads, n, d]
+    k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1).to(wide) for t in (k, v))  # [heads, L, d]
+    scores = q @ k.transpose(1, 2) * dim**-0.5  # [heads, n, L]
+    if causal:
+        sees = torch.arange(total)[None, :] <= torch.arange(total - n, total)[:, None]
+        scores = scores.masked_fill(~sees.to(scores.device), float("-inf"))
+    out = (scores.softmax(-1) @ v).transpose(0, 1)
+    return out, scores.logsumexp(-1).t()
 
 
 class RunAttention:
@@ -145,28 +189,20 @@ class RunAttention:
         """Every run in one flash call, its keys read in place; returns outputs and ``lse [rows, kv_heads]``."""
         if self.cu_seqlens_q is None:
             self.cu_seqlens_q = torch.arange(0, rows.shape[0] + 1, groups, dtype=torch.int32, device=rows.device)
-        out, lse = torch.ops.aten._flash_attention_forward(
-            rows, k_pool, v_pool, self.cu_seqlens_q, self.cu_seqlens_k, groups, self.max_run_len,
-            0.0, False, False, seqused_k=self.seqused_k,
-        )[:2]
-        return out, lse.t()  # the kernel gives lse as [kv_heads, rows]
+        return flash_with_lse(rows, k_pool, v_pool, self.cu_seqlens_q, self.cu_seqlens_k, groups, self.max_run_len,
+                              causal=False, seqused_k=self.seqused_k)
 
     def _reference(self, rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, groups: int):
         """The same per-run results, one run at a time with plain matmuls (CPU, fp32)."""
-        kv_heads, dim = k_pool.shape[1:]
-        wide = torch.promote_types(rows.dtype, torch.float32)  # fp32 at least, as the kernel accumulates
         out = torch.zeros_like(rows)
-        lse = torch.full((rows.shape[0], kv_heads), float("-inf"), dtype=wide, device=rows.device)
+        wide = torch.promote_types(rows.dtype, torch.float32)
+        lse = torch.full(rows.shape[:2], float("inf"), dtype=wide, device=rows.device)  # empty runs: as the kernel
         starts, lens = self.run_starts.tolist(), self.run_lens.tolist()
         for i, (start, length) in enumerate(zip(starts, lens)):
-            if length == 0:
-                continue
-            q = rows[i * groups : (i + 1) * groups].transpose(0, 1).to(wide)  # [KVH, G, d]
-            k = k_pool[start : start + length].transpose(0, 1).to(wide)  # [KVH, L, d]
-            v = v_pool[start : start + length].transpose(0, 1).to(wide)
-            scores = q @ k.transpose(1, 2) * dim**-0.5  # [KVH, G, L]
-            out[i * groups : (i + 1) * groups] = (scores.softmax(-1) @ v).transpose(0, 1).to(rows.dtype)
-            lse[i * groups : (i + 1) * groups] = scores.logsumexp(-1).t()
+            if length:  # run i's query rows [G, KVH, d] over its keys [L, KVH, d]
+                run = slice(i * groups, (i + 1) * groups)
+                out[run], lse[run] = attention_with_lse(rows[run], k_pool[start : start + length],
+                                                        v_pool[start : start + length], causal=False)
         return out, lse
 
 
@@ -181,27 +217,93 @@ def merge_runs(out: torch.Tensor, lse: torch.Tensor, empty: torch.Tensor) -> tor
     return (out.to(wide) * weights[..., None]).sum(dim=1).to(out.dtype)
 
 
+class ExtendRunAttention:
+    """Attention for sequences that feed several new tokens, over a cached prefix read in place.
+
+    Sequence ``b`` feeds queries ``cu_seqlens_q[b] : cu_seqlens_q[b + 1]`` of
+    ``q [T, heads, d]`` (its newest tokens) and the matching rows of ``k, v``;
+    its cached prefix lies in ``R`` runs of pool slots (``run_starts`` /
+    ``run_lens`` ``[B * R]``, 0 for an empty run), none holding this step's tokens.
+    Each query's result merges ``1 + R`` parts: its sequence's new keys (causal),
+    then each prefix run (all of a run lies before every new token: no mask).
+    """
+
+    def __init__(self, new_lengths: torch.Tensor, run_starts: torch.Tensor, run_lens: torch.Tensor,
+                 num_tokens: int, max_new_length: int, max_run_len: int):
+        batch = len(new_lengths)
+        self.runs_per_seq, self.max_q, self.max_run_len = run_lens.numel() // batch, max_new_length, max_run_len
+        self.new_lengths, self.cu_seqlens_q = new_lengths, F.pad(new_lengths.cumsum(0), (1, 0)).int()
+        self.starts, self.lens = run_starts.view(batch, -1), run_lens.view(batch, -1)  # [B, R]
+        # The parts a query cannot use, [T, 1 + R, 1]: its sequence's empty runs (its new keys it always has).
+        empty = (self.lens == 0).repeat_interleave(new_lengths, dim=0, output_size=num_tokens)
+        self.empty = F.pad(empty, (1, 0))[..., None]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """``q, k, v``: the step's new tokens; ``k_pool, v_pool``: one layer's pool. Returns ``[T, heads, d]``."""
+        flash = q.is_cuda and q.dtype in FLASH_DTYPES
+        attend = self._flash if flash else self._reference
+        parts = [attend(q, k, v, self.cu_seqlens_q, self.new_lengths, self.max_q, causal=True)]
+        if self.max_run_len:  # some sequence has a cached prefix
+            for r in range(self.runs_per_seq):  # run r of every sequence, in one call
+                starts = F.pad(self.starts[:, r], (0, 1)).int()  # with lengths given, only the starts are read
+                parts.append(attend(q, k_pool, v_pool, starts, self.lens[:, r], self.max_run_len, causal=False))
+        if len(parts) == 1:  # fresh prompts: their own keys are all there is
+            return parts[0][0]
+        out, lse = (torch.stack(part, dim=1) for part in zip(*parts))  # [T, 1 + R, heads, (d)]
+        return merge_runs(out, lse, self.empty)
+
+    def _flash(self, q, keys, values, cu_seqlens_k, lengths_k, max_k: int, causal: bool):
+        seqused_k = None if causal else lengths_k.int()
+        return flash_with_lse(q, keys, values, self.cu_seqlens_q, cu_seqlens_k, self.max_q, max_k, causal, seqused_k)
+
+    def _reference(self, q, keys, values, cu_seqlens_k, lengths_k, max_k: int, causal: bool):
+        """The same, sequence by sequence with plain matmuls (CPU, fp32). An empty run's rows get
+        what the kernel gives them, a zero output and lse +inf, so only the merge's mask drops them."""
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("inf"), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        bounds_q = self.cu_seqlens_q.tolist()
+        for b, (start, length) in enumerate(zip(cu_seqlens_k.tolist(), lengths_k.tolist())):
+            if length:
+                rows = slice(bounds_q[b], bounds_q[b + 1])
+                out[rows], lse[rows] = attention_with_lse(q[rows], keys[start : start + length],
+                                                          values[start : start + length], causal)
+        return out, lse
+
+
 @register_backend("runs")
 class RunsBackend(GatherBackend):
     """Stage 12's attention backend: a decode batch reads each sequence's keys where they lie,
-    run by run (``PageRunsAttention``); prompts and mixed batches gather as stage 11 does."""
+    run by run (``PageRunsAttention``); a batch with prompt chunks or extends reads its cached
+    prefixes in place and attends its new keys as they come (``PageRunsExtend``)."""
 
     def batch_runs(self, requests, seq_lens: list[int], new_lengths: list[int]) -> tuple[int, list[int], list[int]]:
         """Where each sequence of a decode batch has its keys: its page runs as pool slot ranges,
-        padded with empty runs to the same count. Returns no runs (the gather path) for other
-        batches, and when the runs are too short to pay or too many for the kernel. One run per
-        sequence always pays: the same kernel over the same sequences, minus the copy."""
-        if max(new_lengths) != 1:
-            return NO_RUNS
+        padded with empty runs to the same count. Returns no runs (the gather path) when the runs
+        are too short to pay or too many for the kernel. One run per sequence always pays: the
+        same kernel over the same sequences, minus the copy. A batch that feeds several tokens to
+        a sequence gets its cached prefixes' runs (``prefix_runs``)."""
         tables, page_size = self.page_tables.runs, self.pool.page_size
+        if max(new_lengths) != 1:
+            return self.prefix_runs(requests, seq_lens, new_lengths)
         runs = pack_runs([token_runs(tables[r.table_row], n, page_size) for r, n in zip(requests, seq_lens)])
         slots = len(runs[1])
         too_short = runs[0] > 1 and sum(seq_lens) < MIN_TOKENS_PER_RUN * slots
         return NO_RUNS if too_short or slots > MAX_VIRTUAL_SEQUENCES else runs
 
+    def prefix_runs(self, requests, seq_lens: list[int], new_lengths: list[int]) -> tuple[int, list[int], list[int]]:
+        """The runs of each sequence's cached prefix (its keys before this step's tokens), padded as
+        ``batch_runs``'s; no runs (gather) when they need more than ``MAX_EXTEND_RUNS`` calls."""
+        tables, page_size = self.page_tables.runs, self.pool.page_size
+        runs = pack_runs([token_runs(tables[r.table_row], n - new, page_size)
+                          for r, n, new in zip(requests, seq_lens, new_lengths)])
+        return NO_RUNS if runs[0] > MAX_EXTEND_RUNS or len(requests) > MAX_VIRTUAL_SEQUENCES else runs
+
     def prepare(self, batch):
         if not batch.sizes.runs_per_seq:
             return super().prepare(batch)
+        if batch.sizes.max_new_length > 1:
+            return PageRunsExtend(self.pool, self.page_tables.table, batch)
         attention = PageRunsAttention(self.pool, self.page_tables.table, batch.seq_rows, batch.seq_lens,
                                       batch.run_starts, batch.run_lens, batch.sizes.max_run_len)
         attention.begin_step()
@@ -268,3 +370,22 @@ class PageRunsAttention:
         k_pool.index_copy_(0, self.slots, k)
         v_pool.index_copy_(0, self.slots, v)
         return self.runs(q, k_pool, v_pool)
+
+
+class PageRunsExtend:
+    """The ``runs`` backend's attention for a batch with prompt chunks or extends: each new
+    token's K/V is written to its slot, then attention reads the cached prefixes in place and
+    the new keys as the layer made them (``ExtendRunAttention``). Eager only: graphs are for decode."""
+
+    def __init__(self, pool, table: torch.Tensor, batch):
+        self.pool, page = pool, pool.page_size
+        token_rows = batch.seq_rows.repeat_interleave(batch.new_lengths, output_size=batch.sizes.num_tokens)
+        self.slots = table[token_rows, batch.positions // page] * page + batch.positions % page
+        self.attention = ExtendRunAttention(batch.new_lengths, batch.run_starts, batch.run_lens,
+                                            batch.sizes.num_tokens, batch.sizes.max_new_length, batch.sizes.max_run_len)
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
+        k_pool.index_copy_(0, self.slots, k)
+        v_pool.index_copy_(0, self.slots, v)
+        return self.attention(q, k, v, k_pool, v_pool)

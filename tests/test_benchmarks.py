@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks.systems import run_system
 from benchmarks.workloads import Workload, make_workload
@@ -177,3 +178,21 @@ def test_the_gpu_graph_check_steps_run_on_the_cpu(backend, checkpoints, monkeypa
         for batch_size in (1, 5):
             ok, detail = gpu_graph_check.teacher_forced(engine, batch_size)
             assert ok, detail
+
+
+def test_prompt_flops_count_every_projection_and_the_causal_attention(checkpoints):
+    """Against the model's own weights: 2 FLOPs per weight of every projection per token (the
+    embedding table is a lookup; the LM head scores one row), plus attention's two matmuls."""
+    from benchmarks.flops import peak_flops, prompt_flops
+    from common.qwen3 import Qwen3ForCausalLM
+
+    config = ModelConfig.from_file(checkpoints["dense"])
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    projections = sum(m.weight.numel() for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    length, layers = 10, config.num_hidden_layers
+    attention = 4 * layers * config.num_attention_heads * config.head_dim * sum(range(1, length + 1))
+    head = 2 * config.hidden_size * config.vocab_size
+    assert prompt_flops(config, length) == 2 * projections * length + attention + head
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("some other card") is None

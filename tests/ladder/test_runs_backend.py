@@ -1,5 +1,5 @@
-"""From stage 12 on: the ``runs`` attention backend (decode reads the pool in place, run by run; the
-default on CUDA) gives the tokens of the ``gather`` backend (the default on the CPU), in every stage
+"""From stage 12 on: the ``runs`` attention backend (decode and prompt chunks read the pool in place,
+run by run; the default on CUDA) gives the tokens of the ``gather`` backend (the default on the CPU), in every stage
 that has it, with prefixes served from the cache and prompts fed in chunks."""
 
 import importlib
@@ -20,13 +20,14 @@ def test_runs_give_the_gather_tokens(stage, checkpoints, monkeypatch):
     with engine_class(attention_backend="gather", **kwargs) as engine:
         expected = run_rounds(engine)
     with engine_class(attention_backend="runs", **kwargs) as engine:
-        runs_per_seq, forward = [], engine.runner.forward
+        decodes, extends, forward = [], [], engine.runner.forward
 
         def logging_forward(batch, *args):
-            runs_per_seq.append(batch.sizes.runs_per_seq)
+            sizes = batch.sizes
+            (decodes if sizes.max_new_length == 1 else extends).append((sizes.runs_per_seq, sizes.max_run_len))
             return forward(batch, *args)
 
         engine.runner.forward = logging_forward
         assert run_rounds(engine) == expected
-    assert max(runs_per_seq) >= 2  # decode steps read runs in place (a cached prefix and its own pages)
-    assert 0 in runs_per_seq  # prompt chunks still gather
+    assert max(runs for runs, _ in decodes) >= 2  # decode steps read runs in place (a cached prefix and its own pages)
+    assert any(runs and longest for runs, longest in extends)  # so do later chunks and extends, over their prefixes

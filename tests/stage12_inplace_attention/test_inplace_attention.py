@@ -1,11 +1,12 @@
-"""Stage 12 end to end: decode over page runs gives the gather path's tokens.
+"""Stage 12 end to end: attention over page runs (decode, prompt chunks, extends) gives the gather path's tokens.
 
 ``attention_backend="gather"`` is stage 11's attention (keys copied out of
 their pages first), so it is the oracle here; ``"runs"`` is asked for by name,
 since on the CPU the default is gather (``tests/ladder/test_runs_backend.py``
 checks it in every later stage too). Each test also checks that the
 case it is about really happened: steps ran over runs, sequences had several
-runs, graphs were replayed, steps with too many runs ran eagerly.
+runs, extends read cached prefixes in place, graphs were replayed, steps with
+too many runs ran eagerly.
 """
 
 import random
@@ -36,17 +37,27 @@ def greedy(max_tokens):
 
 
 class RunLog:
-    """Wraps ``runner.forward``: the run slots of every step (0: no runs) and of every graph replay."""
+    """Wraps ``runner.forward``: the run slots of every decode step (0: no runs, gathered) in
+    ``slots``, and of every step that fed a sequence several tokens in ``extends``, as
+    (run slots, longest prefix run): (0, 0) gathered, (R, 0) no sequence had a cached prefix."""
 
     def __init__(self, engine):
-        self.slots, self.replayed = [], []
+        self.slots, self.extends = [], []
         forward = engine.runner.forward
 
         def logged(batch):
-            self.slots.append(batch.sizes.runs_per_seq)
+            sizes = batch.sizes
+            if sizes.max_new_length == 1:
+                self.slots.append(sizes.runs_per_seq)
+            else:
+                self.extends.append((sizes.runs_per_seq, sizes.max_run_len))
             return forward(batch)
 
         engine.runner.forward = logged
+
+    def prefixes_read_in_place(self, runs: int = 1) -> bool:
+        """Did an extend read a cached prefix of at least ``runs`` runs in place?"""
+        return any(slots >= runs and longest for slots, longest in self.extends)
 
 
 def serve_rounds(engine, kind_seed=0):
@@ -66,7 +77,8 @@ def test_runs_give_the_gather_tokens_with_prefixes_from_the_cache(kind, checkpoi
         log = RunLog(engine)
         assert serve_rounds(engine) == expected
         assert max(log.slots) >= 2  # cached prefix pages and a request's own pages: two runs, merged
-        assert 0 in log.slots  # prompt steps still gather
+        assert log.prefixes_read_in_place()  # later chunks and cache hits read their prefixes in place
+        assert 0 not in log.slots + [slots for slots, _ in log.extends]  # nothing gathered
         engine.flush_cache()
         assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages
 
@@ -81,20 +93,26 @@ def fragment(engine) -> list[int]:
 
 @pytest.mark.parametrize("short_runs", ["read in place", "gathered"])
 def test_a_fragmented_pool_gives_the_same_tokens(short_runs, checkpoints, monkeypatch):
-    """One-page runs, read one by one and merged; by default such short runs are gathered instead."""
+    """One-page runs, read one by one and merged; by default such short runs are gathered instead
+    (by decode steps below ``MIN_TOKENS_PER_RUN`` tokens a run, by extends past ``MAX_EXTEND_RUNS``)."""
     if short_runs == "read in place":
         monkeypatch.setattr(page_runs, "MIN_TOKENS_PER_RUN", 0)
-    kwargs = dict(model_path=str(checkpoints["dense"]), device="cpu", page_size=4, kv_cache_bytes=1 << 20)
+        monkeypatch.setattr(page_runs, "MAX_EXTEND_RUNS", 16)
+    kwargs = dict(model_path=str(checkpoints["dense"]), device="cpu", page_size=4, kv_cache_bytes=1 << 20,
+                  chunked_prefill_size=8)  # a prompt's later chunks extend a fragmented prefix
     with Engine(attention_backend="gather", **kwargs) as engine:
-        expected = [o.token_ids for o in engine.generate_batch(prompts(5), greedy(16))]
+        expected = [o.token_ids for o in engine.generate_batch(prompts(5, longest=60), greedy(16))]
     with Engine(attention_backend="runs", **kwargs) as engine:
         held = fragment(engine)
         log = RunLog(engine)
-        assert [o.token_ids for o in engine.generate_batch(prompts(5), greedy(16))] == expected
+        assert [o.token_ids for o in engine.generate_batch(prompts(5, longest=60), greedy(16))] == expected
         if short_runs == "read in place":
             assert max(log.slots) >= 8  # sequences of 9 or more one-page runs
+            assert log.prefixes_read_in_place(runs=16)  # and chunks over prefixes of 9 or more one-page runs
         else:
-            assert set(log.slots) == {0}  # every step gathered
+            assert set(log.slots) == {0}  # every decode step gathered
+            assert (0, 0) in log.extends  # so did the chunks over prefixes of more than 8 runs
+            assert max(slots for slots, _ in log.extends) <= page_runs.MAX_EXTEND_RUNS
         engine.runner.allocator.free_pages(held)
         engine.flush_cache()
         assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages
