@@ -8,7 +8,7 @@ device tensor. From there on the step is tensor calls only, with no host
 round trip until the sampled tokens are read. (SGLang's ForwardBatch; nano-vllm's
 ``prepare_prefill`` / ``prepare_decode``.)
 
-Stage 12: a decode batch also carries where each sequence's keys lie, as
+Stage 12: a batch also carries where each sequence's cached keys lie, as
 runs of pool slots (``page_runs.py``), ``runs_per_seq`` of them per sequence.
 """
 
@@ -48,7 +48,7 @@ class ForwardBatch:
     update_rows: torch.Tensor  # [U] page-table entries to write before the forward:
     update_columns: torch.Tensor  # [U]   table[row, column] = page
     update_pages: torch.Tensor  # [U]
-    run_starts: torch.Tensor  # [B * R] first pool slot of each sequence's r-th run (decode batches)
+    run_starts: torch.Tensor  # [B * R] first pool slot of each sequence's r-th run (of its prefix, in extends)
     run_lens: torch.Tensor  # [B * R] its tokens; 0 for an empty run
     sizes: BatchSizes
     packed: torch.Tensor  # the one device tensor all the fields above are views of

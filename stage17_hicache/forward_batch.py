@@ -8,7 +8,7 @@ device tensor. From there on the step is tensor calls only, with no host
 round trip until the sampled tokens are read. (SGLang's ForwardBatch; nano-vllm's
 ``prepare_prefill`` / ``prepare_decode``.)
 
-Stage 12: a decode batch also carries where each sequence's keys lie, as
+Stage 12: a batch also carries where each sequence's cached keys lie, as
 runs of pool slots (``page_runs.py``), ``runs_per_seq`` of them per sequence.
 
 Stage 15: a batch with LoRA rows carries each token's adapter slot and which
@@ -53,7 +53,7 @@ class ForwardBatch:
     update_rows: torch.Tensor  # [U] page-table entries to write before the forward:
     update_columns: torch.Tensor  # [U]   table[row, column] = page
     update_pages: torch.Tensor  # [U]
-    run_starts: torch.Tensor  # [B * R] first pool slot of each sequence's r-th run (decode batches)
+    run_starts: torch.Tensor  # [B * R] first pool slot of each sequence's r-th run (of its prefix, in extends)
     run_lens: torch.Tensor  # [B * R] its tokens; 0 for an empty run
     lora_slots: torch.Tensor  # [T] each token's adapter slot (0: the base); [0] when no row has an adapter
     lora_table: torch.Tensor  # [L] the adapter id each pool slot holds (-1: none); [0] likewise

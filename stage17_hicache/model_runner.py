@@ -17,8 +17,8 @@ the batch as a placeholder (``-1 - j``: the j-th token the step before
 sampled), and the device swaps in the real token before the forward
 (SGLang's "future token ids").
 
-Stage 12 (``attention_backend="runs"``, the default on CUDA) hands a decode batch
-the runs of pool slots that hold each sequence's keys, so attention reads
+Stage 12 (``attention_backend="runs"``, the default on CUDA) hands each batch
+the runs of pool slots that hold each sequence's cached keys, so attention reads
 them in place (``page_runs.py``); the allocator keeps a request's pages
 consecutive so those runs are long. ``"gather"`` keeps stage 11's packed copy.
 

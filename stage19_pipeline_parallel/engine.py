@@ -23,7 +23,7 @@ overlaps the host with the GPU: each step is launched before the tokens of
 the step before it are read (``disable_overlap_schedule`` turns it off).
 Stage 11 runs this engine in its own process behind an HTTP server
 (``engine_process.py``); ``stats`` gives the server its metrics. Stage 12's
-decode attention reads the keys where they lie in the pool, run by run of
+attention reads the cached keys where they lie in the pool, run by run of
 consecutive pages (``attention_backend="runs"``; ``"gather"`` copies them out
 first, as stage 11 does). Stage 13 serves requests whose output must follow
 a JSON schema, a regular expression or an EBNF grammar (``grammar.py``):
