@@ -68,13 +68,22 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
+    def stack_head_norms(self) -> None:
+        """Qwen3: the q and k norms' weights as one row per head, ``[heads + kv_heads, head_dim]``,
+        so both norms run as one call (``forward``). Made once the weights are loaded and the
+        head counts are this rank's."""
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm.weight.detach(), self.k_norm.weight.detach()
+            self.qk_norm_weight = torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         tokens, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(tokens, heads + 2 * kv_heads, self.head_dim)  # every head of q, k, v
         qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)
         if hasattr(self, "q_norm"):
-            # Each with its own norm, put back side by side: one rotary call then turns both.
-            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+            # Every q and k head normalized in one call, then scaled by its own norm's weight (the
+            # rounding of transformers' Qwen3RMSNorm: normalized in fp32, cast, then the weight).
+            qk = F.rms_norm(qk, (self.head_dim,), eps=self.q_norm.eps) * self.qk_norm_weight
         q, k = apply_rotary(qk, cos, sin).split([heads, kv_heads], dim=1)  # [T, heads | kv_heads, head_dim]
         out = attention(self.layer_index, q, k, v)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(tokens, -1))
@@ -235,13 +244,17 @@ class Qwen3ForCausalLM(nn.Module):
 
     def materialize_buffers(self, device: str | torch.device) -> None:
         """After weights were assigned onto a ``meta``-built model: re-tie the
-        output head and compute the RoPE frequencies on ``device``."""
+        output head, compute the RoPE frequencies on ``device`` and stack the
+        head norms' weights."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq, _ = rope_frequencies(
             self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, self.config.max_position_embeddings
         )
         self.model.inv_freq = inv_freq.to(device)
+        for module in self.modules():  # the attention layers this rank holds (a pipeline rank holds some)
+            if isinstance(module, Attention):
+                module.stack_head_norms()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         """``input_ids, positions [T]`` -> hidden states ``[T, hidden]``."""
