@@ -49,6 +49,20 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def add_linear(residual: torch.Tensor, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x)``: a block's last projection added into the residual stream.
+
+    For a plain bias-free ``nn.Linear`` this is one matmul that accumulates into
+    ``residual`` in place (the GEMM's ``C = A @ B + C``): one kernel instead of a
+    matmul and an add, twice a layer. Any other layer (tensor-parallel, whose sum
+    over ranks must come before the add; LoRA; biased) runs as written. The
+    caller must own ``residual`` (a layer's input, read by nothing after it).
+    """
+    if type(linear) is nn.Linear and linear.bias is None:
+        return residual.addmm_(x, linear.weight.t())
+    return residual + linear(x)
+
+
 class Attention(nn.Module):
     """Grouped-query attention: ``heads`` query heads share ``kv_heads`` key/value heads."""
 
@@ -76,7 +90,9 @@ class Attention(nn.Module):
             q, k = self.q_norm.weight.detach(), self.k_norm.weight.detach()
             self.qk_norm_weight = torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionBackend,
+                residual: torch.Tensor) -> torch.Tensor:
+        """``residual + attention(x)`` (see ``add_linear``)."""
         tokens, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(tokens, heads + 2 * kv_heads, self.head_dim)  # every head of q, k, v
         qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)
@@ -86,7 +102,7 @@ class Attention(nn.Module):
             qk = F.rms_norm(qk, (self.head_dim,), eps=self.q_norm.eps) * self.qk_norm_weight
         q, k = apply_rotary(qk, cos, sin).split([heads, kv_heads], dim=1)  # [T, heads | kv_heads, head_dim]
         out = attention(self.layer_index, q, k, v)  # [T, heads, head_dim]
-        return self.o_proj(out.reshape(tokens, -1))
+        return add_linear(residual, self.o_proj, out.reshape(tokens, -1))
 
 
 class MLP(nn.Module):
@@ -97,9 +113,11 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)  # [gate; up] rows
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of ``x``, or with ``residual`` given, ``residual`` plus it (see ``add_linear``)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        hidden = F.silu(gate) * up
+        return self.down_proj(hidden) if residual is None else add_linear(residual, self.down_proj, hidden)
 
 
 class SparseMoE(nn.Module):
@@ -191,8 +209,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # Each block adds its output into the residual stream x (in place: see add_linear).
+        x = self.self_attn(self.input_layernorm(x), cos, sin, attention, residual=x)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MLP):
+            return self.mlp(h, residual=x)
+        return x + self.mlp(h)  # MoE: tensor parallelism sums its output over the ranks (a hook) before the add
 
 
 class Qwen3Model(nn.Module):
