@@ -91,8 +91,8 @@ class Attention(nn.Module):
             self.qk_norm_weight = torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionBackend,
-                residual: torch.Tensor) -> torch.Tensor:
-        """``residual + attention(x)`` (see ``add_linear``)."""
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``x``, or with ``residual`` given, ``residual`` plus it (see ``add_linear``)."""
         tokens, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(tokens, heads + 2 * kv_heads, self.head_dim)  # every head of q, k, v
         qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)
@@ -102,7 +102,8 @@ class Attention(nn.Module):
             qk = F.rms_norm(qk, (self.head_dim,), eps=self.q_norm.eps) * self.qk_norm_weight
         q, k = apply_rotary(qk, cos, sin).split([heads, kv_heads], dim=1)  # [T, heads | kv_heads, head_dim]
         out = attention(self.layer_index, q, k, v)  # [T, heads, head_dim]
-        return add_linear(residual, self.o_proj, out.reshape(tokens, -1))
+        out = out.reshape(tokens, -1)
+        return self.o_proj(out) if residual is None else add_linear(residual, self.o_proj, out)
 
 
 class MLP(nn.Module):
