@@ -1,20 +1,18 @@
-"""Attention for prompt chunks and extends, per layer on the GPU: prefixes read in place against gathered.
+"""Attention for prompt chunks and extends, per layer on the GPU: keys read in place against gathered.
 
     python -m benchmarks.extend_attention [--case SEQS,PREFIX,NEW ...] [--out FILE]
 
 Each case is ``SEQS`` sequences that each feed ``NEW`` tokens after a cached
 prefix of ``PREFIX`` tokens (0: a fresh prompt), with Qwen3-0.6B's shapes (16
-query heads, 8 KV heads of 128, bf16, pages of 16). The prefix pages come
-from stage 12's allocator, as requests that grew side by side (``--prefix-runs``
-cuts each prefix into that many runs at random places instead: a prefix pieced
-together from the cache). One layer's attention through the two backends,
-eagerly, as the engine runs such steps:
+query heads, 8 KV heads of 128, bf16, pages of 16). Each sequence's pages come
+from stage 12's allocator as requests that grew side by side, so each is one
+run. One layer's attention through the two backends, eagerly, as the engine
+runs such steps:
 
-* ``gather``: every key of every sequence (prefix and new) copied into one
-  packed buffer, then one causal flash call (stages 02-11, and stage 12's
-  decode-only version);
-* ``runs``: one causal flash call over the new keys as they are, one flash
-  call per prefix run index over the pool in place, merged by log-sum-exp.
+* ``gather``: every key of every sequence copied into one packed buffer, then
+  one causal flash call (stages 02-11);
+* ``runs``: the same causal call over the pool in place, each sequence its
+  run's start and length (stage 12).
 
 Both write the new K/V into the pool first, as the engine does. Times are the
 median of interleaved repeats (each the mean of ``--calls`` calls); the error
@@ -41,28 +39,19 @@ CASES = [(1, 0, 2048), (1, 0, 16384), (1, 2048, 2048), (1, 14336, 2048), (4, 409
          (64, 1800, 200), (64, 512, 5)]
 
 
-def extend_step(seqs: int, prefix: int, new: int, prefix_runs: int | None, device: torch.device):
+def extend_step(seqs: int, prefix: int, new: int, device: torch.device):
     """Pool, tables and the two ForwardBatches (runs / gather) of one extend step."""
     pages = math.ceil((prefix + new) / PAGE)
-    num_pages = 2 * seqs * (pages + (prefix_runs or 0)) + 16
+    num_pages = 2 * seqs * pages + 16
     config = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
     pool = PagedKVPool(config, num_pages, PAGE, device, torch.bfloat16)
     pool.k.normal_()
     pool.v.normal_()
     tables = DevicePageTables(seqs, pages, device)
     allocator, updates = PageAllocator(num_pages), ([], [], [])
-    prefix_pages = math.ceil(prefix / PAGE)
-    if prefix_runs:  # each prefix in pieces of `per_run` consecutive pages at random places of the pool's first half
-        per_run = math.ceil(prefix_pages / prefix_runs)
-        spans = iter(torch.randperm((num_pages // 2) // per_run, generator=torch.Generator().manual_seed(0)).tolist())
-        layouts = [[s * per_run + p for s in [next(spans) for _ in range(prefix_runs)] for p in range(per_run)][:prefix_pages]
-                   for _ in range(seqs)]
-        new_pages = pages - prefix_pages  # the new tokens' pages: one run each in the second half
-        layouts = [table + list(range(num_pages // 2 + i * new_pages, num_pages // 2 + (i + 1) * new_pages))
-                   for i, table in enumerate(layouts)]
-    else:  # prefixes as requests that grew side by side, then each its new pages
-        layouts = [allocator.alloc_pages(prefix_pages, expected=pages) for _ in range(seqs)]
-        layouts = [table + allocator.alloc_pages(pages - len(table), after=table[-1] if table else None) for table in layouts]
+    prefix_pages = math.ceil(prefix / PAGE)  # requests that grew side by side, then each its new pages
+    layouts = [allocator.alloc_pages(prefix_pages, expected=pages) for _ in range(seqs)]
+    layouts = [table + allocator.alloc_pages(pages - len(table), after=table[-1] if table else None) for table in layouts]
     requests = []
     for row, table in enumerate(layouts):
         request = SimpleNamespace(page_table=table, table_row=row)
@@ -72,7 +61,7 @@ def extend_step(seqs: int, prefix: int, new: int, prefix_runs: int | None, devic
     tables.apply(*(torch.tensor(u, device=device) for u in updates))
     rows, seq_lens, new_lengths = list(range(seqs)), [prefix + new] * seqs, [new] * seqs
     positions = [p for _ in rows for p in range(prefix, prefix + new)]
-    runs = ATTENTION_BACKENDS["runs"](pool, tables).prefix_runs(requests, seq_lens, new_lengths)
+    runs = ATTENTION_BACKENDS["runs"](pool, tables).batch_runs(requests, seq_lens, new_lengths)
     common = (device, [0] * len(positions), positions, rows, new_lengths, seq_lens, [], ([], [], []))
     return pool, tables, ForwardBatch.build(*common, runs), ForwardBatch.build(*common), runs[0]
 
@@ -87,9 +76,9 @@ def time_ms(fn, calls: int) -> float:
     return start.elapsed_time(end) / calls
 
 
-def measure(seqs: int, prefix: int, new: int, prefix_runs: int | None, repeats: int, calls: int) -> dict:
+def measure(seqs: int, prefix: int, new: int, repeats: int, calls: int) -> dict:
     device = torch.device("cuda")
-    pool, tables, runs_batch, gather_batch, slots = extend_step(seqs, prefix, new, prefix_runs, device)
+    pool, tables, runs_batch, gather_batch, slots = extend_step(seqs, prefix, new, device)
     gen = torch.Generator(device).manual_seed(0)
     tokens = seqs * new
     q = torch.randn(tokens, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
@@ -104,8 +93,7 @@ def measure(seqs: int, prefix: int, new: int, prefix_runs: int | None, repeats: 
         for name, fn in calls_by_name.items():
             times[name].append(time_ms(fn, calls))
     error = (outputs["runs"].float() - outputs["gather"].float()).abs().max().item()
-    result = dict(seqs=seqs, prefix=prefix, new=new, layout=f"{prefix_runs} runs a prefix" if prefix_runs else "allocator",
-                  runs_per_seq=slots, max_abs_error=round(error, 5))
+    result = dict(seqs=seqs, prefix=prefix, new=new, runs_per_seq=slots, max_abs_error=round(error, 5))
     for name, values in times.items():
         result[f"{name}_ms"] = round(statistics.median(values), 4)
         result[f"{name}_ms_runs"] = [round(t, 4) for t in values]
@@ -118,18 +106,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10, help="calls timed together in one repeat")
     parser.add_argument("--case", action="append", default=[], metavar="SEQS,PREFIX,NEW", help="only these cases (repeatable)")
-    parser.add_argument("--prefix-runs", action="append", type=int, default=[],
-                        help="also prefixes cut into this many runs (repeatable; default: 4)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     results = []
     cases = [tuple(map(int, case.split(","))) for case in args.case] or CASES
     for seqs, prefix, new in cases:
-        for prefix_runs in [None] + ([] if not prefix else args.prefix_runs or [4]):
-            result = measure(seqs, prefix, new, prefix_runs, args.repeats, args.calls)
-            torch.cuda.empty_cache()
-            print(json.dumps({k: v for k, v in result.items() if not k.endswith("_runs")}), flush=True)
-            results.append(result)
+        result = measure(seqs, prefix, new, args.repeats, args.calls)
+        torch.cuda.empty_cache()
+        print(json.dumps({k: v for k, v in result.items() if not k.endswith("_runs")}), flush=True)
+        results.append(result)
     if args.out:
         report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, page_size=PAGE,
                       shapes=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM), results=results)

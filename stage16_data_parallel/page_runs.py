@@ -31,16 +31,12 @@ with plain matmuls, so the CPU tests run the lesson's math.
 
 A batch that feeds a sequence several tokens (a prompt chunk, an extend after
 a prefix-cache hit, a batch that mixes these with decode rows) reads in place
-too (``ExtendRunAttention``). Its attention splits in two at the cache's edge:
-
-* the **cached prefix**: every new query sees every cached key, so no mask is
-  needed, and the prefix is read run by run from the pool, one flash call per
-  run index (all sequences' first runs, then all their second runs, ...);
-* the **new tokens**: the queries against the chunk's own keys, causal, straight
-  from the ``k, v`` the layer just computed (one flash call, as a plain prefill).
-
-The parts merge by log-sum-exp as a decode row's runs do. A fresh prompt has no
-prefix: one causal call over its own keys, and nothing is copied.
+too when each of its sequences, cached prefix and new tokens together, is one
+run. The kernel aligns its causal mask to the end of each sequence's keys, so
+one call over the pool, given each run's start and length, is the gather
+path's call without the copy (``ExtendRunAttention``). Other such batches
+gather: splitting an extend at its runs and merging, as decode does, cost
+more than the copy on an H200 (``benchmarks/results/attention/``).
 
 All of this is one attention backend, ``runs`` (``RunsBackend``, at the end
 of this file; ``attention_backend.py`` says what a backend is).
@@ -61,8 +57,6 @@ MAX_VIRTUAL_SEQUENCES = 65_535
 # A decode batch reads runs in place only when its runs hold this many tokens on average.
 MIN_TOKENS_PER_RUN = 128
 MAX_RUNS_PER_SEQ = 64  # the most runs per sequence a CUDA graph is recorded for; more run eagerly
-# An extend makes one flash call per run index of its prefixes: past this many, it gathers instead.
-MAX_EXTEND_RUNS = 8
 NO_RUNS = (0, [], [])  # a batch that gathers its keys: no runs per sequence
 
 
@@ -218,86 +212,57 @@ def merge_runs(out: torch.Tensor, lse: torch.Tensor, empty: torch.Tensor) -> tor
 
 
 class ExtendRunAttention:
-    """Attention for sequences that feed several new tokens, over a cached prefix read in place.
+    """Causal attention for sequences that feed several new tokens, each sequence's keys one run of the pool.
 
     Sequence ``b`` feeds queries ``cu_seqlens_q[b] : cu_seqlens_q[b + 1]`` of
-    ``q [T, heads, d]`` (its newest tokens) and the matching rows of ``k, v``;
-    its cached prefix lies in ``R`` runs of pool slots (``run_starts`` /
-    ``run_lens`` ``[B * R]``, 0 for an empty run), none holding this step's tokens.
-    Each query's result merges ``1 + R`` parts: its sequence's new keys (causal),
-    then each prefix run (all of a run lies before every new token: no mask).
+    ``q [T, heads, d]``, its newest tokens; all of its keys, the cached prefix
+    and this step's (already written), are the pool slots ``run_starts[b]``
+    onwards, ``run_lens[b]`` of them. The flash kernel aligns the causal mask to
+    the end of each sequence's keys, so the last of ``n`` queries sees all
+    ``run_lens[b]`` keys and the first ``run_lens[b] - n + 1``: one call, the
+    gather path's, minus the copy.
     """
 
     def __init__(self, new_lengths: torch.Tensor, run_starts: torch.Tensor, run_lens: torch.Tensor,
-                 num_tokens: int, max_new_length: int, max_run_len: int):
-        batch = len(new_lengths)
-        self.runs_per_seq, self.max_q, self.max_run_len = run_lens.numel() // batch, max_new_length, max_run_len
-        self.new_lengths, self.cu_seqlens_q = new_lengths, F.pad(new_lengths.cumsum(0), (1, 0)).int()
-        self.starts, self.lens = run_starts.view(batch, -1), run_lens.view(batch, -1)  # [B, R]
-        # The parts a query cannot use, [T, 1 + R, 1]: its sequence's empty runs (its new keys it always has).
-        empty = (self.lens == 0).repeat_interleave(new_lengths, dim=0, output_size=num_tokens)
-        self.empty = F.pad(empty, (1, 0))[..., None]
+                 max_new_length: int, max_run_len: int):
+        self.max_q, self.max_k = max_new_length, max_run_len
+        self.cu_seqlens_q = F.pad(new_lengths.cumsum(0), (1, 0)).int()
+        self.cu_seqlens_k = F.pad(run_starts.int(), (0, 1))  # with lengths given, only the starts are read
+        self.run_lens = run_lens
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        """``q, k, v``: the step's new tokens; ``k_pool, v_pool``: one layer's pool. Returns ``[T, heads, d]``."""
-        flash = q.is_cuda and q.dtype in FLASH_DTYPES
-        attend = self._flash if flash else self._reference
-        parts = [attend(q, k, v, self.cu_seqlens_q, self.new_lengths, self.max_q, causal=True)]
-        if self.max_run_len:  # some sequence has a cached prefix
-            for r in range(self.runs_per_seq):  # run r of every sequence, in one call
-                starts = F.pad(self.starts[:, r], (0, 1)).int()  # with lengths given, only the starts are read
-                parts.append(attend(q, k_pool, v_pool, starts, self.lens[:, r], self.max_run_len, causal=False))
-        if len(parts) == 1:  # fresh prompts: their own keys are all there is
-            return parts[0][0]
-        out, lse = (torch.stack(part, dim=1) for part in zip(*parts))  # [T, 1 + R, heads, (d)]
-        return merge_runs(out, lse, self.empty)
-
-    def _flash(self, q, keys, values, cu_seqlens_k, lengths_k, max_k: int, causal: bool):
-        seqused_k = None if causal else lengths_k.int()
-        return flash_with_lse(q, keys, values, self.cu_seqlens_q, cu_seqlens_k, self.max_q, max_k, causal, seqused_k)
-
-    def _reference(self, q, keys, values, cu_seqlens_k, lengths_k, max_k: int, causal: bool):
-        """The same, sequence by sequence with plain matmuls (CPU, fp32). An empty run's rows get
-        what the kernel gives them, a zero output and lse +inf, so only the merge's mask drops them."""
-        out = torch.zeros_like(q)
-        lse = torch.full(q.shape[:2], float("inf"), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-        bounds_q = self.cu_seqlens_q.tolist()
-        for b, (start, length) in enumerate(zip(cu_seqlens_k.tolist(), lengths_k.tolist())):
-            if length:
-                rows = slice(bounds_q[b], bounds_q[b + 1])
-                out[rows], lse[rows] = attention_with_lse(q[rows], keys[start : start + length],
-                                                          values[start : start + length], causal)
-        return out, lse
+    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """``q [T, heads, d]`` against one layer's whole pool ``[slots, kv_heads, d]`` -> ``[T, heads, d]``."""
+        if q.is_cuda and q.dtype in FLASH_DTYPES:
+            return flash_with_lse(q, k_pool, v_pool, self.cu_seqlens_q, self.cu_seqlens_k, self.max_q, self.max_k,
+                                  causal=True, seqused_k=self.run_lens.int())[0]
+        out = torch.empty_like(q)  # the reference: sequence by sequence with plain matmuls (CPU, fp32)
+        bounds = self.cu_seqlens_q.tolist()
+        for b, (start, length) in enumerate(zip(self.cu_seqlens_k.tolist(), self.run_lens.tolist())):
+            rows = slice(bounds[b], bounds[b + 1])
+            keys, values = k_pool[start : start + length], v_pool[start : start + length]
+            out[rows] = attention_with_lse(q[rows], keys, values, causal=True)[0].to(q.dtype)
+        return out
 
 
 @register_backend("runs")
 class RunsBackend(GatherBackend):
     """Stage 12's attention backend: a decode batch reads each sequence's keys where they lie,
-    run by run (``PageRunsAttention``); a batch with prompt chunks or extends reads its cached
-    prefixes in place and attends its new keys as they come (``PageRunsExtend``)."""
+    run by run (``PageRunsAttention``); a batch with prompt chunks or extends does when each of
+    its sequences is one run (``PageRunsExtend``), and gathers as stage 11 does otherwise."""
 
     def batch_runs(self, requests, seq_lens: list[int], new_lengths: list[int]) -> tuple[int, list[int], list[int]]:
-        """Where each sequence of a decode batch has its keys: its page runs as pool slot ranges,
-        padded with empty runs to the same count. Returns no runs (the gather path) when the runs
-        are too short to pay or too many for the kernel. One run per sequence always pays: the
-        same kernel over the same sequences, minus the copy. A batch that feeds several tokens to
-        a sequence gets its cached prefixes' runs (``prefix_runs``)."""
+        """Where each sequence of a batch has its keys: its page runs as pool slot ranges, padded
+        with empty runs to the same count. Returns no runs (the gather path) when the runs are too
+        short to pay or too many for the kernel, and for a batch that feeds a sequence several
+        tokens unless every sequence is one run. One run per sequence always pays: the same
+        kernel over the same sequences, minus the copy."""
         tables, page_size = self.page_tables.runs, self.pool.page_size
-        if max(new_lengths) != 1:
-            return self.prefix_runs(requests, seq_lens, new_lengths)
         runs = pack_runs([token_runs(tables[r.table_row], n, page_size) for r, n in zip(requests, seq_lens)])
+        if max(new_lengths) != 1:
+            return runs if runs[0] == 1 else NO_RUNS
         slots = len(runs[1])
         too_short = runs[0] > 1 and sum(seq_lens) < MIN_TOKENS_PER_RUN * slots
         return NO_RUNS if too_short or slots > MAX_VIRTUAL_SEQUENCES else runs
-
-    def prefix_runs(self, requests, seq_lens: list[int], new_lengths: list[int]) -> tuple[int, list[int], list[int]]:
-        """The runs of each sequence's cached prefix (its keys before this step's tokens), padded as
-        ``batch_runs``'s; no runs (gather) when they need more than ``MAX_EXTEND_RUNS`` calls."""
-        tables, page_size = self.page_tables.runs, self.pool.page_size
-        runs = pack_runs([token_runs(tables[r.table_row], n - new, page_size)
-                          for r, n, new in zip(requests, seq_lens, new_lengths)])
-        return NO_RUNS if runs[0] > MAX_EXTEND_RUNS or len(requests) > MAX_VIRTUAL_SEQUENCES else runs
 
     def prepare(self, batch, tree_masks: dict | None = None):
         if not batch.sizes.runs_per_seq or tree_masks:  # stage 14: draft trees attend through their masks
@@ -374,19 +339,19 @@ class PageRunsAttention:
 
 
 class PageRunsExtend:
-    """The ``runs`` backend's attention for a batch with prompt chunks or extends: each new
-    token's K/V is written to its slot, then attention reads the cached prefixes in place and
-    the new keys as the layer made them (``ExtendRunAttention``). Eager only: graphs are for decode."""
+    """The ``runs`` backend's attention for a batch with prompt chunks or extends, each sequence
+    one run: the new tokens' K/V are written to their slots, then every layer attends over the
+    runs in place (``ExtendRunAttention``). Eager only: graphs are for decode."""
 
     def __init__(self, pool, table: torch.Tensor, batch):
         self.pool, page = pool, pool.page_size
         token_rows = batch.seq_rows.repeat_interleave(batch.new_lengths, output_size=batch.sizes.num_tokens)
         self.slots = table[token_rows, batch.positions // page] * page + batch.positions % page
         self.attention = ExtendRunAttention(batch.new_lengths, batch.run_starts, batch.run_lens,
-                                            batch.sizes.num_tokens, batch.sizes.max_new_length, batch.sizes.max_run_len)
+                                            batch.sizes.max_new_length, batch.sizes.max_run_len)
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
         k_pool.index_copy_(0, self.slots, k)
         v_pool.index_copy_(0, self.slots, v)
-        return self.attention(q, k, v, k_pool, v_pool)
+        return self.attention(q, k_pool, v_pool)

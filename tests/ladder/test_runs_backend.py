@@ -24,10 +24,11 @@ def test_runs_give_the_gather_tokens(stage, checkpoints, monkeypatch):
 
         def logging_forward(batch, *args):
             sizes = batch.sizes
-            (decodes if sizes.max_new_length == 1 else extends).append((sizes.runs_per_seq, sizes.max_run_len))
+            (decodes if sizes.max_new_length == 1 else extends).append((sizes.runs_per_seq, sizes.max_run_len,
+                                                                        sizes.max_new_length))
             return forward(batch, *args)
 
         engine.runner.forward = logging_forward
         assert run_rounds(engine) == expected
-    assert max(runs for runs, _ in decodes) >= 2  # decode steps read runs in place (a cached prefix and its own pages)
-    assert any(runs and longest for runs, longest in extends)  # so do later chunks and extends, over their prefixes
+    assert max(runs for runs, _, _ in decodes) >= 2  # decode steps read runs in place (a cached prefix and its own pages)
+    assert any(runs and longest > new for runs, longest, new in extends)  # so do later chunks, with their prefix

@@ -39,7 +39,7 @@ def greedy(max_tokens):
 class RunLog:
     """Wraps ``runner.forward``: the run slots of every decode step (0: no runs, gathered) in
     ``slots``, and of every step that fed a sequence several tokens in ``extends``, as
-    (run slots, longest prefix run): (0, 0) gathered, (R, 0) no sequence had a cached prefix."""
+    (run slots, longest run, most new tokens of a sequence): (0, 0, n) gathered."""
 
     def __init__(self, engine):
         self.slots, self.extends = [], []
@@ -50,14 +50,17 @@ class RunLog:
             if sizes.max_new_length == 1:
                 self.slots.append(sizes.runs_per_seq)
             else:
-                self.extends.append((sizes.runs_per_seq, sizes.max_run_len))
+                self.extends.append((sizes.runs_per_seq, sizes.max_run_len, sizes.max_new_length))
             return forward(batch)
 
         engine.runner.forward = logged
 
-    def prefixes_read_in_place(self, runs: int = 1) -> bool:
-        """Did an extend read a cached prefix of at least ``runs`` runs in place?"""
-        return any(slots >= runs and longest for slots, longest in self.extends)
+    def prefixes_read_in_place(self) -> bool:
+        """Did a step read a cached prefix in place with its new tokens (a run longer than any chunk)?"""
+        return any(slots and longest > new for slots, longest, new in self.extends)
+
+    def extends_gathered(self) -> bool:
+        return any(slots == 0 for slots, _, _ in self.extends)
 
 
 def serve_rounds(engine, kind_seed=0):
@@ -77,8 +80,7 @@ def test_runs_give_the_gather_tokens_with_prefixes_from_the_cache(kind, checkpoi
         log = RunLog(engine)
         assert serve_rounds(engine) == expected
         assert max(log.slots) >= 2  # cached prefix pages and a request's own pages: two runs, merged
-        assert log.prefixes_read_in_place()  # later chunks and cache hits read their prefixes in place
-        assert 0 not in log.slots + [slots for slots, _ in log.extends]  # nothing gathered
+        assert log.prefixes_read_in_place()  # a prompt's later chunks: one run with the chunks before
         engine.flush_cache()
         assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages
 
@@ -93,26 +95,23 @@ def fragment(engine) -> list[int]:
 
 @pytest.mark.parametrize("short_runs", ["read in place", "gathered"])
 def test_a_fragmented_pool_gives_the_same_tokens(short_runs, checkpoints, monkeypatch):
-    """One-page runs, read one by one and merged; by default such short runs are gathered instead
-    (by decode steps below ``MIN_TOKENS_PER_RUN`` tokens a run, by extends past ``MAX_EXTEND_RUNS``)."""
+    """One-page runs, read one by one and merged; by default such short runs are gathered instead.
+    A prompt chunk over several runs always gathers."""
     if short_runs == "read in place":
         monkeypatch.setattr(page_runs, "MIN_TOKENS_PER_RUN", 0)
-        monkeypatch.setattr(page_runs, "MAX_EXTEND_RUNS", 16)
     kwargs = dict(model_path=str(checkpoints["dense"]), device="cpu", page_size=4, kv_cache_bytes=1 << 20,
                   chunked_prefill_size=8)  # a prompt's later chunks extend a fragmented prefix
     with Engine(attention_backend="gather", **kwargs) as engine:
-        expected = [o.token_ids for o in engine.generate_batch(prompts(5, longest=60), greedy(16))]
+        expected = [o.token_ids for o in engine.generate_batch(prompts(5), greedy(16))]
     with Engine(attention_backend="runs", **kwargs) as engine:
         held = fragment(engine)
         log = RunLog(engine)
-        assert [o.token_ids for o in engine.generate_batch(prompts(5, longest=60), greedy(16))] == expected
+        assert [o.token_ids for o in engine.generate_batch(prompts(5), greedy(16))] == expected
         if short_runs == "read in place":
             assert max(log.slots) >= 8  # sequences of 9 or more one-page runs
-            assert log.prefixes_read_in_place(runs=16)  # and chunks over prefixes of 9 or more one-page runs
         else:
             assert set(log.slots) == {0}  # every decode step gathered
-            assert (0, 0) in log.extends  # so did the chunks over prefixes of more than 8 runs
-            assert max(slots for slots, _ in log.extends) <= page_runs.MAX_EXTEND_RUNS
+        assert log.extends_gathered() and not log.prefixes_read_in_place()
         engine.runner.allocator.free_pages(held)
         engine.flush_cache()
         assert engine.runner.allocator.num_free == engine.runner.allocator.num_pages

@@ -95,45 +95,21 @@ def test_empty_run_slots_drop_out_of_the_merge():
     torch.testing.assert_close(padded, alone)
 
 
-@pytest.mark.parametrize("name", ["one-page runs", "long runs", "shared prefix"])
-@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
-def test_an_extend_over_prefix_runs_equals_attention_over_gathered_keys(name, heads, kv_heads):
-    """Sequences feeding 5, 1 and 3 new tokens after cached prefixes laid out as named (the
-    decode row and the chunks in one batch, as a mixed step has them); a fourth feeds a whole
-    prompt with no prefix. The oracle attends each sequence's gathered keys, causally."""
-    gen = torch.Generator().manual_seed(len(name) * heads)
-    num_pages, dim = 64, 16
-    k_pool = torch.randn(num_pages * PAGE, kv_heads, dim, generator=gen, dtype=torch.float64)
-    v_pool = torch.randn(num_pages * PAGE, kv_heads, dim, generator=gen, dtype=torch.float64)
-    tables = layout(name, gen, num_pages) + [[]]
-    prefix_lens = [len(t) * PAGE - i for i, t in enumerate(tables[:3])] + [0]
-    new_lens = [5, 1, 3, 6]
-    ranges = []
-    for table, prefix in zip(tables, prefix_lens):
-        runs = []
-        extend_runs(runs, table)
-        ranges.append(token_runs(runs, prefix, PAGE))
-    _, starts, lens = pack_runs(ranges)
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])  # plain and grouped KV heads
+def test_an_extend_over_one_run_each_equals_causal_attention_over_gathered_keys(heads, kv_heads):
+    """Sequences feeding 5, 1, 3 and 6 new tokens (the last a whole prompt) after cached prefixes,
+    each sequence's keys one run of the pool (its new ones already written, as the engine does)."""
+    gen = torch.Generator().manual_seed(heads)
+    dim = 16
+    k_pool = torch.randn(256, kv_heads, dim, generator=gen, dtype=torch.float64)
+    v_pool = torch.randn(256, kv_heads, dim, generator=gen, dtype=torch.float64)
+    starts, seq_lens, new_lens = [40, 4, 120, 200], [17, 9, 30, 6], [5, 1, 3, 6]
     q = torch.randn(sum(new_lens), heads, dim, generator=gen, dtype=torch.float64)
-    k, v = torch.randn(2, sum(new_lens), kv_heads, dim, generator=gen, dtype=torch.float64)
-    attention = ExtendRunAttention(torch.tensor(new_lens), torch.tensor(starts), torch.tensor(lens),
-                                   sum(new_lens), max(new_lens), max(lens))
-    got = attention(q, k, v, k_pool, v_pool)
+    attention = ExtendRunAttention(torch.tensor(new_lens), torch.tensor(starts), torch.tensor(seq_lens),
+                                   max(new_lens), max(seq_lens))
+    got = attention(q, k_pool, v_pool)
     first = 0
-    for table, prefix, new in zip(tables, prefix_lens, new_lens):
-        slots = torch.tensor([table[p // PAGE] * PAGE + p % PAGE for p in range(prefix)], dtype=torch.long)
-        rows = slice(first, first + new)
-        keys, values = torch.cat([k_pool[slots], k[rows]]), torch.cat([v_pool[slots], v[rows]])
-        torch.testing.assert_close(got[rows], causal_attention(q[rows], keys, values), rtol=1e-10, atol=1e-10)
+    for start, seq_len, new in zip(starts, seq_lens, new_lens):
+        rows, keys = slice(first, first + new), slice(start, start + seq_len)
+        torch.testing.assert_close(got[rows], causal_attention(q[rows], k_pool[keys], v_pool[keys]), rtol=1e-10, atol=1e-10)
         first += new
-
-
-def test_an_extend_without_prefixes_is_plain_causal_attention():
-    """Fresh prompts: one causal part, whatever the (empty) runs point at."""
-    gen = torch.Generator().manual_seed(5)
-    k_pool, v_pool = torch.randn(2, 32, 2, 8, generator=gen)
-    q, k, v = torch.randn(3, 7, 2, 8, generator=gen)
-    attention = ExtendRunAttention(torch.tensor([3, 4]), torch.tensor([4, 12]), torch.tensor([0, 0]), 7, 4, 0)
-    got = attention(q, k, v, k_pool, v_pool)
-    torch.testing.assert_close(got[:3], causal_attention(q[:3], k[:3], v[:3]))
-    torch.testing.assert_close(got[3:], causal_attention(q[3:], k[3:], v[3:]))
