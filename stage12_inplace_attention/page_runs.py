@@ -228,16 +228,16 @@ class ExtendRunAttention:
         self.max_q, self.max_k = max_new_length, max_run_len
         self.cu_seqlens_q = F.pad(new_lengths.cumsum(0), (1, 0)).int()
         self.cu_seqlens_k = F.pad(run_starts.int(), (0, 1))  # with lengths given, only the starts are read
-        self.run_lens = run_lens
+        self.seqused_k = run_lens.int()
 
     def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """``q [T, heads, d]`` against one layer's whole pool ``[slots, kv_heads, d]`` -> ``[T, heads, d]``."""
         if q.is_cuda and q.dtype in FLASH_DTYPES:
             return flash_with_lse(q, k_pool, v_pool, self.cu_seqlens_q, self.cu_seqlens_k, self.max_q, self.max_k,
-                                  causal=True, seqused_k=self.run_lens.int())[0]
+                                  causal=True, seqused_k=self.seqused_k)[0]
         out = torch.empty_like(q)  # the reference: sequence by sequence with plain matmuls (CPU, fp32)
         bounds = self.cu_seqlens_q.tolist()
-        for b, (start, length) in enumerate(zip(self.cu_seqlens_k.tolist(), self.run_lens.tolist())):
+        for b, (start, length) in enumerate(zip(self.cu_seqlens_k.tolist(), self.seqused_k.tolist())):
             rows = slice(bounds[b], bounds[b + 1])
             keys, values = k_pool[start : start + length], v_pool[start : start + length]
             out[rows] = attention_with_lse(q[rows], keys, values, causal=True)[0].to(q.dtype)

@@ -228,16 +228,16 @@ class ExtendRunAttention:
         self.max_q, self.max_k = max_new_length, max_run_len
         self.cu_seqlens_q = F.pad(new_lengths.cumsum(0), (1, 0)).int()
         self.cu_seqlens_k = F.pad(run_starts.int(), (0, 1))  # with lengths given, only the starts are read
-        self.run_lens = run_lens
+        self.seqused_k = run_lens.int()
 
     def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """``q [T, heads, d]`` against one layer's whole pool ``[slots, kv_heads, d]`` -> ``[T, heads, d]``."""
         if q.is_cuda and q.dtype in FLASH_DTYPES:
             return flash_with_lse(q, k_pool, v_pool, self.cu_seqlens_q, self.cu_seqlens_k, self.max_q, self.max_k,
-                                  causal=True, seqused_k=self.run_lens.int())[0]
+                                  causal=True, seqused_k=self.seqused_k)[0]
         out = torch.empty_like(q)  # the reference: sequence by sequence with plain matmuls (CPU, fp32)
         bounds = self.cu_seqlens_q.tolist()
-        for b, (start, length) in enumerate(zip(self.cu_seqlens_k.tolist(), self.run_lens.tolist())):
+        for b, (start, length) in enumerate(zip(self.cu_seqlens_k.tolist(), self.seqused_k.tolist())):
             rows = slice(bounds[b], bounds[b + 1])
             keys, values = k_pool[start : start + length], v_pool[start : start + length]
             out[rows] = attention_with_lse(q[rows], keys, values, causal=True)[0].to(q.dtype)
@@ -279,15 +279,18 @@ class RunsBackend(GatherBackend):
 
     def graph_key(self, batch, bs: int) -> GraphKey | None:
         runs_per_seq = batch.sizes.runs_per_seq
-        # One sequence keeps the gather graph (see cuda_graph_runner.py); so does a verify batch (stage 14).
-        if not runs_per_seq or bs == 1 or batch.sizes.max_new_length > 1:
+        if not runs_per_seq or bs == 1:  # one sequence keeps the gather graph (see cuda_graph_runner.py)
             return super().graph_key(batch, bs)
+        if batch.sizes.max_new_length > 1:  # stage 14: a verify batch, each sequence one run
+            return GraphKey(bs, 0, 1, batch.sizes.max_new_length)
         return GraphKey(bs, 0, runs_per_seq) if runs_per_seq <= MAX_RUNS_PER_SEQ else None
 
     def graph_attention(self, graphs, key: GraphKey):
         if not key.runs_per_seq:
             return super().graph_attention(graphs, key)
         bs = key.batch_size
+        if key.width > 1:
+            return VerifyRunsGraphAttention(self.pool, bs, key.width, graphs.max_context, graphs.padding_slot)
         # The graph's own run buffers, filled before each replay; recorded on padding rows.
         starts, lens = torch.zeros(2, bs * key.runs_per_seq, dtype=torch.int64, device=graphs.seq_rows.device)
         attention = PageRunsAttention(self.pool, self.page_tables.table, graphs.seq_rows[:bs], graphs.seq_lens[:bs],
@@ -349,6 +352,45 @@ class PageRunsExtend:
         self.slots = table[token_rows, batch.positions // page] * page + batch.positions % page
         self.attention = ExtendRunAttention(batch.new_lengths, batch.run_starts, batch.run_lens,
                                             batch.sizes.max_new_length, batch.sizes.max_run_len)
+
+    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
+        k_pool.index_copy_(0, self.slots, k)
+        v_pool.index_copy_(0, self.slots, v)
+        return self.attention(q, k_pool, v_pool)
+
+
+class VerifyRunsGraphAttention:
+    """Stage 14: a verify graph's attention over runs. Every sequence feeds ``width`` tokens and is
+    one run of the pool, its new tokens the run's last ``width`` slots; one causal call reads
+    the runs in place (``ExtendRunAttention``), as an eager verify does.
+
+    The graph owns the run buffers; ``fill_inputs`` copies a batch's runs in before a replay,
+    and a padding row is a run of ``width`` slots on the padding page (where its tokens go).
+    """
+
+    def __init__(self, pool, bs: int, width: int, max_context: int, padding_slot: int):
+        self.pool, self.width, self.padding_slot = pool, width, padding_slot
+        self.run_starts, self.run_lens = torch.zeros(2, bs, dtype=torch.int64, device=pool.k.device)
+        self.new_lengths = torch.full((bs,), width, dtype=torch.int64, device=pool.k.device)
+        self.newest = torch.arange(width, device=pool.k.device) - width  # offsets from a run's end
+        self.max_context = max_context
+        self.pad_rows(0)
+
+    def begin_step(self) -> None:
+        """Recorded with the forward: the new tokens' slots and the step's plan, from the buffers."""
+        self.slots = ((self.run_starts + self.run_lens)[:, None] + self.newest).flatten()
+        self.attention = ExtendRunAttention(self.new_lengths, self.run_starts, self.run_lens, self.width, self.max_context)
+
+    def fill_inputs(self, batch) -> None:
+        n = batch.sizes.num_seqs
+        self.run_starts[:n] = batch.run_starts
+        self.run_lens[:n] = batch.run_lens
+        if n < len(self.run_starts):
+            self.pad_rows(n)
+
+    def pad_rows(self, first: int) -> None:
+        self.run_starts[first:], self.run_lens[first:] = self.padding_slot, self.width
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]

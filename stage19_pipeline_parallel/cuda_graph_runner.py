@@ -52,6 +52,8 @@ number of guesses (the engine pads short drafts with guesses that are never
 kept), so it has a fixed **width** too: ``(batch bucket, key bucket, 0,
 width)``. Its graph gathers the keys as a decode graph does, writes ``width``
 new tokens per sequence, and attends them causally; every row gets logits.
+With runs, a verify batch of sequences that are each one run is keyed
+``(batch bucket, 0, 1, width)`` and reads them in place instead.
 
 Stage 15: a batch with LoRA rows replays a graph recorded with the adapters'
 matmuls, keyed ``(..., lora=True)`` and recorded at its first use; each

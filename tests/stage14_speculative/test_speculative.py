@@ -13,6 +13,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from checkpoints import KINDS, write_checkpoint, write_near_copy
 from stage13_structured import Engine as Stage13Engine
@@ -84,7 +85,7 @@ def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
     with Stage13Engine(model_path=str(checkpoints["dense"]), device="cpu") as before:
         expected = [outputs(before, batch, **{**GREEDY, "max_tokens": n}) for batch, n in batches]
     with Engine(model_path=str(checkpoints["dense"]), device="cpu", speculative_algorithm="NGRAM",
-                attention_backend="runs") as engine:  # decode steps over runs, verifies gathered, as on CUDA
+                attention_backend="runs") as engine:  # decode steps and verifies over runs, as on CUDA
         runner = engine.runner
         runner.graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 4,
                                         runner.config.max_position_embeddings, capture=False)
@@ -98,6 +99,8 @@ def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
     assert verified and {bucket.width for bucket, _ in verified} == {width}
     assert any(n < bucket.batch_size for bucket, n in verified), "a verify graph ran with padding rows"
     assert any(bucket[0] == 1 for bucket, _ in verified), "a one-sequence verify graph ran (SDPA with a causal mask)"
+    assert any(bucket.batch_size > 1 and bucket.runs_per_seq == 1 for bucket, _ in verified), \
+        "a verify graph read its runs in place"
 
 
 def test_a_draft_tree_gives_stage13_tokens_in_fewer_verifies_than_a_chain(checkpoints, near_draft):
@@ -234,3 +237,20 @@ def test_command_line_flags_are_sglangs():
                                       "--speculative-eagle-topk", "1"])
     assert (args.speculative_algorithm, args.speculative_draft_model_path, args.speculative_num_steps,
             args.speculative_num_draft_tokens, args.speculative_eagle_topk) == ("STANDALONE", "d", 3, 4, 1)
+
+
+def test_a_verify_graph_over_runs_writes_each_row_at_its_runs_end_and_padding_on_the_padding_page():
+    """Each sequence's ``width`` new tokens are its run's last slots; padding rows write only the
+    padding page (their run is ``width`` slots there), however junk the buffers were."""
+    from types import SimpleNamespace
+
+    from stage14_speculative.page_runs import VerifyRunsGraphAttention
+
+    pool = SimpleNamespace(k=torch.zeros(1, 64, 1, 2), v=torch.zeros(1, 64, 1, 2), page_size=8)
+    attention = VerifyRunsGraphAttention(pool, bs=4, width=3, max_context=64, padding_slot=40)
+    attention.run_starts.fill_(5)
+    attention.run_lens.fill_(5)
+    batch = SimpleNamespace(sizes=SimpleNamespace(num_seqs=2), run_starts=torch.tensor([0, 16]), run_lens=torch.tensor([10, 5]))
+    attention.fill_inputs(batch)
+    attention.begin_step()
+    assert attention.slots.tolist() == [7, 8, 9, 18, 19, 20, 40, 41, 42, 40, 41, 42]
