@@ -53,14 +53,36 @@ def page_tables(allocator: PageAllocator, batch: int, context: int, run_pages: i
     return tables
 
 
-def decode_step(batch: int, context: int, run_pages: int | None, device: torch.device):
-    """Pool, tables and the two ForwardBatches (runs / gather) of one decode step."""
-    pages = math.ceil(context / PAGE)
-    num_pages = batch * pages * 2 + 16
+def one_layer_pool(num_pages: int, device: torch.device) -> PagedKVPool:
+    """One layer's bf16 KV pool of Qwen3-0.6B's KV shapes, filled with random keys and values."""
     config = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
     pool = PagedKVPool(config, num_pages, PAGE, device, torch.bfloat16)
     pool.k.normal_()
     pool.v.normal_()
+    return pool
+
+
+def report(result: dict, results: list[dict]) -> None:
+    """Print a case's medians (not every repeat) and keep it for the JSON report."""
+    torch.cuda.empty_cache()  # the pool and graphs of this case are gone
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("_runs")}), flush=True)
+    results.append(result)
+
+
+def write_report(path: str | None, results: list[dict]) -> None:
+    """The JSON report: the card, torch, the shapes, every case."""
+    if path:
+        report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, page_size=PAGE,
+                      shapes=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM), results=results)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def decode_step(batch: int, context: int, run_pages: int | None, device: torch.device):
+    """Pool, tables and the two ForwardBatches (runs / gather) of one decode step."""
+    pages = math.ceil(context / PAGE)
+    num_pages = batch * pages * 2 + 16
+    pool = one_layer_pool(num_pages, device)
     tables = DevicePageTables(batch, pages, device)
     updates = ([], [], [])
     for table in page_tables(PageAllocator(num_pages), batch, context, run_pages):
@@ -137,15 +159,8 @@ def main(argv=None) -> list[dict]:
         for run_pages in [None] + (args.run_pages or [1]):
             if run_pages and batch * math.ceil(context / PAGE / run_pages) > MAX_VIRTUAL_SEQUENCES:
                 continue  # more runs than the kernel takes: the engine gathers such a batch
-            result = measure(batch, context, run_pages, args.repeats)
-            torch.cuda.empty_cache()  # the pool and graphs of this case are gone
-            print(json.dumps({k: v for k, v in result.items() if not k.endswith("_runs")}), flush=True)
-            results.append(result)
-    if args.out:
-        report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, page_size=PAGE,
-                      shapes=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM), results=results)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+            report(measure(batch, context, run_pages, args.repeats), results)
+    write_report(args.out, results)
     return results
 
 

@@ -20,17 +20,16 @@ is the largest difference between the two outputs.
 """
 
 import argparse
-import json
 import math
 import statistics
 from types import SimpleNamespace
 
 import torch
 
-from benchmarks.attention_runs import HEAD_DIM, HEADS, KV_HEADS, PAGE
+from benchmarks.attention_runs import HEAD_DIM, HEADS, KV_HEADS, PAGE, one_layer_pool, report, write_report
 from stage12_inplace_attention.attention_backend import ATTENTION_BACKENDS
 from stage12_inplace_attention.forward_batch import ForwardBatch
-from stage12_inplace_attention.kv_cache import DevicePageTables, PagedKVPool
+from stage12_inplace_attention.kv_cache import DevicePageTables
 from stage12_inplace_attention.page_allocator import PageAllocator
 
 # (sequences, cached prefix, new tokens): a fresh prompt, later chunks of a long one, prefix-cache
@@ -43,10 +42,7 @@ def extend_step(seqs: int, prefix: int, new: int, device: torch.device):
     """Pool, tables and the two ForwardBatches (runs / gather) of one extend step."""
     pages = math.ceil((prefix + new) / PAGE)
     num_pages = 2 * seqs * pages + 16
-    config = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM)
-    pool = PagedKVPool(config, num_pages, PAGE, device, torch.bfloat16)
-    pool.k.normal_()
-    pool.v.normal_()
+    pool = one_layer_pool(num_pages, device)
     tables = DevicePageTables(seqs, pages, device)
     allocator, updates = PageAllocator(num_pages), ([], [], [])
     prefix_pages = math.ceil(prefix / PAGE)  # requests that grew side by side, then each its new pages
@@ -111,15 +107,8 @@ def main(argv=None) -> list[dict]:
     results = []
     cases = [tuple(map(int, case.split(","))) for case in args.case] or CASES
     for seqs, prefix, new in cases:
-        result = measure(seqs, prefix, new, args.repeats, args.calls)
-        torch.cuda.empty_cache()
-        print(json.dumps({k: v for k, v in result.items() if not k.endswith("_runs")}), flush=True)
-        results.append(result)
-    if args.out:
-        report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, page_size=PAGE,
-                      shapes=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM), results=results)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        report(measure(seqs, prefix, new, args.repeats, args.calls), results)
+    write_report(args.out, results)
     return results
 
 

@@ -93,8 +93,8 @@ def token_runs(runs: list[list[int]], seq_len: int, page_size: int) -> list[tupl
 
 
 def runs_per_seq(num_runs: int) -> int:
-    """Runs per sequence for a batch whose longest run list has ``num_runs``: a power of two (1 for none)."""
-    return 1 << max(num_runs - 1, 0).bit_length()
+    """Runs per sequence for a batch whose longest run list has ``num_runs``: a power of two."""
+    return 1 << (num_runs - 1).bit_length()
 
 
 def pack_runs(ranges: list[list[tuple[int, int]]]) -> tuple[int, list[int], list[int]]:

@@ -93,8 +93,8 @@ def token_runs(runs: list[list[int]], seq_len: int, page_size: int) -> list[tupl
 
 
 def runs_per_seq(num_runs: int) -> int:
-    """Runs per sequence for a batch whose longest run list has ``num_runs``: a power of two (1 for none)."""
-    return 1 << max(num_runs - 1, 0).bit_length()
+    """Runs per sequence for a batch whose longest run list has ``num_runs``: a power of two."""
+    return 1 << (num_runs - 1).bit_length()
 
 
 def pack_runs(ranges: list[list[tuple[int, int]]]) -> tuple[int, list[int], list[int]]:
@@ -344,7 +344,7 @@ class PageRunsAttention:
 class PageRunsExtend:
     """The ``runs`` backend's attention for a batch with prompt chunks or extends, each sequence
     one run: the new tokens' K/V are written to their slots, then every layer attends over the
-    runs in place (``ExtendRunAttention``). Eager only: graphs are for decode."""
+    runs in place (``ExtendRunAttention``). Eager; a verify graph uses ``VerifyRunsGraphAttention``."""
 
     def __init__(self, pool, table: torch.Tensor, batch):
         self.pool, page = pool, pool.page_size
@@ -360,13 +360,14 @@ class PageRunsExtend:
         return self.attention(q, k_pool, v_pool)
 
 
-class VerifyRunsGraphAttention:
+class VerifyRunsGraphAttention(PageRunsExtend):
     """Stage 14: a verify graph's attention over runs. Every sequence feeds ``width`` tokens and is
     one run of the pool, its new tokens the run's last ``width`` slots; one causal call reads
     the runs in place (``ExtendRunAttention``), as an eager verify does.
 
     The graph owns the run buffers; ``fill_inputs`` copies a batch's runs in before a replay,
     and a padding row is a run of ``width`` slots on the padding page (where its tokens go).
+    Writing and attending is ``PageRunsExtend``'s; only the plan comes from the buffers.
     """
 
     def __init__(self, pool, bs: int, width: int, max_context: int, padding_slot: int):
@@ -391,9 +392,3 @@ class VerifyRunsGraphAttention:
 
     def pad_rows(self, first: int) -> None:
         self.run_starts[first:], self.run_lens[first:] = self.padding_slot, self.width
-
-    def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
-        k_pool.index_copy_(0, self.slots, k)
-        v_pool.index_copy_(0, self.slots, v)
-        return self.attention(q, k_pool, v_pool)
