@@ -226,7 +226,7 @@ class GatherGraphAttention(GatherAttention):
         if self.single_sequence:
             # Made once per step for every layer (SDPA would turn a boolean mask into this in each).
             zero = torch.zeros((), dtype=self.pool.k.dtype, device=key.device)
-            self.key_bias = torch.where(real, zero, float("-inf"))[None, :]  # [queries, keys]: one query
+            self.key_bias = torch.where(real, zero, float("-inf"))[None, None, None, :]  # [1, heads, queries, keys]: one of each
 
     def fill_inputs(self, batch) -> None:
         """Nothing of its own to fill: the runner's buffers hold all it reads."""
@@ -241,5 +241,5 @@ class GatherGraphAttention(GatherAttention):
         # sequence the buffer reads the padding slot, which the runner zeroes at start.
         keys, values = k_pool[self.key_slots].transpose(0, 1), v_pool[self.key_slots].transpose(0, 1)  # [kv_heads, K, d]
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                             attn_mask=self.key_bias[None, None], enable_gqa=True)  # [1, heads, queries, d]
+                                             attn_mask=self.key_bias, enable_gqa=True)  # [1, heads, queries, d]
         return out[0].transpose(0, 1)

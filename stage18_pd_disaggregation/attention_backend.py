@@ -252,7 +252,7 @@ class GatherGraphAttention(GatherAttention):
         if self.single_sequence:
             # Made once per step for every layer (SDPA would turn a boolean mask into this in each).
             zero = torch.zeros((), dtype=self.pool.k.dtype, device=key.device)
-            self.key_bias = torch.where(real, zero, float("-inf"))[None, :]  # [queries, keys]: one query
+            self.key_bias = torch.where(real, zero, float("-inf"))[None, None, None, :]  # [1, heads, queries, keys]: one of each
 
     def fill_inputs(self, batch) -> None:
         """Nothing of its own to fill: the runner's buffers hold all it reads."""
@@ -267,7 +267,7 @@ class GatherGraphAttention(GatherAttention):
         # sequence the buffer reads the padding slot, which the runner zeroes at start.
         keys, values = k_pool[self.key_slots].transpose(0, 1), v_pool[self.key_slots].transpose(0, 1)  # [kv_heads, K, d]
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                             attn_mask=self.key_bias[None, None], enable_gqa=True)  # [1, heads, queries, d]
+                                             attn_mask=self.key_bias, enable_gqa=True)  # [1, heads, queries, d]
         return out[0].transpose(0, 1)
 
 
@@ -297,19 +297,14 @@ class VerifyGraphAttention(GatherGraphAttention):
         if self.single_sequence:  # query i sees the keys up to its own position: [width, num_keys]
             zero = torch.zeros((), dtype=self.pool.k.dtype, device=ends.device)
             key = torch.arange(self.num_keys, device=ends.device)
-            self.key_bias = torch.where(key[None, :] <= ends[0] + self.newest[:, None], zero, float("-inf"))
-            self.head_bias = None  # the mask per (head, query) pair, made by the first layer
+            self.query_bias = torch.where(key[None, :] <= ends[0] + self.newest[:, None], zero, float("-inf"))
+            self.key_bias = None  # one row per (head, query) pair, made by the first layer
 
     def __call__(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.single_sequence:
             return super().__call__(layer_index, q, k, v)
-        k_pool, v_pool = self.pool.k[layer_index], self.pool.v[layer_index]
-        k_pool.index_copy_(0, self.slots, k)
-        v_pool.index_copy_(0, self.slots, v)
         width, heads, dim = q.shape
-        if self.head_bias is None:  # pair (h, i) is head h * width + i and sees what query i sees
-            self.head_bias = self.key_bias.repeat(heads, 1)[None, :, None, :]  # [1, heads * width, 1, keys]
-        pairs = q.transpose(0, 1).reshape(1, heads * width, 1, dim)  # a KV head's pairs stay side by side
-        keys, values = k_pool[self.key_slots].transpose(0, 1), v_pool[self.key_slots].transpose(0, 1)  # [kv_heads, K, d]
-        out = F.scaled_dot_product_attention(pairs, keys[None], values[None], attn_mask=self.head_bias, enable_gqa=True)
-        return out.view(heads, width, dim).transpose(0, 1)
+        if self.key_bias is None:  # pair (h, i) is head h * width + i, and sees what query i sees
+            self.key_bias = self.query_bias.repeat(heads, 1)[None, :, None, :]  # [1, heads * width, 1, keys]
+        pairs = q.transpose(0, 1).reshape(1, heads * width, dim)  # one query; a KV head's pairs side by side
+        return super().__call__(layer_index, pairs, k, v).reshape(heads, width, dim).transpose(0, 1)
