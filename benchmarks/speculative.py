@@ -15,7 +15,9 @@ guesses (k = 0 is a plain decode step): the engine's whole step (launch,
 sampling or verification, reading the tokens), the median of ``--iters``
 runs, as it runs (decode and verify from their CUDA graphs) and eagerly. From
 a measured accept length ``a`` (tokens per verify), the speed-up of a step
-is ``a * t_decode / t_verify``.
+is ``a * t_decode / t_verify``. ``--profile`` also counts, over ten graph-replayed
+steps under torch.profiler, the kernels a step launches and the GPU time they
+take (where a verify spends what a decode step does not).
 """
 
 import argparse
@@ -26,8 +28,10 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.__main__ import environment, resolve_model
+from benchmarks.step_profile import kernel_time_us
 
 CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n    return a * b\n"
 PASSAGE = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
@@ -96,10 +100,11 @@ def verify_step(args) -> dict:
         for k in args.guesses:
             step = functools.partial(one_step, runner, requests, k, rng, vocab)
             step_ms = timed(step, args.iters)
+            profiled = profiled_step(step) if args.profile else {}
             graphs, runner.graphs = runner.graphs, None
             eager_ms = timed(step, args.iters)
             runner.graphs = graphs
-            results.append(dict(batch=bs, guesses=k, step_ms=round(step_ms, 3), eager_step_ms=round(eager_ms, 3)))
+            results.append(dict(batch=bs, guesses=k, step_ms=round(step_ms, 3), eager_step_ms=round(eager_ms, 3), **profiled))
             print(results[-1], flush=True)
         for i in ids:
             engine.abort_request(i)
@@ -125,6 +130,18 @@ def restore(runner, requests, starts) -> None:
     for r, start in zip(requests, starts):
         r.pending_tokens, r.num_cached, r.draft = r.pending_tokens - 1, start, []  # launch counted its token
         runner.truncate_cache(r)
+
+
+def profiled_step(step, steps: int = 10) -> dict:
+    """Kernels (and copies) per step and the GPU time they take, over ``steps`` steps under torch.profiler."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return dict(kernels_per_step=round(kernels / steps, 1), gpu_ms_per_step=round(kernel_time_us(prof) / steps / 1000, 3))
 
 
 def timed(fn, iters: int) -> float:
@@ -160,6 +177,7 @@ def main(argv=None) -> int:
     step.add_argument("--context", type=int, default=512)
     step.add_argument("--iters", type=int, default=20)
     step.add_argument("--kv-cache-bytes", type=int, default=16 << 30)
+    step.add_argument("--profile", action="store_true", help="also count kernels and GPU time per step (torch.profiler)")
     step.add_argument("--out")
     args = parser.parse_args(argv)
     report = end_to_end(args) if args.command == "end-to-end" else verify_step(args)

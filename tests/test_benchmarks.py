@@ -1,5 +1,6 @@
 """The benchmark harness runs end to end on a tiny workload (its figures are not asserted)."""
 
+import argparse
 import json
 
 import pytest
@@ -196,3 +197,17 @@ def test_prompt_flops_count_every_projection_and_the_causal_attention(checkpoint
     head = 2 * config.hidden_size * config.vocab_size
     assert prompt_flops(config, length) == 2 * projections * length + attention + head
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("some other card") is None
+
+
+def test_the_verify_step_benchmark_times_and_profiles_steps_on_the_cpu(checkpoints):
+    """Each (batch, guesses) pair is timed with and without graphs and, with ``--profile``, counted
+    under torch.profiler (no CUDA kernels on the CPU); each step is undone, so the next starts alike."""
+    from benchmarks import speculative
+
+    report = speculative.verify_step(argparse.Namespace(
+        model=str(checkpoints["dense"]), device="cpu", batch_sizes=[1, 2], guesses=[0, 3], context=24, iters=1,
+        kv_cache_bytes=8 << 20, profile=True))
+    rows = [(r["batch"], r["guesses"]) for r in report["results"]]
+    assert rows == [(1, 0), (1, 3), (2, 0), (2, 3)]
+    assert all(r["step_ms"] > 0 and r["kernels_per_step"] == 0 and r["gpu_ms_per_step"] == 0 for r in report["results"])
+    assert [r["step_vs_decode"] for r in report["results"] if r["guesses"] == 0] == [1.0, 1.0]
