@@ -103,6 +103,27 @@ def test_verify_steps_through_uncaptured_graphs_equal_stage13(checkpoints):
         "a verify graph read its runs in place"
 
 
+def test_verifies_wider_than_a_page_run_eagerly_with_stage13_tokens(checkpoints):
+    """A verify graph's padding rows write their ``width`` tokens on the padding page, the pool's
+    last: with pages narrower than a verify (page size 2) they would run past the pool, so such
+    verifies run eagerly (``CudaGraphRunner.bucket``) while decode steps still replay graphs."""
+    prompts = REPEATING + [[40, 41, 40, 41, 40]]
+    batches = [(prompts, 20), (prompts[:3], 19)]  # 4 sequences, then 3 (a graph would pad a row)
+    with Stage13Engine(model_path=str(checkpoints["dense"]), device="cpu", page_size=2) as before:
+        expected = [outputs(before, batch, **{**GREEDY, "max_tokens": n}) for batch, n in batches]
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", speculative_algorithm="NGRAM", page_size=2,
+                attention_backend="runs") as engine:
+        runner = engine.runner
+        runner.graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 4,
+                                        runner.config.max_position_embeddings, capture=False)
+        used, run = [], runner.graphs.run
+        runner.graphs.run = lambda batch, bucket: used.append(bucket) or run(batch, bucket)
+        got = [outputs(engine, batch, **{**GREEDY, "max_tokens": n}) for batch, n in batches]
+        assert engine.speculator.num_guesses + 1 > 2 and engine.speculator.spec_verify_ct > 0
+    assert [[o.token_ids for o in out] for out in got] == [[o.token_ids for o in out] for out in expected]
+    assert used and all(bucket.width == 1 for bucket in used), "only decode steps replay graphs"
+
+
 def test_a_draft_tree_gives_stage13_tokens_in_fewer_verifies_than_a_chain(checkpoints, near_draft):
     """A near copy of the target guesses; with ``eagle_topk=3`` each depth also offers its next two
     best tokens. Where the chain's guess is wrong and an alternative right, the tree keeps it (its
