@@ -45,7 +45,7 @@ of this file; ``attention_backend.py`` says what a backend is).
 import torch
 import torch.nn.functional as F
 
-from common.attention import FLASH_DTYPES
+from common.attention import FLASH_DTYPES, causal_attention
 
 from .attention_backend import GatherBackend, register_backend
 from .cuda_graph_runner import GraphKey
@@ -123,19 +123,15 @@ def flash_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int, 
     return out, lse.t()  # the kernel gives lse as [heads, Tq]
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
-    """One sequence's attention with plain matmuls (the reference; fp32 at least, as the kernel
-    accumulates): ``q [n, heads, d]`` over ``k, v [L, kv_heads, d]`` -> ``(out [n, heads, d], lse [n, heads])``.
-    Causal: the queries are the newest ``n`` of the ``L`` positions."""
-    (n, heads, dim), total = q.shape, k.shape[0]
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """One run's attention with plain matmuls (the reference; fp32 at least, as the kernel
+    accumulates): ``q [n, heads, d]`` over all of ``k, v [L, kv_heads, d]`` -> ``(out [n, heads, d], lse [n, heads])``."""
+    heads, dim = q.shape[1:]
     wide = torch.promote_types(q.dtype, torch.float32)
     groups = heads // k.shape[1]
     q = q.transpose(0, 1).to(wide)  # [heads, n, d]
     k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1).to(wide) for t in (k, v))  # [heads, L, d]
     scores = q @ k.transpose(1, 2) * dim**-0.5  # [heads, n, L]
-    if causal:
-        sees = torch.arange(total)[None, :] <= torch.arange(total - n, total)[:, None]
-        scores = scores.masked_fill(~sees.to(scores.device), float("-inf"))
     out = (scores.softmax(-1) @ v).transpose(0, 1)
     return out, scores.logsumexp(-1).t()
 
@@ -196,7 +192,7 @@ class RunAttention:
             if length:  # run i's query rows [G, KVH, d] over its keys [L, KVH, d]
                 run = slice(i * groups, (i + 1) * groups)
                 out[run], lse[run] = attention_with_lse(rows[run], k_pool[start : start + length],
-                                                        v_pool[start : start + length], causal=False)
+                                                        v_pool[start : start + length])
         return out, lse
 
 
@@ -235,12 +231,12 @@ class ExtendRunAttention:
         if q.is_cuda and q.dtype in FLASH_DTYPES:
             return flash_with_lse(q, k_pool, v_pool, self.cu_seqlens_q, self.cu_seqlens_k, self.max_q, self.max_k,
                                   causal=True, seqused_k=self.seqused_k)[0]
-        out = torch.empty_like(q)  # the reference: sequence by sequence with plain matmuls (CPU, fp32)
+        out = torch.empty_like(q)  # elsewhere (CPU, fp32): sequence by sequence, as the gather path attends a prompt
         bounds = self.cu_seqlens_q.tolist()
         for b, (start, length) in enumerate(zip(self.cu_seqlens_k.tolist(), self.seqused_k.tolist())):
             rows = slice(bounds[b], bounds[b + 1])
             keys, values = k_pool[start : start + length], v_pool[start : start + length]
-            out[rows] = attention_with_lse(q[rows], keys, values, causal=True)[0].to(q.dtype)
+            out[rows] = causal_attention(q[rows], keys, values)
         return out
 
 
