@@ -110,14 +110,15 @@ def graph_of(fn):
     return graph, out
 
 
-def time_ms(graph, replays: int = 50) -> float:
+def time_ms(fn, calls: int = 50) -> float:
+    """Mean GPU milliseconds of ``fn`` (a graph's ``replay``, or an eager call) over ``calls`` calls in a row."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(replays):
-        graph.replay()
+    for _ in range(calls):
+        fn()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / replays
+    return start.elapsed_time(end) / calls
 
 
 def measure(batch: int, context: int, run_pages: int | None, repeats: int) -> dict:
@@ -135,7 +136,7 @@ def measure(batch: int, context: int, run_pages: int | None, repeats: int) -> di
     times = {name: [] for name in graphs}
     for _ in range(repeats):  # interleaved
         for name, (graph, _) in graphs.items():
-            times[name].append(time_ms(graph))
+            times[name].append(time_ms(graph.replay))
     error = (graphs["runs"][1].float() - graphs["gather"][1].float()).abs().max().item()
     result = dict(batch=batch, context=context, layout=f"runs of {run_pages} pages" if run_pages else "allocator",
                   runs_per_seq=slots, max_abs_error=round(error, 5))

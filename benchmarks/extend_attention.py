@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.attention_runs import HEAD_DIM, HEADS, KV_HEADS, PAGE, one_layer_pool, report, write_report
+from benchmarks.attention_runs import HEAD_DIM, HEADS, KV_HEADS, PAGE, one_layer_pool, report, time_ms, write_report
 from stage12_inplace_attention.attention_backend import ATTENTION_BACKENDS
 from stage12_inplace_attention.forward_batch import ForwardBatch
 from stage12_inplace_attention.kv_cache import DevicePageTables
@@ -60,16 +60,6 @@ def extend_step(seqs: int, prefix: int, new: int, device: torch.device):
     runs = ATTENTION_BACKENDS["runs"](pool, tables).batch_runs(requests, seq_lens, new_lengths)
     common = (device, [0] * len(positions), positions, rows, new_lengths, seq_lens, [], ([], [], []))
     return pool, tables, ForwardBatch.build(*common, runs), ForwardBatch.build(*common), runs[0]
-
-
-def time_ms(fn, calls: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def measure(seqs: int, prefix: int, new: int, repeats: int, calls: int) -> dict:
