@@ -12,11 +12,14 @@ runs such steps:
 * ``gather``: every key of every sequence copied into one packed buffer, then
   one causal flash call (stages 02-11);
 * ``runs``: the same causal call over the pool in place, each sequence its
-  run's start and length (stage 12).
+  run's start and length (stage 12);
+* ``split`` (cases of at most a page of new tokens, a verify's size): stage 14's
+  verify graph attention, the cached prefix (a KV head's query heads sharing
+  each key) and the new tokens (causally) apart, merged by log-sum-exp.
 
 Both write the new K/V into the pool first, as the engine does. Times are the
 median of interleaved repeats (each the mean of ``--calls`` calls); the error
-is the largest difference between the two outputs.
+is the largest difference between an output and the gather path's.
 """
 
 import argparse
@@ -73,18 +76,33 @@ def measure(seqs: int, prefix: int, new: int, repeats: int, calls: int) -> dict:
     for name, step in (("runs", runs_batch), ("gather", gather_batch)):
         backend = ATTENTION_BACKENDS[name](pool, tables)
         calls_by_name[name] = lambda backend=backend, step=step: backend.prepare(step)(0, q, k, v)  # plan + one layer
+    if new <= PAGE and slots == 1:
+        calls_by_name["split"] = lambda: verify_split(pool, tables, runs_batch, new)(0, q, k, v)
     outputs = {name: fn() for name, fn in calls_by_name.items()}  # warm-up, and the outputs compared
     times = {name: [] for name in calls_by_name}
     for _ in range(repeats):  # interleaved
         for name, fn in calls_by_name.items():
             times[name].append(time_ms(fn, calls))
-    error = (outputs["runs"].float() - outputs["gather"].float()).abs().max().item()
-    result = dict(seqs=seqs, prefix=prefix, new=new, runs_per_seq=slots, max_abs_error=round(error, 5))
+    error = {name: (out.float() - outputs["gather"].float()).abs().max().item() for name, out in outputs.items()}
+    result = dict(seqs=seqs, prefix=prefix, new=new, runs_per_seq=slots, max_abs_error=round(error["runs"], 5))
+    if "split" in outputs:
+        result["split_max_abs_error"] = round(error["split"], 5)
     for name, values in times.items():
         result[f"{name}_ms"] = round(statistics.median(values), 4)
         result[f"{name}_ms_runs"] = [round(t, 4) for t in values]
     result["gather_over_runs"] = round(result["gather_ms"] / result["runs_ms"], 3)
+    if "split" in outputs:
+        result["runs_over_split"] = round(result["runs_ms"] / result["split_ms"], 3)
     return result
+
+
+def verify_split(pool, tables, batch, width: int):
+    """Stage 14's verify graph attention for this batch, eagerly: the new K/V written, then the split call."""
+    from stage14_speculative.page_runs import PageRunsExtend, VerifyRunAttention
+
+    step = PageRunsExtend(pool, tables.table, batch)
+    step.attention = VerifyRunAttention(batch.run_starts, batch.run_lens, width, batch.sizes.max_run_len)
+    return step
 
 
 def main(argv=None) -> list[dict]:

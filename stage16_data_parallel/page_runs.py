@@ -123,17 +123,36 @@ def flash_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int, 
     return out, lse.t()  # the kernel gives lse as [heads, Tq]
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False):
     """One run's attention with plain matmuls (the reference; fp32 at least, as the kernel
-    accumulates): ``q [n, heads, d]`` over all of ``k, v [L, kv_heads, d]`` -> ``(out [n, heads, d], lse [n, heads])``."""
+    accumulates): ``q [n, heads, d]`` over all of ``k, v [L, kv_heads, d]`` -> ``(out [n, heads, d], lse [n, heads])``.
+    ``causal``: query ``i`` sees the keys up to ``L - n + i`` (the kernel's mask, aligned to the end)."""
     heads, dim = q.shape[1:]
     wide = torch.promote_types(q.dtype, torch.float32)
     groups = heads // k.shape[1]
     q = q.transpose(0, 1).to(wide)  # [heads, n, d]
     k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1).to(wide) for t in (k, v))  # [heads, L, d]
     scores = q @ k.transpose(1, 2) * dim**-0.5  # [heads, n, L]
+    if causal:
+        n, length = scores.shape[1:]
+        scores = scores.masked_fill(torch.ones(n, length, dtype=torch.bool).triu(length - n + 1), float("-inf"))
     out = (scores.softmax(-1) @ v).transpose(0, 1)
     return out, scores.logsumexp(-1).t()
+
+
+def packed_attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int, causal: bool,
+                              seqused_k: torch.Tensor):
+    """``flash_with_lse`` with keys read in place (sequence ``i``'s are ``k[cu_seqlens_k[i] :
+    cu_seqlens_k[i] + seqused_k[i]]``), and elsewhere (CPU, fp32) the reference, one sequence at a time."""
+    if q.is_cuda and q.dtype in FLASH_DTYPES:
+        return flash_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, seqused_k=seqused_k)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+    bounds = cu_seqlens_q.tolist()
+    for i, (start, length) in enumerate(zip(cu_seqlens_k.tolist(), seqused_k.tolist())):
+        rows = slice(bounds[i], bounds[i + 1])
+        out[rows], lse[rows] = attention_with_lse(q[rows], k[start : start + length], v[start : start + length], causal)
+    return out, lse
 
 
 class RunAttention:
@@ -356,10 +375,63 @@ class PageRunsExtend:
         return self.attention(q, k_pool, v_pool)
 
 
+class VerifyRunAttention:
+    """A verify's attention when every sequence feeds ``width`` tokens and is one run of the pool
+    (its new tokens, already written, the run's last ``width`` slots), planned once per step.
+
+    One causal call over the runs (``ExtendRunAttention``) reads every key once per *query
+    head*: the kernel lets the query heads of a KV head share its keys only when a sequence has
+    one query (a decode step). So the verify splits each sequence's keys in two:
+
+    * the **cached prefix**, which every new token sees whole: one non-causal call in which a
+      sequence's ``group x width`` (query head, new token) pairs of a KV head are that head's
+      query rows, so each key is read once, as in a decode step;
+    * its **new tokens**, seen causally: a small causal call per (sequence, query head);
+
+    and merges the two by their log-sum-exps, as decode merges runs: the prefix's share of a
+    row's softmax mass is ``sigmoid(lse_prefix - lse_new)``.
+    """
+
+    def __init__(self, run_starts: torch.Tensor, run_lens: torch.Tensor, width: int, max_run_len: int):
+        self.batch_size, self.width, self.max_run_len = len(run_starts), width, max_run_len
+        # The prefix: every run but its last `width` slots (a padding row's is empty: it reads its own first slot).
+        self.prefix_starts = F.pad(run_starts.int(), (0, 1))  # with lengths given, only the starts are read
+        self.prefix_lens = (run_lens - width).clamp(min=1).int()
+        self.new_starts = (run_starts + run_lens - width).int()
+        self.groups = None  # the rest of the plan needs the query heads: made by the first layer
+
+    def plan(self, groups: int, device: torch.device) -> None:
+        """Sequence ``b``'s query rows for a KV head are its ``(h, i)`` pairs, ``b``-major, then ``h``."""
+        rows, width = self.batch_size * groups * self.width, self.width
+        self.groups = groups
+        self.prefix_rows = torch.arange(0, rows + 1, groups * width, dtype=torch.int32, device=device)
+        self.new_rows = torch.arange(0, rows + 1, width, dtype=torch.int32, device=device)
+        self.new_starts = F.pad(self.new_starts.repeat_interleave(groups), (0, 1))  # each query head reads them
+        self.new_lens = torch.full((self.batch_size * groups,), width, dtype=torch.int32, device=device)
+
+    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """``q [B * width, heads, d]`` against one layer's whole pool ``[slots, kv_heads, d]`` -> ``[B * width, heads, d]``."""
+        heads, dim = q.shape[1:]
+        batch, width, kv_heads = self.batch_size, self.width, k_pool.shape[1]
+        if self.groups is None:
+            self.plan(heads // kv_heads, q.device)
+        groups = self.groups
+        # [B, width, KVH, G, d] -> [B, G, width, KVH, d]: a KV head's query rows, sequence by sequence.
+        rows = q.view(batch, width, kv_heads, groups, dim).permute(0, 3, 1, 2, 4).reshape(-1, kv_heads, dim)
+        out_prefix, lse_prefix = packed_attention_with_lse(rows, k_pool, v_pool, self.prefix_rows, self.prefix_starts,
+                                                           groups * width, self.max_run_len, False, self.prefix_lens)
+        out_new, lse_new = packed_attention_with_lse(rows, k_pool, v_pool, self.new_rows, self.new_starts, width, width,
+                                                     True, self.new_lens)
+        weight = torch.sigmoid(lse_prefix - lse_new)[..., None]  # the prefix's share of each row's softmax
+        out = torch.lerp(out_new.float(), out_prefix.float(), weight)  # [B * G * width, KVH, d]
+        merged = torch.empty_like(q)  # back to [B, width, KVH, G, d], in the query's dtype
+        merged.view(batch, width, kv_heads, groups, dim).copy_(out.view(batch, groups, width, kv_heads, dim).permute(0, 2, 3, 1, 4))
+        return merged
+
+
 class VerifyRunsGraphAttention(PageRunsExtend):
     """Stage 14: a verify graph's attention over runs. Every sequence feeds ``width`` tokens and is
-    one run of the pool, its new tokens the run's last ``width`` slots; one causal call reads
-    the runs in place (``ExtendRunAttention``), as an eager verify does.
+    one run of the pool, its new tokens the run's last ``width`` slots: ``VerifyRunAttention``.
 
     The graph owns the run buffers; ``fill_inputs`` copies a batch's runs in before a replay,
     and a padding row is a run of ``width`` slots on the padding page (where its tokens go).
@@ -369,7 +441,6 @@ class VerifyRunsGraphAttention(PageRunsExtend):
     def __init__(self, pool, bs: int, width: int, max_context: int, padding_slot: int):
         self.pool, self.width, self.padding_slot = pool, width, padding_slot
         self.run_starts, self.run_lens = torch.zeros(2, bs, dtype=torch.int64, device=pool.k.device)
-        self.new_lengths = torch.full((bs,), width, dtype=torch.int64, device=pool.k.device)
         self.newest = torch.arange(width, device=pool.k.device) - width  # offsets from a run's end
         self.max_context = max_context
         self.pad_rows(0)
@@ -377,7 +448,7 @@ class VerifyRunsGraphAttention(PageRunsExtend):
     def begin_step(self) -> None:
         """Recorded with the forward: the new tokens' slots and the step's plan, from the buffers."""
         self.slots = ((self.run_starts + self.run_lens)[:, None] + self.newest).flatten()
-        self.attention = ExtendRunAttention(self.new_lengths, self.run_starts, self.run_lens, self.width, self.max_context)
+        self.attention = VerifyRunAttention(self.run_starts, self.run_lens, self.width, self.max_context)
 
     def fill_inputs(self, batch) -> None:
         n = batch.sizes.num_seqs

@@ -275,3 +275,19 @@ def test_a_verify_graph_over_runs_writes_each_row_at_its_runs_end_and_padding_on
     attention.fill_inputs(batch)
     attention.begin_step()
     assert attention.slots.tolist() == [7, 8, 9, 18, 19, 20, 40, 41, 42, 40, 41, 42]
+
+
+def test_a_verify_split_into_prefix_and_new_tokens_equals_one_causal_call():
+    """``VerifyRunAttention`` attends the cached prefix (a KV head's (head, token) pairs as its rows)
+    and the new tokens (causally) apart and merges them by log-sum-exp: the same output as one causal
+    call over each whole run (``ExtendRunAttention``, the eager verify's), for every query head."""
+    from stage14_speculative.page_runs import ExtendRunAttention, VerifyRunAttention
+
+    torch.manual_seed(0)
+    width, kv_heads, groups, dim = 3, 2, 4, 8
+    k_pool, v_pool = torch.randn(2, 64, kv_heads, dim)
+    run_starts, run_lens = torch.tensor([0, 20, 41]), torch.tensor([9, 4, 23])  # prefixes of 6, 1 and 20 keys
+    q = torch.randn(len(run_starts) * width, kv_heads * groups, dim)
+    expected = ExtendRunAttention(torch.full((3,), width), run_starts, run_lens, width, 64)(q, k_pool, v_pool)
+    got = VerifyRunAttention(run_starts, run_lens, width, 64)(q, k_pool, v_pool)
+    torch.testing.assert_close(got, expected)
