@@ -1,18 +1,17 @@
-"""Qwen3's q/k head norms and rotary embedding, one layer on the GPU: the fused calls against the spellings the model uses.
+"""Qwen3's q/k head norms and rotary embedding, one layer on the GPU: rotary's half swap by ``roll`` against ``cat``.
 
     python -m benchmarks.head_norm_rotary [--tokens 1 64 ...] [--out FILE]
 
 For ``tokens`` rows of Qwen3-0.6B's q and k heads (16 + 8 heads of 128, bf16,
-a strided view of the qkv projection's output, as the model has them), each
-step timed alone and the whole block (norm, weight, rotary):
+a strided view of the qkv projection's output, as the model has them):
 
-* ``norm``: ``F.rms_norm`` (one fused call; it copies the strided view first)
-  against ``common.qwen3.rms_norm_heads`` forced to its reduction path;
+* ``norm``: the heads' ``F.rms_norm`` alone (it copies the strided view first);
 * ``swap``: the halves swapped by ``roll`` against one ``cat`` of the two halves;
-* ``block``: both, the old spelling against ``Attention``'s (which takes the
-  fused norm up to ``HEAD_NORM_FUSED_ROWS`` rows).
+* ``block``: norm, weight and rotary, with ``roll`` (before) against
+  ``Attention``'s spelling (``common.rope.apply_rotary``).
 
-Times are the median of interleaved repeats (each the mean of ``--calls`` calls);
+Times are the median of interleaved repeats (each the mean of ``--calls`` calls,
+eagerly: the few-token cases measure launches more than kernels);
 ``max_abs_diff`` compares the two blocks' outputs.
 """
 
@@ -24,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.attention_runs import time_ms
-from common import qwen3
 from common.rope import apply_rotary
 
 HEADS, KV_HEADS, HEAD_DIM, EPS = 16, 8, 128, 1e-6
@@ -33,14 +31,6 @@ HEADS, KV_HEADS, HEAD_DIM, EPS = 16, 8, 128, 1e-6
 def old_block(qk, weight, cos, sin):
     qk = F.rms_norm(qk, (HEAD_DIM,), eps=EPS) * weight
     return torch.addcmul(qk * cos[:, None], qk.roll(HEAD_DIM // 2, dims=-1), sin[:, None])
-
-
-def reduced_norm(qk):
-    limit, qwen3.HEAD_NORM_FUSED_ROWS = qwen3.HEAD_NORM_FUSED_ROWS, 0
-    try:
-        return qwen3.rms_norm_heads(qk, EPS)
-    finally:
-        qwen3.HEAD_NORM_FUSED_ROWS = limit
 
 
 def measure(tokens: int, repeats: int, calls: int) -> dict:
@@ -53,12 +43,11 @@ def measure(tokens: int, repeats: int, calls: int) -> dict:
     sin = torch.cat([-angles.sin(), angles.sin()], -1).bfloat16()
     half = HEAD_DIM // 2
     calls_by_name = {
-        "norm_fused": lambda: F.rms_norm(qk, (HEAD_DIM,), eps=EPS),
-        "norm_reduced": lambda: reduced_norm(qk),
+        "norm": lambda: F.rms_norm(qk, (HEAD_DIM,), eps=EPS),
         "swap_roll": lambda: qk.roll(half, dims=-1),
         "swap_cat": lambda: torch.cat((qk[..., half:], qk[..., :half]), dim=-1),
         "block_old": lambda: old_block(qk, weight, cos, sin),
-        "block_new": lambda: apply_rotary(qwen3.rms_norm_heads(qk, EPS) * weight, cos, sin),
+        "block_new": lambda: apply_rotary(F.rms_norm(qk, (HEAD_DIM,), eps=EPS) * weight, cos, sin),
     }
     outputs = {name: fn() for name, fn in calls_by_name.items()}  # warm-up, and the outputs compared
     times = {name: [] for name in calls_by_name}
@@ -67,10 +56,9 @@ def measure(tokens: int, repeats: int, calls: int) -> dict:
             times[name].append(time_ms(fn, calls))
     result = dict(tokens=tokens, rows=tokens * (HEADS + KV_HEADS))
     result.update({f"{name}_us": round(1000 * statistics.median(t), 2) for name, t in times.items()})
-    for a, b in (("norm_fused", "norm_reduced"), ("swap_roll", "swap_cat"), ("block_old", "block_new")):
+    for a, b in (("swap_roll", "swap_cat"), ("block_old", "block_new")):
         result[f"{a}_over_{b.split('_')[1]}"] = round(result[f"{a}_us"] / result[f"{b}_us"], 3)
     result["max_abs_diff"] = (outputs["block_old"].float() - outputs["block_new"].float()).abs().max().item()
-    result["norm_max_abs_diff"] = (outputs["norm_fused"].float() - outputs["norm_reduced"].float()).abs().max().item()
     return result
 
 

@@ -178,16 +178,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default="dense,moe,llama,qwen2,qwen2_moe,mistral")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per request")
     parser.add_argument("--plant-bug", action="store_true", help=f"check that a decode-mask bug in {PLANTED_STAGE} fails")
-    parser.add_argument("--reduce-head-norms", action="store_true",
-                        help="normalize every q/k head by the reduction that prompts of thousands of tokens take "
-                             "(common.qwen3.rms_norm_heads), whatever the size")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     stages = args.stages.split(",")
-    if args.reduce_head_norms:  # the check's prompts are short: too few heads to take that path otherwise
-        from common import qwen3
-
-        qwen3.HEAD_NORM_FUSED_ROWS = 0
     if args.plant_bug:
         plant_decode_off_by_one(PLANTED_STAGE)
         stages = [PLANTED_STAGE]
@@ -206,7 +199,6 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(device=args.device, dtype=args.dtype, planted_bug=args.plant_bug,
-                                            reduce_head_norms=args.reduce_head_norms,
                                             torch=torch.__version__, results=results), indent=2))
     return 1 if failures else 0
 

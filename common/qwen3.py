@@ -49,27 +49,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-# Head norms of more rows than this (tokens x q and k heads) run as a reduction and a multiply
-# (``rms_norm_heads``); fewer, as one fused call.
-HEAD_NORM_FUSED_ROWS = 16384
-
-
-def rms_norm_heads(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without a weight over the last dim of every head, ``x [T, heads, head_dim]`` (may
-    be a strided view): normalized in fp32, rounded once to ``x``'s dtype, as transformers does.
-
-    ``F.rms_norm`` is one launch, what a decode step wants. At prefill sizes it is slow here:
-    it copies the strided heads out first, then gives each 128-channel row a block of its own
-    (an H100 took 2.5x the time of a plain pass over the data). There the sums of squares come
-    from one reduction that reads the heads where they lie, and one multiply scales and rounds.
-    """
-    if x.shape[0] * x.shape[1] <= HEAD_NORM_FUSED_ROWS:
-        return F.rms_norm(x, (x.shape[-1],), eps=eps)
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # sqrt(sum of squares)
-    inverse_rms = norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    return torch.mul(x, inverse_rms, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))  # fp32 math, one rounding
-
-
 def add_linear(residual: torch.Tensor, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``residual + linear(x)``: a block's last projection added into the residual stream.
 
@@ -120,7 +99,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             # Every q and k head normalized in one call, then scaled by its own norm's weight (the
             # rounding of transformers' Qwen3RMSNorm: normalized in fp32, cast, then the weight).
-            qk = rms_norm_heads(qk, self.q_norm.eps) * self.qk_norm_weight
+            qk = F.rms_norm(qk, (self.head_dim,), eps=self.q_norm.eps) * self.qk_norm_weight
         q, k = apply_rotary(qk, cos, sin).split([heads, kv_heads], dim=1)  # [T, heads | kv_heads, head_dim]
         out = attention(self.layer_index, q, k, v)  # [T, heads, head_dim]
         out = out.reshape(tokens, -1)

@@ -63,22 +63,6 @@ def test_one_call_normalizes_q_and_k_heads_each_with_its_own_weight():
     torch.testing.assert_close(seen["k"], apply_rotary(attention.k_norm(k), cos, sin))
 
 
-def test_head_norms_of_prompt_size_by_a_reduction_equal_the_fused_norm(monkeypatch):
-    """Above ``HEAD_NORM_FUSED_ROWS`` rows the q/k heads are normalized by a reduction and one multiply
-    (reading a strided view in place): what ``F.rms_norm`` gives, in fp32 and in bf16 (rounded once)."""
-    import torch.nn.functional as F
-
-    from common import qwen3
-
-    gen = torch.Generator().manual_seed(3)
-    qkv = torch.randn(40, 6, 8, generator=gen) * 3
-    monkeypatch.setattr(qwen3, "HEAD_NORM_FUSED_ROWS", 0)
-    for dtype in (torch.float32, torch.bfloat16):
-        heads = qkv.to(dtype)[:, :4]  # q and k heads of a qkv output: not contiguous
-        expected = F.rms_norm(heads.float(), (8,), eps=1e-6).to(dtype)
-        torch.testing.assert_close(qwen3.rms_norm_heads(heads, 1e-6), expected)
-
-
 def test_rotary_is_transformers_rotate_half_spelling():
     """``apply_rotary`` with ``[cos, cos]`` and ``[-sin, sin]``: x * cos + rotate_half(x) * sin."""
     from common.rope import apply_rotary
