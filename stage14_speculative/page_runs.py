@@ -135,7 +135,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     scores = q @ k.transpose(1, 2) * dim**-0.5  # [heads, n, L]
     if causal:
         n, length = scores.shape[1:]
-        scores = scores.masked_fill(torch.ones(n, length, dtype=torch.bool).triu(length - n + 1), float("-inf"))
+        scores = scores.masked_fill(torch.ones(n, length, dtype=torch.bool, device=scores.device).triu(length - n + 1),
+                                    float("-inf"))
     out = (scores.softmax(-1) @ v).transpose(0, 1)
     return out, scores.logsumexp(-1).t()
 
