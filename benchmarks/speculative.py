@@ -31,7 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.__main__ import environment, resolve_model
-from benchmarks.step_profile import kernel_time_us
+from benchmarks.step_profile import kernel_count, kernel_time_us
 
 CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n    return a * b\n"
 PASSAGE = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
@@ -140,8 +140,7 @@ def profiled_step(step, steps: int = 10) -> dict:
             step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return dict(kernels_per_step=round(kernels / steps, 1), gpu_ms_per_step=round(kernel_time_us(prof) / steps / 1000, 3))
+    return dict(kernels_per_step=round(kernel_count(prof) / steps, 1), gpu_ms_per_step=round(kernel_time_us(prof) / steps / 1000, 3))
 
 
 def timed(fn, iters: int) -> float:

@@ -39,6 +39,11 @@ def kernel_time_us(prof) -> float:
     return busy
 
 
+def kernel_count(prof) -> int:
+    """Kernels and copies the profiler saw on the GPU (inside a CUDA graph's replay too)."""
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def literal(text: str):
     """An option's value as Python reads it (True, 8, 0.5), or the text itself (gather)."""
     try:
@@ -86,7 +91,7 @@ def main(argv=None) -> dict:
         wall = time.perf_counter() - start
     events = prof.key_averages()
     gpu_us = kernel_time_us(prof)
-    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = kernel_count(prof)
     result = dict(stage=args.stage, options=options, batch=batch, temperature=args.temperature,
                   step_ms=round(step_s * 1000, 2), decode_tok_per_s=round(batch / step_s, 1),
                   profiled_step_ms=round(wall * 100, 2), gpu_ms_per_step=round(gpu_us / 10 / 1000, 2),

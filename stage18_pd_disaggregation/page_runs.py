@@ -45,7 +45,7 @@ of this file; ``attention_backend.py`` says what a backend is).
 import torch
 import torch.nn.functional as F
 
-from common.attention import FLASH_DTYPES, causal_attention
+from common.attention import FLASH_DTYPES
 
 from .attention_backend import GatherBackend, register_backend
 from .cuda_graph_runner import GraphKey
@@ -248,16 +248,8 @@ class ExtendRunAttention:
 
     def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """``q [T, heads, d]`` against one layer's whole pool ``[slots, kv_heads, d]`` -> ``[T, heads, d]``."""
-        if q.is_cuda and q.dtype in FLASH_DTYPES:
-            return flash_with_lse(q, k_pool, v_pool, self.cu_seqlens_q, self.cu_seqlens_k, self.max_q, self.max_k,
-                                  causal=True, seqused_k=self.seqused_k)[0]
-        out = torch.empty_like(q)  # elsewhere (CPU, fp32): sequence by sequence, as the gather path attends a prompt
-        bounds = self.cu_seqlens_q.tolist()
-        for b, (start, length) in enumerate(zip(self.cu_seqlens_k.tolist(), self.seqused_k.tolist())):
-            rows = slice(bounds[b], bounds[b + 1])
-            keys, values = k_pool[start : start + length], v_pool[start : start + length]
-            out[rows] = causal_attention(q[rows], keys, values)
-        return out
+        return packed_attention_with_lse(q, k_pool, v_pool, self.cu_seqlens_q, self.cu_seqlens_k, self.max_q, self.max_k,
+                                         True, self.seqused_k)[0]
 
 
 @register_backend("runs")
@@ -398,7 +390,7 @@ class VerifyRunAttention:
         # The prefix: every run but its last `width` slots (a padding row's is empty: it reads its own first slot).
         self.prefix_starts = F.pad(run_starts.int(), (0, 1))  # with lengths given, only the starts are read
         self.prefix_lens = (run_lens - width).clamp(min=1).int()
-        self.new_starts = (run_starts + run_lens - width).int()
+        self.first_new = (run_starts + run_lens - width).int()  # each sequence's new tokens
         self.groups = None  # the rest of the plan needs the query heads: made by the first layer
 
     def plan(self, groups: int, device: torch.device) -> None:
@@ -407,7 +399,7 @@ class VerifyRunAttention:
         self.groups = groups
         self.prefix_rows = torch.arange(0, rows + 1, groups * width, dtype=torch.int32, device=device)
         self.new_rows = torch.arange(0, rows + 1, width, dtype=torch.int32, device=device)
-        self.new_starts = F.pad(self.new_starts.repeat_interleave(groups), (0, 1))  # each query head reads them
+        self.new_starts = F.pad(self.first_new.repeat_interleave(groups), (0, 1))  # each query head reads them
         self.new_lens = torch.full((self.batch_size * groups,), width, dtype=torch.int32, device=device)
 
     def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
