@@ -7,6 +7,7 @@ CJK characters and emoji are 2-4 byte-level tokens). It re-decodes a short
 window and emits only text that is complete.
 """
 
+import json
 from pathlib import Path
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
@@ -21,7 +22,7 @@ class Tokenizer:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         try:
-            self.hf = AutoTokenizer.from_pretrained(str(folder))
+            self.hf = AutoTokenizer.from_pretrained(str(folder), config=_tokenizer_choice(folder))
         except Exception as error:  # noqa: BLE001 - any failure: try the plain tokenizer.json below
             # Some transformers versions insist on the model family's own tokenizer class (e.g.
             # Llama's, which may need sentencepiece); a tokenizer.json alone is enough to run.
@@ -72,6 +73,28 @@ class Tokenizer:
             raise ValueError("this model's chat template does not render tools, so the model would never see them")
         return self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
                                            **(template_kwargs or {}))
+
+
+def _tokenizer_choice(folder: str | Path):
+    """What ``AutoTokenizer`` reads of the model's config to choose a tokenizer class: the family
+    (``model_type``) and the fields of config.json, as a plain config object (None: no config.json,
+    and transformers looks for itself).
+
+    Given no config, ``AutoTokenizer`` builds the family's own config class, whose import pulls
+    in much of transformers' modelling code (about 2 s of every engine's and server's start on
+    a CPU) for the one string it needs. ``tests/common/test_tokenizer.py`` checks both ways give
+    the same tokenizer.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    from transformers import PretrainedConfig
+
+    fields = json.loads(path.read_text())
+    family = type("TokenizerChoice", (PretrainedConfig,), {"model_type": fields.pop("model_type", "")})
+    config = family(**fields)
+    config._name_or_path = str(folder)  # as AutoConfig sets it (some hub ids are matched on it)
+    return config
 
 
 class IncrementalDetokenizer:

@@ -1,5 +1,8 @@
 """Streaming detokenization never splits a character and adds up to the full decode."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from common.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -64,3 +67,33 @@ def test_a_tokenizer_json_is_enough_when_auto_tokenizer_fails(tmp_path, builtin_
 def test_a_folder_without_any_tokenizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no usable tokenizer"):
         Tokenizer(tmp_path)
+
+
+def test_the_tokenizer_is_the_one_auto_tokenizer_builds_from_the_whole_config(checkpoints, builtin_folder):
+    """``Tokenizer`` hands AutoTokenizer a plain config (the family and config.json's fields) so that
+    no family config class is imported; the class it picks and what it does must be the same."""
+    from transformers import AutoTokenizer
+
+    for folder in [builtin_folder, *checkpoints.values()]:
+        ours, theirs = Tokenizer(folder).hf, AutoTokenizer.from_pretrained(str(folder))
+        assert type(ours) is type(theirs), folder.name
+        for text in TEXTS:
+            assert ours(text).input_ids == theirs(text).input_ids
+        ids = theirs("  Hello\n\nworld  ").input_ids
+        assert ours.decode(ids) == theirs.decode(ids)
+        assert ours.chat_template == theirs.chat_template
+        assert ours.all_special_ids == theirs.all_special_ids and ours.eos_token_id == theirs.eos_token_id
+
+
+def test_no_family_config_class_is_imported(builtin_folder):
+    """What the light config saves: a fresh process builds the tokenizer without importing the
+    family's config module (and the modelling code behind it)."""
+    import subprocess
+    import sys
+
+    family = json.loads((builtin_folder / "config.json").read_text())["model_type"]
+    module = f"transformers.models.{family}.configuration_{family}"
+    code = f"import sys; from common.tokenizer import Tokenizer; Tokenizer(sys.argv[1]); print({module!r} in sys.modules)"
+    run = lambda: subprocess.run([sys.executable, "-c", code, str(builtin_folder)], capture_output=True, text=True,
+                                 check=True, cwd=Path(__file__).parents[2]).stdout.strip()
+    assert run() == "False"
