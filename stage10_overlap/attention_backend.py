@@ -63,8 +63,9 @@ class AttentionBackend:
         """This batch's attention: a callable ``(layer_index, q, k, v) -> out`` that every layer calls."""
         raise NotImplementedError
 
-    def start_up_key(self, bs: int) -> GraphKey:
-        """The graph recorded at start-up for ``bs`` sequences."""
+    def start_up_keys(self, bs: int) -> list[GraphKey]:
+        """The graphs recorded at start-up for ``bs`` sequences. Any other is recorded the first
+        time a step needs it: that step waits while it is (tens of milliseconds on a GPU)."""
         raise NotImplementedError
 
     def graph_key(self, batch, bs: int) -> GraphKey | None:
@@ -86,8 +87,8 @@ class GatherBackend(AttentionBackend):
     def prepare(self, batch):
         return GatherAttention(self.pool, self.page_tables, batch)
 
-    def start_up_key(self, bs: int) -> GraphKey:
-        return GraphKey(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE))
+    def start_up_keys(self, bs: int) -> list[GraphKey]:
+        return [GraphKey(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE))]
 
     def graph_key(self, batch, bs: int) -> GraphKey:
         padding_keys = bs - batch.sizes.num_seqs  # a padding row reads one key

@@ -73,8 +73,9 @@ class AttentionBackend:
         None here: this backend finds every key through the page tables."""
         return 0, [], []
 
-    def start_up_key(self, bs: int) -> GraphKey:
-        """The graph recorded at start-up for ``bs`` sequences."""
+    def start_up_keys(self, bs: int) -> list[GraphKey]:
+        """The graphs recorded at start-up for ``bs`` sequences. Any other is recorded the first
+        time a step needs it: that step waits while it is (tens of milliseconds on a GPU)."""
         raise NotImplementedError
 
     def graph_key(self, batch, bs: int) -> GraphKey | None:
@@ -96,8 +97,8 @@ class GatherBackend(AttentionBackend):
     def prepare(self, batch):
         return GatherAttention(self.pool, self.page_tables, batch)
 
-    def start_up_key(self, bs: int) -> GraphKey:
-        return GraphKey(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE))
+    def start_up_keys(self, bs: int) -> list[GraphKey]:
+        return [GraphKey(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE))]
 
     def graph_key(self, batch, bs: int) -> GraphKey:
         padding_keys = bs - batch.sizes.num_seqs  # a padding row reads one key

@@ -140,10 +140,11 @@ class CudaGraphRunner:
     def capture_all(self, progress: bool = True) -> None:
         """Record every batch bucket for short sequences, largest first (smaller graphs then
         reuse the memory of larger ones in the shared pool)."""
-        for i, bs in enumerate(reversed(self.batch_sizes)):
-            self.graph_for(self.backend.start_up_key(bs))
+        keys = [key for bs in reversed(self.batch_sizes) for key in self.backend.start_up_keys(bs)]
+        for i, key in enumerate(keys):
+            self.graph_for(key)
             if progress:
-                print(f"\rcapturing CUDA graphs: {i + 1}/{len(self.batch_sizes)} (bs {bs})", end="", file=sys.stderr)
+                print(f"\rcapturing CUDA graphs: {i + 1}/{len(keys)} (bs {key.batch_size})", end="", file=sys.stderr)
         if progress:
             print(f" in {self.capture_seconds:.1f} s", file=sys.stderr)
 

@@ -77,8 +77,9 @@ class AttentionBackend:
         None here: this backend finds every key through the page tables."""
         return 0, [], []
 
-    def start_up_key(self, bs: int) -> GraphKey:
-        """The graph recorded at start-up for ``bs`` sequences."""
+    def start_up_keys(self, bs: int) -> list[GraphKey]:
+        """The graphs recorded at start-up for ``bs`` sequences. Any other is recorded the first
+        time a step needs it: that step waits while it is (tens of milliseconds on a GPU)."""
         raise NotImplementedError
 
     def graph_key(self, batch, bs: int) -> GraphKey | None:
@@ -100,8 +101,8 @@ class GatherBackend(AttentionBackend):
     def prepare(self, batch, tree_masks: dict | None = None):
         return GatherAttention(self.pool, self.page_tables, batch, tree_masks)
 
-    def start_up_key(self, bs: int) -> GraphKey:
-        return GraphKey(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE))
+    def start_up_keys(self, bs: int) -> list[GraphKey]:
+        return [GraphKey(bs, key_bucket(bs * START_UP_KEYS_PER_SEQUENCE))]
 
     def graph_key(self, batch, bs: int) -> GraphKey:
         width = batch.sizes.max_new_length  # stage 14: a verify batch feeds each sequence `width` tokens

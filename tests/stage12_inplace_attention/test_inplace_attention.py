@@ -149,6 +149,19 @@ def attach_graphs(engine, max_bs: int) -> list[tuple[int, int, int]]:
     return used
 
 
+def test_start_up_records_one_and_two_runs_per_sequence_for_every_batch(checkpoints):
+    """Two runs per sequence is common once finished requests have scattered the free pages; a
+    graph recorded mid-serving holds up a whole step, so start-up records those too. One
+    sequence keeps its gather graph."""
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu", attention_backend="runs") as engine:
+        runner = engine.runner
+        graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 16, 512,
+                                 capture=False)
+        graphs.capture_all(progress=False)
+    recorded = {(key.batch_size, key.runs_per_seq) for key in graphs.graphs}
+    assert recorded == {(1, 0)} | {(bs, runs) for bs in graphs.batch_sizes if bs > 1 for runs in (1, 2)}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_graphs_over_runs_give_the_eager_tokens(kind, checkpoints, monkeypatch):
     """Graphs keyed by run slots, with padding rows; rows with more runs than a graph has slots run eagerly."""
