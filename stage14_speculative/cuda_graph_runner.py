@@ -149,8 +149,8 @@ class CudaGraphRunner:
         self.replays = 0  # decode steps run through a graph
 
     def capture_all(self, progress: bool = True) -> None:
-        """Record every batch bucket for short sequences, largest first (smaller graphs then
-        reuse the memory of larger ones in the shared pool)."""
+        """Record the start-up graphs the backend names for every batch bucket, largest first
+        (smaller graphs then reuse the memory of larger ones in the shared pool)."""
         keys = [key for bs in reversed(self.batch_sizes) for key in self.backend.start_up_keys(bs)]
         for i, key in enumerate(keys):
             self.graph_for(key)
