@@ -17,22 +17,7 @@ class Tokenizer:
     """The checkpoint's tokenizer, with the few calls an engine needs."""
 
     def __init__(self, folder: str | Path):
-        # Imported here: every process of a parallel engine imports this module with its stage, but
-        # only rank 0 tokenizes, and transformers costs a worker ~1 s of its start.
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-        try:
-            self.hf = AutoTokenizer.from_pretrained(str(folder), config=_tokenizer_choice(folder))
-        except Exception as error:  # noqa: BLE001 - any failure: try the plain tokenizer.json below
-            # Some transformers versions insist on the model family's own tokenizer class (e.g.
-            # Llama's, which may need sentencepiece); a tokenizer.json alone is enough to run.
-            unusable = ValueError(f"no usable tokenizer in {folder} ({type(error).__name__}: {error})")
-            if not (Path(folder) / "tokenizer.json").exists():
-                raise unusable from None
-            try:
-                self.hf = PreTrainedTokenizerFast(tokenizer_file=str(Path(folder) / "tokenizer.json"))
-            except Exception:  # noqa: BLE001 - whatever the reason, the folder has no tokenizer we can use
-                raise unusable from None
+        self.hf = _loaded(folder)
         # transformers' decode wraps the Rust tokenizer in Python work that costs more than the
         # decode itself; it only changes the text when it cleans up tokenization spaces.
         cleans_up = getattr(self.hf, "clean_up_tokenization_spaces", False)
@@ -73,6 +58,49 @@ class Tokenizer:
             raise ValueError("this model's chat template does not render tools, so the model would never see them")
         return self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
                                            **(template_kwargs or {}))
+
+
+# (folder, its tokenizer files' names, sizes and times) -> the loaded Hugging Face tokenizer.
+_LOADED: dict[tuple, object] = {}
+_WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".gguf"}
+
+
+def _loaded(folder: str | Path):
+    """The folder's Hugging Face tokenizer, loaded once per process.
+
+    Loading parses a multi-megabyte tokenizer.json (~0.4 s on a CPU), and a
+    process may build several engines of one model: a draft beside its
+    target, or a test suite's hundreds. They share one tokenizer, which is
+    only ever read. A file rewritten in the folder (another size or time)
+    makes a new key, so it is loaded again.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return _load(folder)
+    key = (str(folder.resolve()), tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()
+                                               if f.is_file() and f.suffix not in _WEIGHTS)))
+    if key not in _LOADED:
+        _LOADED[key] = _load(folder)
+    return _LOADED[key]
+
+
+def _load(folder: Path):
+    # Imported here: every process of a parallel engine imports this module with its stage, but
+    # only rank 0 tokenizes, and transformers costs a worker ~1 s of its start.
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), config=_tokenizer_choice(folder))
+    except Exception as error:  # noqa: BLE001 - any failure: try the plain tokenizer.json below
+        # Some transformers versions insist on the model family's own tokenizer class (e.g.
+        # Llama's, which may need sentencepiece); a tokenizer.json alone is enough to run.
+        unusable = ValueError(f"no usable tokenizer in {folder} ({type(error).__name__}: {error})")
+        if not (folder / "tokenizer.json").exists():
+            raise unusable from None
+        try:
+            return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+        except Exception:  # noqa: BLE001 - whatever the reason, the folder has no tokenizer we can use
+            raise unusable from None
 
 
 def _tokenizer_choice(folder: str | Path):

@@ -97,3 +97,18 @@ def test_no_family_config_class_is_imported(builtin_folder):
     run = lambda: subprocess.run([sys.executable, "-c", code, str(builtin_folder)], capture_output=True, text=True,
                                  check=True, cwd=Path(__file__).parents[2]).stdout.strip()
     assert run() == "False"
+
+
+def test_a_folders_tokenizer_is_loaded_once_and_again_when_a_file_changes(tmp_path, builtin_folder):
+    """Engines of one model in a process (a draft beside its target, a test suite's hundreds) share
+    one loaded tokenizer; a tokenizer file rewritten in the folder is loaded afresh."""
+    import shutil
+
+    for file in builtin_folder.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, tmp_path / file.name)
+    first, second = Tokenizer(tmp_path), Tokenizer(tmp_path)
+    assert first.hf is second.hf
+    (tmp_path / "chat_template.jinja").write_text("{{ 'a changed template' }}")
+    changed = Tokenizer(tmp_path)
+    assert changed.hf is not first.hf and changed.apply_chat_template("hi") == "a changed template"
