@@ -299,6 +299,19 @@ def filter_probabilities(probs: torch.Tensor, filters: "RowFilters") -> torch.Te
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
+def exponential_(noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fill ``noise`` with Exp(1) draws, in place: the exponential race's noise.
+
+    On the GPU that is one ``exponential_`` kernel. On the CPU ``-log U``
+    (U uniform on [0, 1), the same distribution) is 3-4x faster than torch's
+    ``exponential_``, which cost ~5 ms a sampled row with a 150k vocabulary.
+    U starts at the smallest normal float, not 0, so no draw is infinite.
+    """
+    if noise.device.type != "cpu":
+        return noise.exponential_(generator=generator)
+    return noise.uniform_(torch.finfo(noise.dtype).tiny, 1, generator=generator).log_().neg_()
+
+
 @dataclass
 class RowFilters:
     """The filter settings of the sampled rows, on the device, and which filters are on at all."""
@@ -414,9 +427,9 @@ class Sampler:
         """
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         probs = filter_probabilities(probs, filters)
-        noise = torch.empty_like(probs).exponential_(generator=self.shared_generator)
+        noise = exponential_(torch.empty_like(probs), self.shared_generator)
         for row, state in enumerate(states):
             if state.generator is not None:
-                noise[row].exponential_(generator=state.generator)
+                exponential_(noise[row], state.generator)
         # E == 0 is possible in float32; it would turn a filtered 0 into 0/0 = NaN, which argmax picks.
         return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)

@@ -25,7 +25,7 @@ temperature, then top-k / top-p / min-p, after the grammar's mask.
 import torch
 
 from common.device_copy import copy_to_device
-from common.sampling import RowFilters, Sampler, SamplingState, filter_probabilities
+from common.sampling import RowFilters, Sampler, SamplingState, exponential_, filter_probabilities
 
 
 def verify(logits: torch.Tensor, drafts: list[list[int]], states: list[SamplingState], sampler: Sampler):
@@ -99,7 +99,7 @@ def draw(probs: torch.Tensor, states: list[SamplingState], sampler: Sampler) -> 
     """One token per row of ``probs`` (the exponential race, as the sampler draws)."""
     noise = torch.empty_like(probs)
     for row, state in enumerate(states):
-        noise[row].exponential_(generator=state.generator if state.generator is not None else sampler.shared_generator)
+        exponential_(noise[row], state.generator if state.generator is not None else sampler.shared_generator)
     return (probs / noise).argmax(dim=-1)
 
 

@@ -2,10 +2,12 @@
 batched sampler gives what the plain per-row math (the oracle below) gives."""
 
 
+import math
+
 import pytest
 import torch
 
-from common.sampling import RowFilters, Sampler, SamplingParams, filter_probabilities
+from common.sampling import RowFilters, Sampler, SamplingParams, exponential_, filter_probabilities
 
 VOCAB = 50
 
@@ -113,6 +115,19 @@ def test_draws_follow_the_distribution():
     freq = torch.bincount(tokens, minlength=5).float() / rows
     expected = torch.softmax(logits[0] / 0.8, -1)
     assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / rows).sqrt() + 1e-9).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_the_race_noise_is_exponential(device):
+    """The noise of the exponential race (``-log U`` on the CPU) is Exp(1): its mean is 1 and
+    P(E > t) = exp(-t) (5-sigma bands over 200k draws), and every draw is positive and finite."""
+    noise = exponential_(torch.empty(200_000, device=device), torch.Generator(device=device).manual_seed(0)).cpu()
+    n = len(noise)
+    assert (noise > 0).all() and noise.isfinite().all() and abs(noise.mean().item() - 1) <= 5 / n**0.5  # Exp(1): variance 1
+    for t in (0.1, 1.0, 3.0):
+        p = math.exp(-t)
+        assert abs((noise > t).float().mean().item() - p) <= 5 * (p * (1 - p) / n) ** 0.5, t
 
 
 def test_filters_equal_the_per_row_reference():
