@@ -18,7 +18,8 @@ for stage in "$@"; do
     [ "${SPY:-1}" = 1 ] && ( # once the server answers: 4 s for the workload to get under way, then 6 s of samples of both processes
         for _ in $(seq 1 200); do healthy && break; sleep 1; done
         sleep 4
-        front=$(pgrep -f "$stage --serve" | head -1); engine=$(pgrep -P "$front" -f spawn_main | head -1)
+        # The engine process is forked by the front end's multiprocessing forkserver (common/processes.py).
+        front=$(pgrep -f "$stage --serve" | head -1); engine=$(pgrep -P "$(pgrep -P "$front" -f forkserver | head -1)" | head -1)
         timeout 15 py-spy record -p "$front" -d 6 -r 100 -f raw -o "$out/spy-front-$stage.txt" --nonblocking >/dev/null 2>&1 &
         timeout 15 py-spy record -p "$engine" -d 6 -r 100 -f raw -o "$out/spy-engine-$stage.txt" --nonblocking >/dev/null 2>&1
         wait

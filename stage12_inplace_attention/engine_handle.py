@@ -7,9 +7,10 @@ through a sender thread, so the front end's event loop never waits on a
 full pipe while the engine is busy with a step.
 """
 
-import multiprocessing as mp
 import threading
 from queue import SimpleQueue
+
+from common.processes import process_context
 
 from .engine_process import SHUTDOWN, EngineReady, run_engine_process
 
@@ -18,7 +19,7 @@ class EngineHandle:
     """One engine process and the pipe to it."""
 
     def __init__(self, engine_kwargs: dict, max_queued_requests: int | None):
-        context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
+        context = process_context()  # a clean process: no CUDA state or threads inherited
         self.conn, child_conn = context.Pipe()
         # Not a daemon: with tp/ep the engine process starts worker processes of its own.
         self.process = context.Process(target=run_engine_process, args=(child_conn, engine_kwargs, max_queued_requests),

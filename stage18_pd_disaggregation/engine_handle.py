@@ -9,9 +9,10 @@ through a sender thread, so the front end's event loop never waits on a
 full pipe while the engine is busy with a step.
 """
 
-import multiprocessing as mp
 import threading
 from queue import SimpleQueue
+
+from common.processes import process_context
 
 from .engine_process import SHUTDOWN, EngineReady, run_engine_process
 
@@ -21,7 +22,7 @@ class EngineHandle:
 
     def __init__(self, engine_kwargs: dict, max_queued_requests: int | None, index: int = 0,
                  cpu_threads: int | None = None):
-        context = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or threads inherited
+        context = process_context()  # a clean process: no CUDA state or threads inherited
         self.index = index
         self.heartbeat = context.Value("Q", 0, lock=False)  # counted up by a thread in the engine process
         self.conn, child_conn = context.Pipe()

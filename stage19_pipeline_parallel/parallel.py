@@ -56,11 +56,11 @@ import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
+from common.processes import process_context
 from common.qwen3 import MLP, SparseMoE
 
 from .forward_batch import BatchSizes, ForwardBatch
@@ -352,7 +352,7 @@ class WorkerGroup:
         self.store = open_store(address, size, timeout_s) if rank_0_here else None
         self.address = address or f"127.0.0.1:{self.store.port}"  # a given address, or the port the OS picked
         self.ranks = list(local_ranks if local_ranks is not None else range(1, size))
-        context = mp.get_context("spawn")
+        context = process_context()  # forked from a server that has imported torch (common/processes.py)
         self.reports = ready = context.Queue()  # (rank, None) once started; (rank, traceback) on an error
         self.processes = [
             context.Process(target=worker_main, args=(rank, size, self.address, ready, make_runner, timeout_s, tp_size),

@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
@@ -161,12 +160,6 @@ def test_health_and_a_small_request_are_answered_while_a_large_one_is_tokenized(
 # ----- an engine that dies comes back ----------------------------------------------------------------
 
 
-def engine_pids(server_pid: int) -> list[int]:
-    """The server's engine processes (not multiprocessing's resource tracker)."""
-    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
-    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
 def test_a_killed_engine_fails_its_stream_then_is_restarted_and_serves(builtin_folder):
     """Stage 11, where the engine process enters (stage 16 restarts a replica of two:
     tests/stage16_data_parallel/test_data_parallel.py)."""
@@ -175,7 +168,7 @@ def test_a_killed_engine_fails_its_stream_then_is_restarted_and_serves(builtin_f
         stream = server.client.completions.create(model="m", prompt=PROMPTS[2], max_tokens=CONTEXT - 16,
                                                   temperature=0, extra_body={"ignore_eos": True}, stream=True)
         assert next(iter(stream)).choices
-        os.kill(engine_pids(server.process.pid)[0], signal.SIGKILL)
+        os.kill(server.engine_processes()[0], signal.SIGKILL)
         with pytest.raises(Exception, match="exited"):  # the stream ends with the error event
             for _ in stream:
                 pass

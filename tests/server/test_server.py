@@ -102,17 +102,16 @@ class Server:
             time.sleep(0.2)
         return samples
 
-    def children(self) -> list[int]:
-        """Process ids whose parent is the server (Linux /proc)."""
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.process.pid:
-                found.append(int(stat.parent.name))
-        return found
+    def processes(self) -> list[int]:
+        """Every process below the server: its engine processes and whatever they and
+        multiprocessing started (the forkserver, the resource tracker, worker ranks)."""
+        return descendants(self.process.pid)
+
+    def engine_processes(self) -> list[int]:
+        """The server's engine processes (its replicas from stage 16): forked by the
+        multiprocessing forkserver the server started (common/processes.py)."""
+        servers = [pid for pid in children(self.process.pid) if b"forkserver" in command_line(pid)]
+        return [pid for server in servers for pid in children(server)]
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -123,6 +122,32 @@ class Server:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def children(pid: int) -> list[int]:
+    """The process's children (Linux /proc; any of its threads may have started one)."""
+    found = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in listing.read_text().split()]
+        except OSError:  # the thread or the process has just ended
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], children(pid)
+    while todo:
+        found.append(todo.pop())
+        todo += children(found[-1])
+    return found
+
+
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 @pytest.fixture(scope="module")
@@ -400,12 +425,12 @@ def test_full_queue_gets_503_then_serves_and_shuts_down_cleanly(server_stage, bu
         refused = json.loads(next(body for status, body in responses if status == 503))["error"]
         assert refused["code"] == 503 and "max-queued-requests" in refused["message"]
         assert server.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=3, temperature=0).choices[0].text
-        children = server.children()
-        assert children, "the engine runs in a child process"
+        children = server.processes()
+        assert server.engine_processes(), "the engine runs in a process of its own"
     finally:
         returncode = server.stop()
     assert returncode in (0, -signal.SIGTERM), f"exit code {returncode}:\n{server.output()}"  # not killed
-    # Children (the engine, multiprocessing's resource tracker) exit once the server has: allow them
+    # Its processes (the engine, multiprocessing's forkserver and resource tracker) exit once the server has: allow them
     # a few seconds on a loaded machine, then none may be left running.
     deadline = time.monotonic() + 15
     while (left := [pid for pid in children if running(pid)]) and time.monotonic() < deadline:

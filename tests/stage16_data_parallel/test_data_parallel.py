@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -82,12 +81,6 @@ def test_cache_aware_routing_keeps_the_prefix_hits_round_robin_loses(checkpoints
     assert single_rate > 0.5 and aware >= 0.9 * single_rate and blind < aware
 
 
-def engine_children(pid: int) -> list[int]:
-    """The server's engine processes: its children started through multiprocessing's spawn."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
 def test_a_killed_replica_ends_its_requests_the_server_goes_on_and_the_replica_comes_back(checkpoints, tmp_path):
     """Also adapters: one loaded at run time reaches every replica (the restarted one too), and a
     refused load is answered once."""
@@ -103,7 +96,7 @@ def test_a_killed_replica_ends_its_requests_the_server_goes_on_and_the_replica_c
                                                     extra_body={"ignore_eos": True}, stream=True) for i in range(2)]
         firsts = [next(iter(stream)) for stream in streams]  # both replicas are generating
         assert all(chunk.choices for chunk in firsts)
-        victim = engine_children(server.process.pid)[0]
+        victim = server.engine_processes()[0]
         os.kill(victim, signal.SIGKILL)
         outcomes = []
         for stream in streams:
@@ -125,7 +118,7 @@ def test_a_killed_replica_ends_its_requests_the_server_goes_on_and_the_replica_c
         while http("GET", f"{server.url}/health")[1] != b"" and time.monotonic() < deadline:
             time.sleep(0.5)
         assert http("GET", f"{server.url}/health") == (200, b""), server.output()
-        assert len(engine_children(server.process.pid)) == 2 and victim not in engine_children(server.process.pid)
+        assert len(server.engine_processes()) == 2 and victim not in server.engine_processes()
         served = server.metrics()
         for i in range(4):  # round robin: both replicas answer
             reply = server.client.completions.create(model="m", prompt=[9, 8, i], **ASK)
@@ -151,7 +144,7 @@ def test_a_hung_replica_is_killed_and_its_unanswered_requests_go_to_the_other(ch
     server = Server("stage16_data_parallel", "--model-path", str(checkpoints["dense"]), "--dp-size", "2",
                     "--load-balance-method", "round_robin", "--dist-timeout", "3")
     try:
-        replica_0, replica_1 = sorted(engine_children(server.process.pid))  # replica 0 started first
+        replica_0, replica_1 = sorted(server.engine_processes())  # replica 0 started first
         time.sleep(3.5)  # both idle for longer than --dist-timeout
         os.kill(replica_0, signal.SIGSTOP)  # slow to answer its next request: 1.5 s, within the timeout
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -198,7 +191,7 @@ def test_a_replica_busy_with_a_long_step_is_not_taken_for_hung(builtin_folder):
 
 def engine_index(server: Server, pid: int) -> int:
     """Which replica the killed process was (replica 0 was started first: the lower pid)."""
-    return 0 if all(pid <= other for other in engine_children(server.process.pid) + [pid]) else 1
+    return 0 if all(pid <= other for other in server.engine_processes() + [pid]) else 1
 
 
 @pytest.mark.parametrize("flags, message", [

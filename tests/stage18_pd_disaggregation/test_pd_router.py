@@ -27,7 +27,6 @@ import pytest
 from checkpoints import write_adapter
 from conftest import ROOT
 from stage17_hicache import Engine as Stage17
-from test_reliability import engine_pids
 from test_server import Server, http
 
 STAGE = "stage18_pd_disaggregation"
@@ -153,7 +152,7 @@ def complete(router, prompt=PROMPT, max_tokens=6, timeout=60):
 
 
 def signal_engine(server: Server, sig: int) -> None:
-    for pid in engine_pids(server.process.pid):
+    for pid in server.engine_processes():
         os.kill(pid, sig)
 
 
@@ -200,7 +199,7 @@ def test_killed_servers_are_routed_around_or_end_their_requests_with_an_error(cl
     _, router, (alive, killed), decode = cluster
     status, reply = complete(router)
     text = reply["choices"][0]["text"]
-    for pid in engine_pids(killed.process.pid) + [killed.process.pid]:
+    for pid in killed.engine_processes() + [killed.process.pid]:
         os.kill(pid, signal.SIGKILL)
     time.sleep(5.5)  # past the router's retry delay for the hung server of the test before
     for _ in range(3):  # each request that picks the killed server is tried again on the other
@@ -213,7 +212,7 @@ def test_killed_servers_are_routed_around_or_end_their_requests_with_an_error(cl
     connection.request("POST", "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
     response = connection.getresponse()
     assert response.readline().startswith(b"data: ")
-    for pid in engine_pids(decode.process.pid) + [decode.process.pid]:
+    for pid in decode.engine_processes() + [decode.process.pid]:
         os.kill(pid, signal.SIGKILL)
     lines = response.read().decode().split("\n\n")
     assert "decode server" in lines[-2] and '"error"' in lines[-2], lines[-3:]
