@@ -8,6 +8,7 @@ window and emits only text that is complete.
 """
 
 import json
+import weakref
 from pathlib import Path
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
@@ -60,13 +61,14 @@ class Tokenizer:
                                            **(template_kwargs or {}))
 
 
-# (folder, its tokenizer files' names, sizes and times) -> the loaded Hugging Face tokenizer.
-_LOADED: dict[tuple, object] = {}
+# (folder, its tokenizer files' names, sizes and times) -> the loaded Hugging Face tokenizer, kept
+# while some engine holds it (~20 MB each: a long-lived process must not keep every one it met).
+_LOADED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".gguf"}
 
 
 def _loaded(folder: str | Path):
-    """The folder's Hugging Face tokenizer, loaded once per process.
+    """The folder's Hugging Face tokenizer, loaded once while engines use it.
 
     Loading parses a multi-megabyte tokenizer.json (~0.4 s on a CPU), and a
     process may build several engines of one model: a draft beside its
@@ -79,9 +81,10 @@ def _loaded(folder: str | Path):
         return _load(folder)
     key = (str(folder.resolve()), tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()
                                                if f.is_file() and f.suffix not in _WEIGHTS)))
-    if key not in _LOADED:
-        _LOADED[key] = _load(folder)
-    return _LOADED[key]
+    tokenizer = _LOADED.get(key)
+    if tokenizer is None:
+        tokenizer = _LOADED[key] = _load(folder)
+    return tokenizer
 
 
 def _load(folder: Path):

@@ -1,6 +1,8 @@
 """Streaming detokenization never splits a character and adds up to the full decode."""
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,8 @@ def test_a_folders_tokenizer_is_loaded_once_and_again_when_a_file_changes(tmp_pa
     (tmp_path / "chat_template.jinja").write_text("{{ 'a changed template' }}")
     changed = Tokenizer(tmp_path)
     assert changed.hf is not first.hf and changed.apply_chat_template("hi") == "a changed template"
+    # Kept only while an engine holds it: a long-lived process does not keep every tokenizer it met.
+    held = weakref.ref(changed.hf)
+    del changed
+    gc.collect()
+    assert held() is None

@@ -136,6 +136,7 @@ def children(pid: int) -> list[int]:
 
 
 def descendants(pid: int) -> list[int]:
+    """Its children, theirs, and so on."""
     found, todo = [], children(pid)
     while todo:
         found.append(todo.pop())
@@ -425,7 +426,7 @@ def test_full_queue_gets_503_then_serves_and_shuts_down_cleanly(server_stage, bu
         refused = json.loads(next(body for status, body in responses if status == 503))["error"]
         assert refused["code"] == 503 and "max-queued-requests" in refused["message"]
         assert server.client.completions.create(model="m", prompt=PROMPTS[0], max_tokens=3, temperature=0).choices[0].text
-        children = server.processes()
+        processes = server.processes()
         assert server.engine_processes(), "the engine runs in a process of its own"
     finally:
         returncode = server.stop()
@@ -433,7 +434,7 @@ def test_full_queue_gets_503_then_serves_and_shuts_down_cleanly(server_stage, bu
     # Its processes (the engine, multiprocessing's forkserver and resource tracker) exit once the server has: allow them
     # a few seconds on a loaded machine, then none may be left running.
     deadline = time.monotonic() + 15
-    while (left := [pid for pid in children if running(pid)]) and time.monotonic() < deadline:
+    while (left := [pid for pid in processes if running(pid)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"processes left behind: {left}"
 
