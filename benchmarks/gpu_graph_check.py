@@ -72,10 +72,10 @@ def teacher_forced(engine, batch_size: int) -> tuple[bool, str]:
     eager = runner.forward(batch)  # writes this step's K/V; the replay writes the same again
     runner.graphs = graphs
     replays = graphs.replays
-    replayed = runner.forward(batch)
+    replayed = runner.forward(batch).clone()  # a view of the graphs' logits buffer: the next forward overwrites it
     assert graphs.replays == replays + 1, "the batch did not run through a graph"
     # The recorded forward run again without the graph, on the buffers the replay just read.
-    unrecorded = runner.model.compute_logits(graphs.graph_for(graphs.bucket(batch)).forward()[: len(batch.positions)])
+    unrecorded = graphs.graph_for(graphs.bucket(batch)).forward()[: len(batch.positions)]
     same_error, same_flips = compare(replayed, unrecorded)
     eager_error, eager_flips = compare(replayed, eager)
     ok = same_error < LOGITS_TOLERANCE and same_flips == 0 and eager_flips == 0

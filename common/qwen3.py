@@ -283,6 +283,8 @@ class Qwen3ForCausalLM(nn.Module):
         """``input_ids, positions [T]`` -> hidden states ``[T, hidden]``."""
         return self.model(input_ids, positions, attention)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden rows ``[N, hidden]`` -> logits ``[N, vocab]`` in fp32 for sampling."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden rows ``[N, hidden]`` -> logits ``[N, vocab]`` in fp32 for sampling; written into
+        ``out`` when given (a CUDA graph's fixed buffer: the cast to fp32 is the copy)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if out is None else out.copy_(logits)

@@ -27,7 +27,13 @@ fixed in advance:
   which slots each sequence's keys are gathered from are computed *by the
   graph*, from the page tables and the buffers, so a replay redoes them on the
   device. The host copies only the step's token ids, positions, page-table
-  rows and lengths (``CudaGraphRunner.run``) and launches one replay.
+  rows and lengths (``CudaGraphRunner.run``) and launches one replay;
+* **the logits too**: the graph records the lm_head after the last layer,
+  writing fp32 logits into one fixed buffer every graph shares (one step runs
+  at a time, and its sampler reads them before the next replay is launched).
+  So a step's largest GEMM has a recorded shape too: a batch of 233 met
+  mid-run costs no first-call set-up, and the lm_head costs no launches of its own.
+  Padding rows get logits that nobody reads.
 
 The runner owns what every graph shares (batch buckets, padding rows, the
 fixed buffers); the attention backend says what its graphs need: the key of a
@@ -69,7 +75,7 @@ class GraphKey(NamedTuple):
 
 
 class DecodeGraph:
-    """One recorded decode forward: ``run()`` replays it and returns the hidden states ``[bs, hidden]``.
+    """One recorded decode forward: ``run()`` replays it and returns its logits ``[bs, vocab]``.
 
     With ``capture=False`` nothing is recorded and ``run()`` calls the forward
     directly on the same buffers: the CPU tests use this to check everything
@@ -90,13 +96,13 @@ class DecodeGraph:
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: work of other threads (NCCL's watchdog) does not break the capture.
             with torch.cuda.graph(self.graph, pool=memory_pool, capture_error_mode="thread_local"):
-                self.hidden = forward()
+                self.logits = forward()
 
     def run(self) -> torch.Tensor:
         if self.graph is None:
             return self.forward()
         self.graph.replay()
-        return self.hidden
+        return self.logits
 
 
 class CudaGraphRunner:
@@ -120,6 +126,8 @@ class CudaGraphRunner:
         self.inputs = torch.zeros(4, self.max_bs, dtype=torch.int64, device=device)
         self.input_ids, self.positions, self.seq_rows, self.seq_lens = self.inputs
         self.padding_inputs = torch.tensor([[0], [0], [self.padding_row], [1]], device=device)  # token 0 at position 0
+        # Where every graph writes its logits, one row per batch row (made with the first graph).
+        self.logits: torch.Tensor | None = None
         self.graphs: dict[GraphKey, DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
@@ -157,10 +165,14 @@ class CudaGraphRunner:
             # Record on padding rows only: valid (if meaningless) inputs, written to the padding page.
             self.inputs[:, :bs] = self.padding_inputs
             attention = self.backend.graph_attention(self, key)
+            if self.logits is None:
+                self.logits = torch.empty(self.max_bs, self.model.config.vocab_size, dtype=torch.float32,
+                                          device=self.pool.k.device)
 
             def forward():
                 attention.begin_step()
-                return self.model(self.input_ids[:bs], self.positions[:bs], attention)
+                hidden = self.model(self.input_ids[:bs], self.positions[:bs], attention)
+                return self.model.compute_logits(hidden, out=self.logits[:bs])
 
             graph = self.graphs[key] = DecodeGraph(forward, self.capture, self.memory_pool)
             graph.attention = attention  # fills its own inputs before a replay (and can be inspected)
@@ -169,7 +181,7 @@ class CudaGraphRunner:
         return self.graphs[key]
 
     def run(self, batch: ForwardBatch, bucket: GraphKey) -> torch.Tensor:
-        """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
+        """Fill the buffers from ``batch``, replay its bucket's graph; logits ``[B, vocab]``.
 
         Four copies of the step's small arrays (already on the device) and
         one fill of the padding columns; the graph computes the rest.

@@ -295,7 +295,7 @@ class ModelRunner:
         """Run the model on a built batch; logits ``[len(logits_rows), vocab]`` (None if none are wanted)."""
         self.page_tables.apply(batch.update_rows, batch.update_columns, batch.update_pages)
         if self.graphs is not None and (bucket := self.graphs.bucket(batch)) is not None:
-            return self.model.compute_logits(self.graphs.run(batch, bucket))  # a decode batch: replay
+            return self.graphs.run(batch, bucket)  # a decode batch: replay (the graph gives the logits)
         attention = self.attention_backend.prepare(batch)
         hidden = self.model(batch.input_ids, batch.positions, attention)
         if batch.logits_rows.numel() == 0:  # only prompt chunks ran: nothing to sample

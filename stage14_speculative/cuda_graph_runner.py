@@ -27,7 +27,13 @@ fixed in advance:
   which slots each sequence's keys are gathered from are computed *by the
   graph*, from the page tables and the buffers, so a replay redoes them on the
   device. The host copies only the step's token ids, positions, page-table
-  rows and lengths (``CudaGraphRunner.run``) and launches one replay.
+  rows and lengths (``CudaGraphRunner.run``) and launches one replay;
+* **the logits too**: the graph records the lm_head after the last layer,
+  writing fp32 logits into one fixed buffer every graph shares (one step runs
+  at a time, and its sampler reads them before the next replay is launched).
+  So a step's largest GEMM has a recorded shape too: a batch of 233 met
+  mid-run costs no first-call set-up, and the lm_head costs no launches of its own.
+  Padding rows get logits that nobody reads.
 
 The runner owns what every graph shares (batch buckets, padding rows, the
 fixed buffers); the attention backend says what its graphs need: the key of a
@@ -51,7 +57,8 @@ Stage 14: a verify step feeds every sequence its newest token and the same
 number of guesses (the engine pads short drafts with guesses that are never
 kept), so it has a fixed **width** too: ``(batch bucket, key bucket, 0,
 width)``. Its graph gathers the keys as a decode graph does, writes ``width``
-new tokens per sequence, and attends them causally; every row gets logits.
+new tokens per sequence, and attends them causally; every row gets logits
+(graphs of one width share a logits buffer of ``max_bs * width`` rows).
 With runs, a verify batch of sequences that are each one run is keyed
 ``(batch bucket, 0, 1, width)`` and reads them in place instead.
 """
@@ -89,7 +96,7 @@ class GraphKey(NamedTuple):
 
 
 class DecodeGraph:
-    """One recorded decode forward: ``run()`` replays it and returns the hidden states ``[bs, hidden]``.
+    """One recorded decode forward: ``run()`` replays it and returns its logits ``[bs, vocab]``.
 
     With ``capture=False`` nothing is recorded and ``run()`` calls the forward
     directly on the same buffers: the CPU tests use this to check everything
@@ -110,13 +117,13 @@ class DecodeGraph:
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: work of other threads (NCCL's watchdog) does not break the capture.
             with torch.cuda.graph(self.graph, pool=memory_pool, capture_error_mode="thread_local"):
-                self.hidden = forward()
+                self.logits = forward()
 
     def run(self) -> torch.Tensor:
         if self.graph is None:
             return self.forward()
         self.graph.replay()
-        return self.hidden
+        return self.logits
 
 
 class CudaGraphRunner:
@@ -143,6 +150,8 @@ class CudaGraphRunner:
         # A verify graph's token ids and positions, ``width`` (at most a page) per sequence.
         self.verify_inputs = torch.zeros(2, self.max_bs * pool.page_size, dtype=torch.int64, device=device)
         self.padding_inputs = torch.tensor([[0], [0], [self.padding_row], [1]], device=device)  # token 0 at position 0
+        # Where every graph of one width writes its logits, a row per token (made with its first graph).
+        self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[GraphKey, DecodeGraph] = {}
         self.memory_pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_seconds, self.memory_bytes = 0.0, 0  # recording time; device memory the graphs took
@@ -186,10 +195,15 @@ class CudaGraphRunner:
             if width > 1:
                 input_ids, positions = self._pad_verify(0, bs, width)
             attention = self.backend.graph_attention(self, key)
+            if width not in self.logits:
+                self.logits[width] = torch.empty(self.max_bs * width, self.model.config.vocab_size, dtype=torch.float32,
+                                                 device=self.pool.k.device)
+            logits = self.logits[width][: bs * width]
 
             def forward():
                 attention.begin_step()
-                return self.model(input_ids, positions, attention)
+                hidden = self.model(input_ids, positions, attention)
+                return self.model.compute_logits(hidden, out=logits)
 
             graph = self.graphs[key] = DecodeGraph(forward, self.capture, self.memory_pool)
             graph.attention = attention  # fills its own inputs before a replay (and can be inspected)
@@ -209,7 +223,7 @@ class CudaGraphRunner:
         return input_ids, positions
 
     def run(self, batch: ForwardBatch, bucket: GraphKey) -> torch.Tensor:
-        """Fill the buffers from ``batch``, replay its bucket's graph; hidden states ``[B, hidden]``.
+        """Fill the buffers from ``batch``, replay its bucket's graph; logits ``[B, vocab]``.
 
         Four copies of the step's small arrays (already on the device) and
         one fill of the padding columns; the graph computes the rest.

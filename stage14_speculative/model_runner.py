@@ -339,7 +339,7 @@ class ModelRunner:
         Stage 14: draft trees bring their own positions and masks, and run eagerly."""
         self.page_tables.apply(batch.update_rows, batch.update_columns, batch.update_pages)
         if self.graphs is not None and tree_masks is None and (bucket := self.graphs.bucket(batch)) is not None:
-            return self.model.compute_logits(self.graphs.run(batch, bucket))  # a decode batch: replay
+            return self.graphs.run(batch, bucket)  # a decode batch: replay (the graph gives the logits)
         attention = self.attention_backend.prepare(batch, tree_masks)
         hidden = self.model(batch.input_ids, batch.positions if rope_positions is None else rope_positions, attention)
         if batch.logits_rows.numel() == 0:  # only prompt chunks ran: nothing to sample

@@ -364,7 +364,7 @@ class ModelRunner:
         if self.lora is not None and batch.has_lora and self.tp_rank > 0:  # rank 0 chose the slots; follow it
             self.lora.follow(batch.lora_table.tolist())
         if self.graphs is not None and tree_masks is None and (bucket := self.graphs.bucket(batch)) is not None:
-            return self.model.compute_logits(self.graphs.run(batch, bucket))  # a decode batch: replay
+            return self.graphs.run(batch, bucket)  # a decode batch: replay (the graph gives the logits)
         attention = self.attention_backend.prepare(batch, tree_masks)
         if self.lora is not None:
             self.lora.begin(batch.lora_slots if batch.has_lora else None)

@@ -113,7 +113,7 @@ def test_padding_rows_never_touch_a_real_row(engine_for, checkpoints):
         runner.pool.k.copy_(kv_before)
         graphs = CudaGraphRunner(runner.model, runner.attention_backend, runner.allocator.num_pages, 8, 512, capture=False)
         graphs.inputs.fill_(3)  # junk left in the buffers: run() must overwrite every column it uses
-        graph_logits = runner.model.compute_logits(graphs.run(batch, graphs.bucket(batch)))
+        graph_logits = graphs.run(batch, graphs.bucket(batch))
         torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-5, atol=1e-5)
         padding = slice(graphs.padding_slot, graphs.padding_slot + runner.page_size)
         real = torch.ones(runner.pool.k.shape[1], dtype=torch.bool)
@@ -121,6 +121,36 @@ def test_padding_rows_never_touch_a_real_row(engine_for, checkpoints):
         # The pool is torch.empty: slots no request wrote hold whatever the memory held, NaN included.
         torch.testing.assert_close(runner.pool.k[:, real], kv_eager[:, real], rtol=1e-5, atol=1e-5, equal_nan=True)
         assert graphs.padding_slot // runner.page_size == runner.allocator.num_pages  # a page no request can own
+
+
+def test_the_graph_records_the_lm_head(checkpoints):
+    """A graph step's logits come out of the graph: the forward it records ends with the lm_head at
+    the bucket's row count (padding rows too: one GEMM shape per bucket, met at record time),
+    written into the runner's one fixed buffer; the runner computes no logits of its own."""
+    with Engine(model_path=str(checkpoints["dense"]), device="cpu") as engine:
+        used = attach_graphs(engine, max_bs=8)
+        runner, calls, in_graph = engine.runner, [], []
+        graphs, compute, run = runner.graphs, runner.model.compute_logits, runner.graphs.run
+
+        def recording_compute(hidden, out=None):
+            calls.append((bool(in_graph), len(hidden), out is not None and out.data_ptr() == graphs.logits.data_ptr()))
+            return compute(hidden, out=out)
+
+        def marked_run(batch, bucket):
+            in_graph.append(True)
+            try:
+                logits = run(batch, bucket)
+            finally:
+                in_graph.pop()
+            assert logits.data_ptr() == graphs.logits.data_ptr() and logits.shape == (batch.sizes.num_seqs, runner.config.vocab_size)
+            return logits
+
+        runner.model.compute_logits, graphs.run = recording_compute, marked_run
+        engine.generate_batch(prompts(5), **GREEDY)
+        assert used  # graph steps ran
+        assert [(rows, into) for inside, rows, into in calls if inside] == [(bs, True) for bs, _ in used]
+        assert sum(not inside for inside, _, _ in calls) == len(calls) - len(used)  # the rest: eager steps
+        assert any(bs > n for bs, n in used)  # a padded step, its padding rows scored in the graph too
 
 
 def test_the_plan_computed_in_the_graph_is_stage08s(engine_for, checkpoints):
