@@ -313,7 +313,7 @@ EXERCISES = [
         "model_runner.py",
         "            apply_grammar_masks(logits, [requests[i].grammar for i in complete])\n",
         "            pass\n",
-        ("tests/stage13_structured/test_structured.py::test_one_batch_mixes_constrained_and_free_requests[greedy]",),
+        ("tests/stage13_structured/test_structured.py::test_the_masks_alone_keep_a_random_model_in_its_grammar",),
     ),
     Exercise(
         "stage13_structured", 2, BUILD, "unpack the mask bits",
@@ -323,7 +323,7 @@ EXERCISES = [
         "grammar.py",
         "    allowed = ((masks[:, :, None] >> bits) & 1).view(len(rows), -1)[:, :vocab].bool()  # [rows, vocab]\n",
         '    raise NotImplementedError("exercise: one bool per token from the 32-bit mask words")\n',
-        ("tests/stage13_structured/test_structured.py::test_one_batch_mixes_constrained_and_free_requests[greedy]",),
+        ("tests/stage13_structured/test_structured.py::test_the_masks_alone_keep_a_random_model_in_its_grammar",),
     ),
     Exercise(
         "stage14_speculative", 1, BREAK, "greedy acceptance",

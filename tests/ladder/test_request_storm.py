@@ -12,12 +12,15 @@ small that requests are retracted and cached prefixes evicted. Afterwards:
   and after ``flush_cache()`` every page is back in the free list.
 """
 
+import importlib
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from checkpoints import write_checkpoint
+from common.config import ModelConfig
 from common.sampling import SamplingParams
 from conftest import STAGES, stage_engine_class, stage_has
 
@@ -122,9 +125,8 @@ def small_pool_engine(stage: str, model_path, **settings):
         kwargs["chunked_prefill_size"] = 16  # long prompts run in chunks beside decodes
     if stage_has(stage, "schedule_policy"):
         kwargs["schedule_policy"] = "lpm"  # reorders the queue by cached prefix
-    probe = engine_class(**kwargs)
-    page_bytes = probe.runner.pool.bytes_per_page(probe.config, PAGE, torch.float32)
-    probe.shutdown()
+    pool_class = importlib.import_module(f"{stage}.kv_cache").PagedKVPool
+    page_bytes = pool_class.bytes_per_page(ModelConfig.from_file(Path(model_path) / "config.json"), PAGE, torch.float32)
     return engine_class(kv_cache_bytes=POOL_PAGES * page_bytes, **kwargs)
 
 
