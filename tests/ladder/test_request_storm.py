@@ -14,7 +14,6 @@ small that requests are retracted and cached prefixes evicted. Afterwards:
 
 import importlib
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +125,7 @@ def small_pool_engine(stage: str, model_path, **settings):
     if stage_has(stage, "schedule_policy"):
         kwargs["schedule_policy"] = "lpm"  # reorders the queue by cached prefix
     pool_class = importlib.import_module(f"{stage}.kv_cache").PagedKVPool
-    page_bytes = pool_class.bytes_per_page(ModelConfig.from_file(Path(model_path) / "config.json"), PAGE, torch.float32)
+    page_bytes = pool_class.bytes_per_page(ModelConfig.from_file(model_path), PAGE, torch.float32)
     return engine_class(kv_cache_bytes=POOL_PAGES * page_bytes, **kwargs)
 
 
