@@ -5,25 +5,15 @@ tokenizer files), and compare against transformers' models on the same files.
 They borrow the built-in model's tokenizer (SmolLM2's 49k BPE vocab).
 """
 
+import hashlib
+import importlib.metadata
 import itertools
+import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen2MoeConfig,
-    Qwen2MoeForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-)
 
 # A bigger init than the default 0.02 keeps logits well separated, so greedy
 # choices are not decided by rounding noise.
@@ -41,40 +31,81 @@ COMMON = dict(
     eos_token_id=2,
 )
 
+# kind -> (transformers' config class, its model class, the kind's own config fields). The classes
+# are named, not imported: importing the first model class costs a process ~4.5 s of transformers'
+# modelling code, and a process whose checkpoints are already saved never needs it (``saved``).
 KINDS = {
-    "dense": (Qwen3Config, Qwen3ForCausalLM, dict(tie_word_embeddings=False)),
+    "dense": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False)),
     "moe": (
-        Qwen3MoeConfig,
-        Qwen3MoeForCausalLM,
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
         dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[0],
              num_hidden_layers=3, tie_word_embeddings=False),
     ),
-    "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True, rope_theta=100000.0)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_theta=100000.0)),
     # The other families: q/k/v biases and no q/k norm (Qwen2), plus a shared expert (Qwen2-MoE),
     # Llama's layout under another name (Mistral).
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen2_moe": (
-        Qwen2MoeConfig,
-        Qwen2MoeForCausalLM,
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
         dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
              norm_topk_prob=False, mlp_only_layers=[0], num_hidden_layers=3, tie_word_embeddings=False),
     ),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None, tie_word_embeddings=False)),
 }
 FAMILIES = ["qwen2", "qwen2_moe", "mistral"]  # beyond Qwen3 / Qwen3-MoE / Llama
 
 
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test-checkpoints"
+
+
+def random_model(kind: str, seed: int = 0, **overrides):
+    """transformers' own ``kind`` model with random weights (``torch.manual_seed(seed)`` first)."""
+    import transformers
+
+    config_name, model_name, extra = KINDS[kind]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **overrides})
+    return getattr(transformers, model_name)(config).eval()
+
+
+def saved(folder: Path, recipe: dict, tokenizer_folder: Path, build) -> Path:
+    """``folder`` filled with what ``build(staging_folder)`` saves for ``recipe``: built once, kept in
+    ``.cache/test-checkpoints/`` and copied from there by every later call, in any process.
+
+    A pytest process would otherwise build its checkpoints again, importing transformers'
+    model classes to do it (each xdist worker, each exercise round, each ``--stage`` run). The
+    key is everything the bytes depend on: the recipe, this file, the tokenizer files and the
+    torch and transformers versions; a copy, so a test may change its folder freely.
+    """
+    tokenizer = sorted((f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in Path(tokenizer_folder).iterdir()
+                       if f.is_file() and ("token" in f.name or f.suffix == ".jinja"))
+    versions = [importlib.metadata.version(name) for name in ("torch", "transformers")]
+    key = json.dumps([recipe, tokenizer, versions, hashlib.sha256(Path(__file__).read_bytes()).hexdigest()], sort_keys=True)
+    cached = CACHE / f"{recipe['name']}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not cached.is_dir():
+        staging = CACHE / f".{cached.name}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        build(staging)
+        try:
+            staging.rename(cached)  # atomic: no reader sees half a checkpoint
+        except OSError:  # another process saved it first (the same bytes)
+            shutil.rmtree(staging)
+    shutil.copytree(cached, folder, dirs_exist_ok=True)
+    return Path(folder)
+
+
 def write_checkpoint(kind: str, folder: Path, tokenizer_folder: Path, seed: int = 0, **overrides) -> Path:
     """Save a random ``kind`` model (a key of ``KINDS``) plus a tokenizer into ``folder``."""
-    config_class, model_class, extra = KINDS[kind]
-    torch.manual_seed(seed)
-    config = config_class(**{**COMMON, **extra, **overrides})
-    model = model_class(config).eval()
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tokenizer_folder / name).exists():
-            shutil.copy(tokenizer_folder / name, folder / name)
-    return folder
+
+    def build(out: Path) -> None:
+        random_model(kind, seed, **overrides).save_pretrained(out)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (tokenizer_folder / name).exists():
+                shutil.copy(tokenizer_folder / name, out / name)
+
+    return saved(folder, dict(name=kind, seed=seed, overrides=overrides), tokenizer_folder, build)
 
 
 # A Hermes-style chat template that renders tools, tool calls and tool results (the built-in
@@ -119,24 +150,25 @@ def write_scripted_checkpoint(folder: Path, tokenizer_folder: Path, script: list
     successor = {}
     for token, following in itertools.pairwise(script):
         assert successor.setdefault(token, following) == following, f"token {token} needs two successors"
-    config_class, model_class, extra = KINDS["dense"]
-    torch.manual_seed(0)
-    model = model_class(config_class(**{**COMMON, **extra})).eval()
-    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed[:, : len(successor)] = 0.0  # the script's own dimensions
-        for dim, (token, following) in enumerate(successor.items()):
-            embed[token] = 0.0
-            embed[token, dim] = 1.0
-            head[following, dim] = 30.0
-    model.save_pretrained(folder)
-    shutil.copy(tokenizer_folder / "tokenizer.json", folder / "tokenizer.json")
-    shutil.copy(tokenizer_folder / "tokenizer_config.json", folder / "tokenizer_config.json")
-    (folder / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
-    return folder
+
+    def build(out: Path) -> None:
+        model = random_model("dense")
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            embed[:, : len(successor)] = 0.0  # the script's own dimensions
+            for dim, (token, following) in enumerate(successor.items()):
+                embed[token] = 0.0
+                embed[token, dim] = 1.0
+                head[following, dim] = 30.0
+        model.save_pretrained(out)
+        shutil.copy(tokenizer_folder / "tokenizer.json", out / "tokenizer.json")
+        shutil.copy(tokenizer_folder / "tokenizer_config.json", out / "tokenizer_config.json")
+        (out / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
+
+    return saved(folder, dict(name="scripted", script=script), tokenizer_folder, build)
 
 
 def write_near_copy(folder: Path, out: Path, noise: float, seed: int = 1) -> Path:

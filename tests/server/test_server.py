@@ -57,13 +57,18 @@ def http(method: str, url: str, body: bytes | None = None, timeout: float = 30,
         return error.code, error.read()
 
 
-class Server:
-    """``python -m STAGE --serve`` in a subprocess, on a free port."""
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
-    def __init__(self, stage: str, *flags: str):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+
+class Server:
+    """``python -m STAGE --serve`` in a subprocess, on a free port. ``wait=False`` returns once the
+    process is started (several servers then start side by side); ``wait_until_healthy`` waits."""
+
+    def __init__(self, stage: str, *flags: str, wait: bool = True):
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{stage}-server-{self.port}.log"
         self.log = open(log_path, "w+")  # noqa: SIM115 - open while the server runs; the test process ends with it
@@ -72,13 +77,19 @@ class Server:
              "--served-model-name", "m", *flags],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        self.started = time.monotonic()
+        if wait:
+            self.wait_until_healthy()
+
+    def wait_until_healthy(self) -> "Server":
+        deadline = self.started + STARTUP_TIMEOUT_S
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the server did not start:\n{self.output()}")
             time.sleep(0.5)
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=120)
+        return self
 
     def _healthy(self) -> bool:
         try:

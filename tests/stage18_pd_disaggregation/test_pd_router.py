@@ -13,7 +13,6 @@ queued, nothing held for a decode server.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,17 +26,11 @@ import pytest
 from checkpoints import write_adapter
 from conftest import ROOT
 from stage17_hicache import Engine as Stage17
-from test_server import Server, http
+from test_server import Server, free_port, http
 
 STAGE = "stage18_pd_disaggregation"
 TIMEOUT = "3"  # seconds a handover may take
 PROMPT = "Once upon a time"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Router:
@@ -77,9 +70,11 @@ def cluster(checkpoints, tmp_path_factory):
                             False, seed=0)
     ports = [free_port(), free_port()]
     both = ("--model-path", model, "--lora-paths", f"a={adapter}", "--disaggregation-timeout", TIMEOUT)
-    prefills = [Server(STAGE, *both, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(port))
-                for port in ports]
-    decode = Server(STAGE, *both, "--disaggregation-mode", "decode")
+    prefills = [Server(STAGE, *both, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(port),
+                       wait=False) for port in ports]
+    decode = Server(STAGE, *both, "--disaggregation-mode", "decode", wait=False)
+    for server in (*prefills, decode):  # (started side by side: each start is seconds of imports)
+        server.wait_until_healthy()
     router = Router([(p.url, port) for p, port in zip(prefills, ports)], [decode.url])
     yield (model, adapter), router, prefills, decode
     router.stop()
