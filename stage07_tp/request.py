@@ -26,6 +26,9 @@ class GenerateOutput:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose KV came from a cache instead of being computed
     completion_tokens: int
+    # With finish_reason "stop": the stop token (EOS among them) or stop string that ended it, SGLang's
+    # "matched" (None when the text was complete another way: a grammar's end).
+    matched_stop: int | str | None = None
     error: str | None = None  # with finish_reason "abort": why the engine stopped it (a failed step)
     # With return_logprob (SGLang's meta info names): each generated token's log-probability and its
     # step's top alternatives [(token id, logprob)]; with logprob_start_len, the same for the prompt's
@@ -72,6 +75,7 @@ class Request:
         self.text = ""
         self.streamed = 0  # characters of self.text already handed to a stream
         self.finish_reason: str | None = None
+        self.matched_stop: int | str | None = None  # the stop token or string that ended it
         self.arrival_time = time.perf_counter()
         self.token_times: list[float] = []
         if params.max_tokens == 0:
@@ -97,7 +101,7 @@ class Request:
         self.token_times.append(time.perf_counter())
         checked = len(self.text)  # text before this token was already searched for stop strings
         if token_id in self.stop_token_ids:
-            self.finish_reason = "stop"  # the stop token itself adds no text
+            self.finish_reason, self.matched_stop = "stop", token_id  # the stop token itself adds no text
         else:
             self.text += self.detokenizer.add(token_id)
             if len(self.output_ids) >= self.params.max_tokens or self.seq_len >= self.context_length:
@@ -116,9 +120,10 @@ class Request:
         if not self.params.stop:
             return
         start = max(0, checked - max(len(s) for s in self.params.stop) + 1)
-        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        hits = [(i, s) for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            cut, self.matched_stop = min(hits)  # the first to appear ends the text
+            self.text = self.text[:cut]
             self.finish_reason = "stop"
 
     def take_stream_piece(self) -> str:
@@ -136,6 +141,7 @@ class Request:
             prompt_tokens=len(self.prompt_ids),
             cached_tokens=min(self.cached_tokens, len(self.prompt_ids)),
             completion_tokens=len(self.output_ids),
+            matched_stop=self.matched_stop,
             **self.sampling.take_logprobs(len(self.output_ids)),
             error=self.error,
             arrival_time=self.arrival_time,

@@ -199,7 +199,7 @@ class NativeChoices:
         if not self.score_only:
             return output
         return dataclasses.replace(output, text="", token_ids=[], completion_tokens=0, output_token_logprobs=[],
-                                   output_top_logprobs=[], finish_reason="length")
+                                   output_top_logprobs=[], finish_reason="length", matched_stop=None)
 
     def usage_outputs(self, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
         return [self._generated(o) for o in outputs]
@@ -264,7 +264,10 @@ class NativeChoices:
 
 
 def finish_reason(output: GenerateOutput) -> dict:
-    """SGLang's shape: ``{"type": "stop"}``, ``{"type": "length", "length": n}`` or ``{"type": "abort", "message"}``."""
+    """SGLang's shape: ``{"type": "stop", "matched": token id or stop string}`` (no ``matched`` when a
+    grammar ended the text), ``{"type": "length", "length": n}`` or ``{"type": "abort", "message"}``."""
+    if output.finish_reason == "stop" and output.matched_stop is not None:
+        return {"type": "stop", "matched": output.matched_stop}
     if output.finish_reason == "length":
         return {"type": "length", "length": output.completion_tokens}
     if output.finish_reason == "abort":

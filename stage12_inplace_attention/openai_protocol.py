@@ -244,7 +244,7 @@ def usage(outputs: list[GenerateOutput], n: int) -> dict:
 
 
 def completion_response(rid: str, model: str, choices: list[dict], usage_info: dict) -> dict:
-    """``choices``: ``{"text", "logprobs", "finish_reason"}`` each."""
+    """``choices``: ``{"text", "logprobs", "finish_reason", "matched_stop"}`` each."""
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, **choice} for i, choice in enumerate(choices)],
@@ -253,7 +253,7 @@ def completion_response(rid: str, model: str, choices: list[dict], usage_info: d
 
 
 def chat_response(rid: str, model: str, choices: list[dict], usage_info: dict) -> dict:
-    """``choices``: ``{"message", "logprobs", "finish_reason"}`` each."""
+    """``choices``: ``{"message", "logprobs", "finish_reason", "matched_stop"}`` each."""
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, **choice} for i, choice in enumerate(choices)],
@@ -262,19 +262,27 @@ def chat_response(rid: str, model: str, choices: list[dict], usage_info: dict) -
 
 
 def completion_chunk(rid: str, model: str, index: int, text: str, finish_reason: str | None,
-                     logprobs: dict | None = None) -> dict:
+                     logprobs: dict | None = None, matched_stop: int | str | None = None) -> dict:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": [ending(choice, matched_stop)],
     }
 
 
 def chat_chunk(rid: str, model: str, index: int, delta: dict, finish_reason: str | None,
-               logprobs: dict | None = None) -> dict:
+               logprobs: dict | None = None, matched_stop: int | str | None = None) -> dict:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return {
         "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": [ending(choice, matched_stop)],
     }
+
+
+def ending(choice: dict, matched_stop: int | str | None) -> dict:
+    """A stream's last chunk of a choice (the one with its finish_reason) also says what stopped it,
+    as the whole response's choices do: SGLang's ``matched_stop``, a token id or a stop string."""
+    return choice if choice["finish_reason"] is None else {**choice, "matched_stop": matched_stop}
 
 
 def usage_chunk(rid: str, model: str, kind: str, usage_info: dict) -> dict:

@@ -49,7 +49,7 @@ class CompletionChoices:
         if not self.score_only:
             return output
         return dataclasses.replace(output, text="", token_ids=[], completion_tokens=0, output_token_logprobs=[],
-                                   output_top_logprobs=[], finish_reason="length")
+                                   output_top_logprobs=[], finish_reason="length", matched_stop=None)
 
     def final(self, index: int, output: GenerateOutput) -> dict:
         output = self._generated(output)
@@ -60,7 +60,8 @@ class CompletionChoices:
             if self.request.echo:
                 entries = protocol.prompt_entries(self.prompts[index], output) + entries
             logprobs = protocol.completion_logprobs(self.token_text, entries)
-        return {"text": prompt_text + output.text, "logprobs": logprobs, "finish_reason": output.finish_reason}
+        return {"text": prompt_text + output.text, "logprobs": logprobs, "finish_reason": output.finish_reason,
+                "matched_stop": output.matched_stop}
 
     def usage_outputs(self, outputs: list[GenerateOutput]) -> list[GenerateOutput]:
         return [self._generated(o) for o in outputs]
@@ -85,7 +86,8 @@ class CompletionChoices:
         if update.text or logprobs:
             out.append(protocol.completion_chunk(rid, model, index, update.text, None, logprobs))
         if update.output is not None:
-            out.append(protocol.completion_chunk(rid, model, index, "", self._generated(update.output).finish_reason))
+            output = self._generated(update.output)
+            out.append(protocol.completion_chunk(rid, model, index, "", output.finish_reason, matched_stop=output.matched_stop))
         return out
 
 
@@ -129,7 +131,8 @@ class ChatChoices:
         if calls:
             message["tool_calls"] = calls
         logprobs = protocol.chat_logprobs(self.token_text, protocol.output_entries(output)) if self.logprobs else None
-        return {"message": message, "logprobs": logprobs, "finish_reason": "tool_calls" if calls else output.finish_reason}
+        return {"message": message, "logprobs": logprobs, "finish_reason": "tool_calls" if calls else output.finish_reason,
+                "matched_stop": output.matched_stop}
 
     def opening(self, rid: str, model: str) -> list[dict]:
         """OpenAI's chat streams open each choice with the assistant role."""
@@ -157,5 +160,6 @@ class ChatChoices:
             if calls:
                 delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
                 out.append(protocol.chat_chunk(rid, model, index, delta, None))
-            out.append(protocol.chat_chunk(rid, model, index, {}, "tool_calls" if calls else update.output.finish_reason))
+            out.append(protocol.chat_chunk(rid, model, index, {}, "tool_calls" if calls else update.output.finish_reason,
+                                           matched_stop=update.output.matched_stop))
         return out

@@ -59,7 +59,8 @@ def test_stop_token_id_ends_the_request(engine):
     stop_at = free.token_ids[3]
     out = engine.generate("stop here", max_tokens=10, temperature=0, ignore_eos=True, stop_token_ids=[stop_at])
     assert out.token_ids == free.token_ids[: free.token_ids.index(stop_at) + 1]
-    assert out.finish_reason == "stop"
+    assert out.finish_reason == "stop" and out.matched_stop == stop_at  # SGLang's "matched": the token
+    assert free.finish_reason == "length" and free.matched_stop is None
 
 
 def test_stop_string_cuts_the_text_in_stream_and_batch(engine):
@@ -68,7 +69,9 @@ def test_stop_string_cuts_the_text_in_stream_and_batch(engine):
     stop = free[len(free) // 2 : len(free) // 2 + 2]
     assert stop, "the free text is too short to cut"
     out = engine.generate("a stop string", stop=[stop], **kwargs)
-    assert out.finish_reason == "stop" and out.text == free[: free.index(stop)]
+    assert out.finish_reason == "stop" and out.text == free[: free.index(stop)] and out.matched_stop == stop
+    never = "\x00never"  # of two stop strings, the one that appeared is the one reported
+    assert engine.generate("a stop string", stop=[never, stop], **kwargs).matched_stop == stop
     assert "".join(engine.generate_stream("a stop string", stop=[stop], **kwargs)) == out.text
 
 
@@ -85,6 +88,7 @@ def test_eos_from_the_config_ends_the_request_unless_ignored(stage, checkpoints,
         ignored = engine.generate([5, 6, 7], max_tokens=10, temperature=0, ignore_eos=True)
     cut = free.token_ids.index(free.token_ids[3]) + 1
     assert stopped.token_ids == free.token_ids[:cut] and stopped.finish_reason == "stop"
+    assert stopped.matched_stop == free.token_ids[3]  # an EOS id is a stop token too
     assert ignored.token_ids == free.token_ids and ignored.finish_reason == "length"
 
 

@@ -346,6 +346,27 @@ def test_a_stream_sends_the_whole_text_so_far_and_ends_with_the_meta_info(server
     assert finals == {0: plain["text"], 1: plain["text"]}
 
 
+@pytest.mark.every_serving_stage
+def test_what_stopped_a_request_is_named_as_sglang_names_it(server):
+    """``finish_reason: {"type": "stop", "matched": ...}`` on /generate and ``matched_stop`` on an
+    OpenAI choice (the whole response's and a stream's last chunk): the stop token's id, or the
+    stop string, that ended the text."""
+    _, free = generate(server, {"input_ids": PROMPT, "sampling_params": GREEDY})
+    token, string = free["output_ids"][2], free["text"][3:5]
+    _, by_token = generate(server, {"input_ids": PROMPT, "sampling_params": {**GREEDY, "stop_token_ids": [token]}})
+    assert by_token["meta_info"]["finish_reason"] == {"type": "stop", "matched": token}
+    _, by_string = generate(server, {"input_ids": PROMPT, "sampling_params": {**GREEDY, "stop": [string]}})
+    assert by_string["meta_info"]["finish_reason"] == {"type": "stop", "matched": string}
+    ask = {"model": "m", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stop": [string]}
+    completion = json.loads(http("POST", f"{server.url}/v1/completions", json.dumps(ask).encode())[1])
+    assert completion["choices"][0]["matched_stop"] == string and completion["choices"][0]["text"] == by_string["text"]
+    streamed = events(http("POST", f"{server.url}/v1/completions", json.dumps({**ask, "stream": True}).encode())[1])
+    ends = [choice for event in streamed[:-1] for choice in event["choices"] if choice["finish_reason"]]
+    assert [(c["finish_reason"], c["matched_stop"]) for c in ends] == [("stop", string)]
+    plain = json.loads(http("POST", f"{server.url}/v1/completions", json.dumps({**ask, "stop": []}).encode())[1])
+    assert plain["choices"][0]["finish_reason"] == "length" and plain["choices"][0]["matched_stop"] is None
+
+
 def test_logprobs_are_transformers_and_in_sglangs_entries(server, scripted, hf_logprobs):
     tokenizer = scripted[1]
     status, answer = generate(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 3, "temperature": 0},
