@@ -57,8 +57,9 @@ with Engine(device="cpu") as engine:
 print("tp_size=1:", repr(one))
 
 # %% [markdown]
-# Worker processes are *spawned*, which re-imports the main script, so a script (or notebook)
-# starts a multi-process engine from the command line, as a learner would:
+# Worker processes start from a fresh interpreter (multiprocessing's forkserver:
+# `common/processes.py`), which imports the main script first, so a script (or notebook) starts a
+# multi-process engine from the command line, as a learner would:
 
 # %%
 import os

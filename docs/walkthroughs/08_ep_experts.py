@@ -61,8 +61,8 @@ for rank in range(2):
 
 # %% [markdown]
 # ## Two processes, the same text
-# As in stage 07, worker processes are spawned, so the multi-process engine starts from the
-# command line:
+# As in stage 07, worker processes start from a fresh interpreter that imports the main script,
+# so the multi-process engine starts from the command line:
 
 # %%
 cli = [sys.executable, "-m", "stage08_ep", "Experts share the work", "--model-path", str(folder),

@@ -2,7 +2,7 @@
 # # Stage 19: micro-batches moving down a pipeline
 #
 # The built-in model (30 layers) on two pipeline ranks, gloo on the CPU: rank 0 is this
-# process, rank 1 a spawned worker. We print which rank holds which layers and how big each
+# process, rank 1 a worker process. We print which rank holds which layers and how big each
 # rank's KV pool is, then run eight requests and print, step by step, which micro-batches rank 0
 # has in flight. Run it with `python docs/walkthroughs/19_pipeline_micro_batches.py`.
 
@@ -10,7 +10,7 @@
 from stage19_pipeline_parallel import Engine
 from stage19_pipeline_parallel.pipeline import layer_partition
 
-if __name__ == "__main__":  # the worker rank is a spawned process: it imports this file too
+if __name__ == "__main__":  # the worker rank starts from a fresh interpreter: it imports this file too
     engine = Engine(pp_size=2, page_size=4)
     layers = engine.config.num_hidden_layers
     for rank, held in enumerate(layer_partition(layers, 2)):
