@@ -151,8 +151,15 @@ class Waiter:
 
 
 def meta_info(out) -> dict:
+    """What ``get_meta_info`` gives, as a server's ``/generate`` answers it (its ``finish_reason`` too:
+    ``{"type": "stop", "matched": stop token id or string}`` or ``{"type": "length", "length": n}``)."""
+    reason = {"type": out.finish_reason}
+    if out.finish_reason == "stop" and out.matched_stop is not None:
+        reason["matched"] = out.matched_stop
+    elif out.finish_reason == "length":
+        reason["length"] = out.completion_tokens
     return dict(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                cached_tokens=out.cached_tokens, finish_reason=out.finish_reason)
+                cached_tokens=out.cached_tokens, finish_reason=reason)
 
 
 def score_inputs(tokenizer, prompt: str, continuations: list[str]) -> tuple[list[list[int]], list[int]]:

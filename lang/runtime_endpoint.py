@@ -114,4 +114,4 @@ def output(item: dict) -> Output:
     """One ``/generate`` answer as the interpreter's Output (meta info as EngineBackend gives it)."""
     meta = item["meta_info"]
     return Output(item["text"], dict(prompt_tokens=meta["prompt_tokens"], completion_tokens=meta["completion_tokens"],
-                                     cached_tokens=meta["cached_tokens"], finish_reason=meta["finish_reason"]["type"]))
+                                     cached_tokens=meta["cached_tokens"], finish_reason=meta["finish_reason"]))

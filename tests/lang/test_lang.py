@@ -32,6 +32,12 @@ def story(s, opening):
 
 
 @sgl.function
+def cut(s, text, stop):
+    s += text
+    s += sgl.gen("after", max_tokens=4, temperature=0, ignore_eos=True, stop=stop)
+
+
+@sgl.function
 def chat(s, question):
     s += sgl.system("Answer briefly.")
     s += sgl.user(question)
@@ -49,6 +55,10 @@ def test_gen_continues_the_text_as_the_engine_does(engine):
     assert state["after"] == by_hand(engine, "Once upon a time" + first + " And then", 4)
     assert state.text() == "Once upon a time" + first + " And then" + state["after"]
     assert state.get_meta_info("next")["completion_tokens"] == 6
+    assert state.get_meta_info("next")["finish_reason"] == {"type": "length", "length": 6}  # as /generate says it
+    stop = state["after"][1:3]
+    stopped = cut.run("Once upon a time" + first + " And then", stop, backend=engine)
+    assert stopped.get_meta_info("after")["finish_reason"] == {"type": "stop", "matched": stop}
 
 
 def test_roles_are_the_chat_template_and_the_assistant_speaks_after_its_prompt(engine):
