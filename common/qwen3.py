@@ -99,7 +99,10 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             # Every q and k head normalized in one call, then scaled by its own norm's weight (the
             # rounding of transformers' Qwen3RMSNorm: normalized in fp32, cast, then the weight).
-            qk = F.rms_norm(qk, (self.head_dim,), eps=self.q_norm.eps) * self.qk_norm_weight
+            # The call normalizes v's heads too, unused: qkv is contiguous, while its q and k heads
+            # alone are a strided view the norm would first copy out (a prompt chunk's largest copy).
+            normed = F.rms_norm(qkv, (self.head_dim,), eps=self.q_norm.eps)
+            qk = normed[:, : heads + kv_heads] * self.qk_norm_weight
         q, k = apply_rotary(qk, cos, sin).split([heads, kv_heads], dim=1)  # [T, heads | kv_heads, head_dim]
         out = attention(self.layer_index, q, k, v)  # [T, heads, head_dim]
         out = out.reshape(tokens, -1)

@@ -63,6 +63,31 @@ def test_one_call_normalizes_q_and_k_heads_each_with_its_own_weight():
     torch.testing.assert_close(seen["k"], apply_rotary(attention.k_norm(k), cos, sin))
 
 
+def test_the_head_norm_reads_a_contiguous_tensor(monkeypatch):
+    """The q/k heads alone are a strided view of the qkv projection's output, which the GPU's
+    norm kernel would first copy out (a prompt chunk's largest copy): the norm is given every
+    head of qkv, a contiguous tensor, and only q and k are kept."""
+    import common.qwen3
+    from common.config import ModelConfig
+    from common.qwen3 import Attention
+
+    config = ModelConfig(architecture="Qwen3ForCausalLM", vocab_size=16, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    attention = Attention(config, 0)
+    attention.stack_head_norms()
+    inputs = []
+    rms_norm = common.qwen3.F.rms_norm
+
+    def recording(x, *args, **kwargs):
+        inputs.append(x)
+        return rms_norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(common.qwen3.F, "rms_norm", recording)
+    cos, sin = torch.randn(2, 3, 8)
+    attention(torch.randn(3, 32), cos, sin, lambda layer_index, q, k, v: q)
+    assert [x.is_contiguous() for x in inputs] == [True]
+
+
 def test_rotary_is_transformers_rotate_half_spelling():
     """``apply_rotary`` with ``[cos, cos]`` and ``[-sin, sin]``: x * cos + rotate_half(x) * sin."""
     from common.rope import apply_rotary
