@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from common.sampling import SamplingParams
-from common.tokenizer import Tokenizer
+from common.tokenizer import Tokenizer, import_in_background
 
 from .engine_process import GenerateRequest, ProfileRequest, RequestUpdate, UpdateBatch
 from .engine_supervisor import EngineSupervisor, log
@@ -48,7 +48,9 @@ class TokenizerManager:
         self.queues: dict[str, tuple[asyncio.Queue, int]] = {}  # rid -> (its group's queue, its index)
         self.engines = EngineSupervisor(engine_kwargs, max_queued_requests, on_updates=self._dispatch,
                                         on_exit=self._engine_exited, on_restart=self.metrics.engine_restarted)
+        importing = import_in_background()  # while the engine process builds its engine
         ready = self.engines.wait_ready()
+        importing.join()
         self.model_folder = ready.model_folder
         self.tokenizer = Tokenizer(ready.model_folder)
         self.context_length = ready.context_length

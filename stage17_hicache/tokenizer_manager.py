@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from common.sampling import SamplingParams
-from common.tokenizer import Tokenizer
+from common.tokenizer import Tokenizer, import_in_background
 
 from .data_parallel_controller import DataParallelController
 from .engine_process import GenerateRequest, LoRAAdapterRequest, ProfileRequest, RequestUpdate, UpdateBatch
@@ -53,7 +53,9 @@ class TokenizerManager:
         self.queues: dict[str, tuple[asyncio.Queue, int]] = {}  # rid -> (its group's queue, its index)
         self.engines = DataParallelController(engine_kwargs, max_queued_requests, dp_size, load_balance_method,
                                               self.metrics, on_updates=self._dispatch, fail=self.fail)
+        importing = import_in_background()  # while the engine process builds its engine
         ready = self.engines.wait_ready()
+        importing.join()
         self.model_folder = ready.model_folder
         self.tokenizer = Tokenizer(ready.model_folder)
         self.context_length = ready.context_length

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import sys
 
 import pytest
 import torch
@@ -132,6 +133,24 @@ def test_the_front_end_benchmark_delivers_every_token_of_its_scripted_engine(tmp
     result = json.loads(out.read_text())
     # (30 tokens may take less CPU time than the clock resolves: the figure is present, not necessarily above 0)
     assert result["tokens"] == 30 and result["front_end_cpu_s_per_1000_tokens"] >= 0
+
+
+def test_the_start_up_benchmark_times_a_server_until_it_is_healthy(tmp_path):
+    """A stand-in server that answers /health only after half a second (a real one takes seconds)."""
+    from benchmarks.server_start import free_port, healthy, seconds_to_healthy
+
+    port = free_port()
+    script = ("import http.server, time\n"
+              "class H(http.server.BaseHTTPRequestHandler):\n"
+              "    def do_GET(self):\n"
+              "        self.send_response(200 if self.path == '/health' else 404); self.end_headers()\n"
+              "time.sleep(0.5)\n"
+              f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    seconds = seconds_to_healthy([sys.executable, "-c", script], tmp_path, port, timeout_s=60)
+    assert 0.5 <= seconds < 60
+    assert not healthy(f"http://127.0.0.1:{port}")  # stopped once timed
+    with pytest.raises(RuntimeError, match="did not start"):
+        seconds_to_healthy([sys.executable, "-c", "raise SystemExit(3)"], tmp_path, free_port(), timeout_s=60)
 
 
 def test_teacher_forced_check_passes_correct_stages(checkpoints):
