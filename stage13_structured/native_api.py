@@ -16,9 +16,9 @@ position ``logprob_start_len`` on, ``input_token_logprobs`` and
 ``input_top_logprobs`` (the first prompt token has none: nothing predicts
 it). ``max_new_tokens: 0`` scores a prompt without generating (how
 ``select`` is run over HTTP). A stream (``"stream": true``) sends
-Server-Sent Events whose ``text`` is the whole text so far, as SGLang's do;
-the last event of each output carries its full ``meta_info``, and
-``data: [DONE]`` ends the stream.
+Server-Sent Events whose ``text`` and ``output_ids`` are the whole text and
+token ids so far, as SGLang's are; the last event of each output carries its
+full ``meta_info``, and ``data: [DONE]`` ends the stream.
 
 A request becomes the same ``SamplingFields`` the OpenAI routes build (the
 ``sampling_params`` names mapped onto OpenAI's), so both APIs refuse the
@@ -165,6 +165,7 @@ class NativeChoices:
 
     id_prefix, object_kind = "generate", "generate"
     max_tokens_field = "sampling_params.max_new_tokens"  # what a request beyond the context is told to lower
+    streams_ids = True  # each stream event carries the token ids so far, as SGLang's do
 
     def __init__(self, request: GenerateReqInput, fields: SamplingFields, prompts: list[list[int]], token_text):
         self.request, self.token_text, self.n = request, token_text, fields.n
@@ -180,6 +181,7 @@ class NativeChoices:
         rids = request.rid if isinstance(request.rid, list) else [request.rid] * len(prompts)
         self.rids = [self._rid(rid, i) for rid in rids for i in range(fields.n)]
         self.texts = [""] * len(self.prompts)  # streams: each output's text so far
+        self.ids: list[list[int]] = [[] for _ in self.prompts]  # ... and its token ids
         self.entries: list[list] = [[] for _ in self.prompts]  # ... and its tokens' log-probability entries
         self.started = time.perf_counter()
 
@@ -248,9 +250,10 @@ class NativeChoices:
         return []
 
     def chunks(self, rid: str, model: str, index: int, update: RequestUpdate) -> list[dict]:
-        """An event with the output's whole text so far; the output's last has its full meta_info."""
+        """An event with the output's whole text and token ids so far; the output's last has its full meta_info."""
         if update.output is not None:
             return [self.final(index, update.output)]
+        self.ids[index] += update.token_ids or []  # (the ids of text held back show in the next event)
         if self.score_only or not (update.text or update.logprobs):
             return []  # (a score's one sampled token is never shown)
         self.texts[index] += update.text
@@ -259,7 +262,7 @@ class NativeChoices:
         if self.request.return_logprob:
             ids, logprobs, tops = zip(*self.entries[index]) if self.entries[index] else ((), (), ())
             meta |= self._output_logprobs(ids, logprobs, tops)
-        body = {"text": self.texts[index], "meta_info": meta}
+        body = {"text": self.texts[index], "output_ids": list(self.ids[index]), "meta_info": meta}
         return [{**body, "index": index} if self.batch else body]
 
 

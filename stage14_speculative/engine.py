@@ -157,6 +157,11 @@ class Engine:
             del self._by_id[request_id]
             return request.output()
 
+    def output_ids(self, request_id: int, start: int) -> list[int]:
+        """A running request's generated token ids from ``start`` on, for a server that streams them."""
+        with self._lock:
+            return self._by_id[request_id].output_ids[start:]
+
     def token_logprobs(self, request_id: int, start: int) -> list[tuple[int, float, list]]:
         """``(token id, log-probability, [(id, logprob)] alternatives)`` of a running request's generated
         tokens from ``start`` on, for a server that streams them. Reading them waits for the device."""

@@ -100,7 +100,7 @@ class TokenizerManager:
         return text, self.encode(text)
 
     async def generate(
-        self, prompts: list[list[int]], params: list[SamplingParams]
+        self, prompts: list[list[int]], params: list[SamplingParams], stream_ids: bool = False
     ) -> AsyncIterator[tuple[int, RequestUpdate]]:
         """Run a group of requests (an HTTP request's choices); yield ``(index, update)`` as they come.
 
@@ -119,14 +119,15 @@ class TokenizerManager:
         unfinished = set(rids)
         try:
             for rid, prompt_ids, p in zip(rids, prompts, params):
-                self.engines.send(GenerateRequest(rid, prompt_ids, p))
+                self.engines.send(GenerateRequest(rid, prompt_ids, p, stream_ids=stream_ids))
             accepted, early = 0, []
             while accepted < len(rids):  # the first update of each request says whether it was accepted
                 index, update = await queue.get()
                 if update.error is not None:
                     unfinished.discard(update.rid)
                     raise EngineError(update.status, update.error)
-                accepted += not (update.text or update.logprobs or update.prompt_logprobs or update.output)  # an acceptance
+                accepted += not (update.text or update.token_ids or update.logprobs or update.prompt_logprobs
+                                 or update.output)  # an acceptance
                 early.append((index, update))  # the first accepted requests may already have text
             while unfinished:
                 index, update = early.pop(0) if early else await queue.get()
@@ -134,7 +135,8 @@ class TokenizerManager:
                     raise EngineError(update.status, update.error)
                 if update.output is not None:
                     unfinished.discard(update.rid)
-                if update.text or update.logprobs or update.prompt_logprobs or update.output is not None:
+                if (update.text or update.token_ids or update.logprobs or update.prompt_logprobs
+                        or update.output is not None):
                     yield index, update
         finally:
             for rid in rids:

@@ -50,6 +50,7 @@ class GenerateRequest:
     prompt_ids: list[int]
     params: SamplingParams
     lora_path: str | None = None  # stage 15: the adapter it runs with (None: the base model)
+    stream_ids: bool = False  # a /generate stream: send the token ids with its updates
 
 
 @dataclass
@@ -94,6 +95,7 @@ class RequestUpdate:
     # and once, with logprob_start_len, the same for the prompt's tokens from there on.
     logprobs: list[tuple[int, float, list]] | None = None
     prompt_logprobs: list[tuple[int, float | None, list | None]] | None = None
+    token_ids: list[int] | None = None  # with stream_ids: the ids generated since the last update
     output: GenerateOutput | None = None  # set once, in the update where the request finished
     error: str | None = None
     status: int = 200  # for an error: 400 (the request is invalid), 503 (the queue is full) or 500 (its step failed)
@@ -127,6 +129,7 @@ class EngineLoop:
         self.live: dict[str, int] = {}  # front-end id -> engine id, for requests not finished yet
         self.front_id: dict[int, str] = {}  # the reverse map
         self.logprobs_sent: dict[str, int] = {}  # requests that stream log-probabilities: tokens sent so far
+        self.ids_sent: dict[str, int] = {}  # ... that stream token ids (/generate): ids sent so far
         self.prompt_scores_due: dict[str, list[int]] = {}  # ... and the prompt tokens whose scores are not sent yet
         self.profiler = StepProfiler()
 
@@ -172,6 +175,8 @@ class EngineLoop:
         self.live[rid], self.front_id[engine_id] = engine_id, rid
         if message.params.return_logprob:
             self.logprobs_sent[rid] = 0
+        if message.stream_ids:
+            self.ids_sent[rid] = 0
         if message.params.logprob_start_len >= 0:
             self.prompt_scores_due[rid] = message.prompt_ids[message.params.logprob_start_len :]
         return [RequestUpdate(rid)]
@@ -196,6 +201,8 @@ class EngineLoop:
                 self.send_prompt_logprobs(rid, engine_id, output, updates)
             if rid in self.logprobs_sent:
                 self.send_logprobs(rid, engine_id, output, updates)
+            if rid in self.ids_sent:
+                self.send_ids(rid, engine_id, output, updates)
             if output is not None:
                 update = updates.setdefault(rid, RequestUpdate(rid))
                 update.output = output
@@ -203,6 +210,7 @@ class EngineLoop:
                     update.error, update.status = output.error, 500
                 del self.live[rid], self.front_id[engine_id]
                 self.logprobs_sent.pop(rid, None)
+                self.ids_sent.pop(rid, None)
                 self.prompt_scores_due.pop(rid, None)
         return list(updates.values())
 
@@ -226,6 +234,14 @@ class EngineLoop:
         if new:
             updates.setdefault(rid, RequestUpdate(rid)).logprobs = new
             self.logprobs_sent[rid] = sent + len(new)
+
+    def send_ids(self, rid: str, engine_id: int, output: GenerateOutput | None, updates: dict) -> None:
+        """Attach the ids of the tokens generated since the request's last update."""
+        sent = self.ids_sent[rid]
+        new = self.engine.output_ids(engine_id, sent) if output is None else list(output.token_ids[sent:])
+        if new:
+            updates.setdefault(rid, RequestUpdate(rid)).token_ids = new
+            self.ids_sent[rid] = sent + len(new)
 
 
 def beat(heartbeat, period_s: float = HEARTBEAT_PERIOD_S) -> None:

@@ -116,7 +116,7 @@ class TokenizerManager:
 
     async def generate(
         self, prompts: list[list[int]], params: list[SamplingParams], lora_path: str | None = None,
-        bootstrap: dict | None = None,
+        bootstrap: dict | None = None, stream_ids: bool = False,
     ) -> AsyncIterator[tuple[int, RequestUpdate]]:
         """Run a group of requests (an HTTP request's choices); yield ``(index, update)`` as they come.
 
@@ -137,14 +137,15 @@ class TokenizerManager:
             for index, (rid, prompt_ids, p) in enumerate(zip(rids, prompts, params)):
                 # Stage 18: each choice is a handover of its own, numbered from the request's room.
                 room = None if bootstrap is None else dict(bootstrap, bootstrap_room=bootstrap["bootstrap_room"] + index)
-                self.engines.send(GenerateRequest(rid, prompt_ids, p, lora_path, room))
+                self.engines.send(GenerateRequest(rid, prompt_ids, p, lora_path, room, stream_ids=stream_ids))
             accepted, early = 0, []
             while accepted < len(rids):  # the first update of each request says whether it was accepted
                 index, update = await queue.get()
                 if update.error is not None:
                     unfinished.discard(update.rid)
                     raise EngineError(update.status, update.error)
-                accepted += not (update.text or update.logprobs or update.prompt_logprobs or update.output)  # an acceptance
+                accepted += not (update.text or update.token_ids or update.logprobs or update.prompt_logprobs
+                                 or update.output)  # an acceptance
                 early.append((index, update))  # the first accepted requests may already have text
             while unfinished:
                 index, update = early.pop(0) if early else await queue.get()
@@ -152,7 +153,8 @@ class TokenizerManager:
                     raise EngineError(update.status, update.error)
                 if update.output is not None:
                     unfinished.discard(update.rid)
-                if update.text or update.logprobs or update.prompt_logprobs or update.output is not None:
+                if (update.text or update.token_ids or update.logprobs or update.prompt_logprobs
+                        or update.output is not None):
                     yield index, update
         finally:
             for rid in rids:

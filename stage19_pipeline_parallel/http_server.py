@@ -192,7 +192,7 @@ async def generate(manager: TokenizerManager, model_name: str, http_request: HTT
                              f"tokens; lower {field} or shorten the prompt", field)
         params += request.sampling_params(choices.engine_max_tokens(limit), **choices.logprobs)
     group_prompts = [ids for ids in prompts for _ in range(request.n)]
-    group = manager.generate(group_prompts, params, adapter, request.bootstrap())
+    group = manager.generate(group_prompts, params, adapter, request.bootstrap(), stream_ids=choices.streams_ids and request.stream)
     rid = protocol.new_id(choices.id_prefix)
     name = request.model or model_name  # answers name the model (or adapter) asked for
     if request.stream:

@@ -33,6 +33,7 @@ class CompletionChoices:
 
     id_prefix, object_kind = "cmpl", "text_completion"
     max_tokens_field = "max_tokens"  # what a request beyond the context is told to lower
+    streams_ids = False  # its stream chunks carry text only
     response = staticmethod(protocol.completion_response)
 
     def __init__(self, request: CompletionRequest, prompts: list[list[int]], token_text, decode):
@@ -96,6 +97,7 @@ class ChatChoices:
 
     id_prefix, object_kind = "chatcmpl", "chat.completion.chunk"
     max_tokens_field = "max_tokens"  # what a request beyond the context is told to lower
+    streams_ids = False  # its stream chunks carry text only
     response = staticmethod(protocol.chat_response)
 
     def __init__(self, request: ChatCompletionRequest, token_text, parse_reasoning: bool = False,

@@ -331,7 +331,7 @@ def test_a_batch_or_n_answers_with_a_list_in_order(server):
 
 
 @pytest.mark.every_serving_stage
-def test_a_stream_sends_the_whole_text_so_far_and_ends_with_the_meta_info(server):
+def test_a_stream_sends_the_whole_text_and_ids_so_far_and_ends_with_the_meta_info(server):
     _, plain = generate(server, {"input_ids": PROMPT, "sampling_params": GREEDY})
     status, streamed = generate(server, {"input_ids": PROMPT, "sampling_params": GREEDY, "stream": True})
     assert status == 200 and streamed[-1] == "[DONE]"
@@ -339,6 +339,10 @@ def test_a_stream_sends_the_whole_text_so_far_and_ends_with_the_meta_info(server
     assert len(texts) > 2 and all(b.startswith(a) for a, b in itertools.pairwise(texts))  # each holds the one before
     last = streamed[-2]
     assert last["text"] == plain["text"] and last["output_ids"] == plain["output_ids"]
+    # Every event also holds the token ids so far, as SGLang's do: a growing prefix of the whole answer's.
+    ids = [event["output_ids"] for event in streamed[:-1]]
+    assert all(ids) and all(plain["output_ids"][: len(i)] == i for i in ids)
+    assert all(len(a) <= len(b) for a, b in itertools.pairwise(ids))
     assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
     assert all(event["meta_info"]["finish_reason"] is None for event in streamed[:-2])
     status, batch = generate(server, {"input_ids": [PROMPT, PROMPT], "sampling_params": GREEDY, "stream": True})
