@@ -152,12 +152,15 @@ class Waiter:
 
 def meta_info(out) -> dict:
     """What ``get_meta_info`` gives, as a server's ``/generate`` answers it (its ``finish_reason`` too:
-    ``{"type": "stop", "matched": stop token id or string}`` or ``{"type": "length", "length": n}``)."""
+    ``{"type": "stop", "matched": stop token id or string}``, ``{"type": "length", "length": n}`` or
+    ``{"type": "abort", "message": why}``)."""
     reason = {"type": out.finish_reason}
     if out.finish_reason == "stop" and out.matched_stop is not None:
         reason["matched"] = out.matched_stop
     elif out.finish_reason == "length":
         reason["length"] = out.completion_tokens
+    elif out.finish_reason == "abort":  # (an engine before stage 11's keeps no reason)
+        reason["message"] = getattr(out, "error", None) or "aborted"
     return dict(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
                 cached_tokens=out.cached_tokens, finish_reason=reason)
 

@@ -61,6 +61,19 @@ def test_gen_continues_the_text_as_the_engine_does(engine):
     assert stopped.get_meta_info("after")["finish_reason"] == {"type": "stop", "matched": stop}
 
 
+def test_an_aborted_gen_reports_why_as_generate_does():
+    """An engine that stopped a request (a failed step) says why; one that keeps no reason says "aborted"."""
+    from types import SimpleNamespace
+
+    from lang.backend import meta_info
+
+    out = SimpleNamespace(finish_reason="abort", matched_stop=None, prompt_tokens=5, completion_tokens=2,
+                          cached_tokens=0, error="out of memory in the step")
+    assert meta_info(out)["finish_reason"] == {"type": "abort", "message": "out of memory in the step"}
+    del out.error
+    assert meta_info(out)["finish_reason"] == {"type": "abort", "message": "aborted"}
+
+
 def test_roles_are_the_chat_template_and_the_assistant_speaks_after_its_prompt(engine):
     state = chat.run("What is 2 + 2?", backend=engine)
     hf = engine.tokenizer.hf
