@@ -23,7 +23,6 @@ what this measures is the scheduling, not the isolation two GPUs would give.
 import argparse
 import json
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.__main__ import environment, resolve_model
-from benchmarks.serving import ROOT, LocalServer, run_requests
+from benchmarks.serving import ROOT, LocalServer, free_port, run_requests
 from benchmarks.systems import percentile
 from common.config import ModelConfig
 
@@ -53,12 +52,6 @@ def prompt_burst_requests(size: dict, vocab_size: int, seed: int) -> tuple[list[
         at = (burst + 1) * size["every_s"]
         requests += [(prompt(size["burst_prompt"]), size["burst_output"], at) for _ in range(size["burst_size"])]
     return requests, size["decoders"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Router:

@@ -13,52 +13,22 @@ one start of each per round, and each tree's median over the rounds is reported.
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from benchmarks.serving import LocalServer, free_port
 
 
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def seconds_to_healthy(command: list[str], cwd: str | Path, port: int, timeout_s: float = 300) -> float:
-    """Launch ``command`` (a server on ``port``), time it until /health answers 200, then stop it."""
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile("w+") as log:
-        start = time.monotonic()
-        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONPATH": str(Path(cwd).resolve())})
-        try:
-            while not healthy(url):
-                if process.poll() is not None or time.monotonic() - start > timeout_s:
-                    log.seek(0)
-                    raise RuntimeError(f"the server did not start:\n{log.read()[-3000:]}")
-                time.sleep(0.02)
-            return time.monotonic() - start
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+def seconds_to_healthy(stage: str, tree: str | Path, device: str) -> float:
+    """Start ``python -m STAGE --serve`` from ``tree``, time it until /health answers 200, then stop it."""
+    start = time.monotonic()
+    server = LocalServer(None, device, free_port(), [], stage, tree=Path(tree), poll_s=0.02)
+    seconds = time.monotonic() - start
+    server.stop()
+    return seconds
 
 
 def commit(tree: str) -> str | None:
@@ -79,9 +49,7 @@ def main(argv=None) -> int:
     runs: dict[str, list[float]] = {tree: [] for tree in trees}
     for _ in range(args.repeats):
         for tree in trees:
-            port = free_port()
-            command = [sys.executable, "-m", args.stage, "--serve", "--port", str(port), "--device", args.device]
-            runs[tree].append(round(seconds_to_healthy(command, tree, port), 3))
+            runs[tree].append(round(seconds_to_healthy(args.stage, tree, args.device), 3))
     results = [dict(tree=tree, commit=commit(tree), seconds_median=statistics.median(runs[tree]),
                     seconds_runs=runs[tree]) for tree in trees]
     for r in results:

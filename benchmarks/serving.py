@@ -21,6 +21,7 @@ import concurrent.futures
 import json
 import multiprocessing as mp
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -179,21 +180,29 @@ def engine_side_ttft(url: str) -> dict:
     return dict(engine_ttft_median_ms_at_most=bound_at(0.5) * 1000, engine_ttft_p99_ms_at_most=bound_at(0.99) * 1000)
 
 
-class LocalServer:
-    """``python -m STAGE --serve`` for the length of a benchmark."""
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
-    def __init__(self, model_path: str | None, device: str, port: int, flags: list[str], stage: str = "stage11_server"):
+
+class LocalServer:
+    """``python -m STAGE --serve`` for the length of a benchmark, started from the checkout ``tree``
+    (this one by default); the constructor returns once ``/health`` answers, checked every ``poll_s``."""
+
+    def __init__(self, model_path: str | None, device: str, port: int, flags: list[str], stage: str = "stage11_server",
+                 tree: Path = ROOT, poll_s: float = 0.5):
         command = [sys.executable, "-m", stage, "--serve", "--port", str(port), "--device", device, *flags]
         if model_path:
             command += ["--model-path", model_path]
         self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(command, cwd=ROOT)
+        self.process = subprocess.Popen(command, cwd=tree)
         deadline = time.monotonic() + 600
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("the server did not start")
-            time.sleep(0.5)
+            time.sleep(poll_s)
 
     def _healthy(self) -> bool:
         try:

@@ -115,7 +115,8 @@ class TokenizerManager:
         self.engines.update_engine_kwargs(lora_paths=dict(self.lora_adapters))  # what a restarted engine loads
 
     async def generate(
-        self, prompts: list[list[int]], params: list[SamplingParams], lora_path: str | None = None, stream_ids: bool = False
+        self, prompts: list[list[int]], params: list[SamplingParams], lora_path: str | None = None,
+        stream_ids: bool = False,
     ) -> AsyncIterator[tuple[int, RequestUpdate]]:
         """Run a group of requests (an HTTP request's choices); yield ``(index, update)`` as they come.
 

@@ -192,7 +192,8 @@ async def generate(manager: TokenizerManager, model_name: str, http_request: HTT
                              f"tokens; lower {field} or shorten the prompt", field)
         params += request.sampling_params(choices.engine_max_tokens(limit), **choices.logprobs)
     group_prompts = [ids for ids in prompts for _ in range(request.n)]
-    group = manager.generate(group_prompts, params, adapter, request.bootstrap(), stream_ids=choices.streams_ids and request.stream)
+    stream_ids = request.stream and choices.streams_ids  # a /generate stream shows the ids so far
+    group = manager.generate(group_prompts, params, adapter, request.bootstrap(), stream_ids=stream_ids)
     rid = protocol.new_id(choices.id_prefix)
     name = request.model or model_name  # answers name the model (or adapter) asked for
     if request.stream:

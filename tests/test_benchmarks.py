@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import sys
 
 import pytest
 import torch
@@ -136,21 +135,28 @@ def test_the_front_end_benchmark_delivers_every_token_of_its_scripted_engine(tmp
 
 
 def test_the_start_up_benchmark_times_a_server_until_it_is_healthy(tmp_path):
-    """A stand-in server that answers /health only after half a second (a real one takes seconds)."""
-    from benchmarks.server_start import free_port, healthy, seconds_to_healthy
+    """A stand-in stage whose server answers /health only after half a second (a real one takes seconds),
+    and one that exits at start."""
+    from benchmarks import server_start
 
-    port = free_port()
-    script = ("import http.server, time\n"
-              "class H(http.server.BaseHTTPRequestHandler):\n"
-              "    def do_GET(self):\n"
-              "        self.send_response(200 if self.path == '/health' else 404); self.end_headers()\n"
-              "time.sleep(0.5)\n"
-              f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
-    seconds = seconds_to_healthy([sys.executable, "-c", script], tmp_path, port, timeout_s=60)
-    assert 0.5 <= seconds < 60
-    assert not healthy(f"http://127.0.0.1:{port}")  # stopped once timed
+    (tmp_path / "slow_stage").mkdir()
+    (tmp_path / "slow_stage" / "__init__.py").write_text("")
+    (tmp_path / "slow_stage" / "__main__.py").write_text(
+        "import http.server, sys, time\n"
+        "class Health(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200 if self.path == '/health' else 404); self.end_headers()\n"
+        "time.sleep(0.5)\n"
+        "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+        "http.server.HTTPServer(('127.0.0.1', port), Health).serve_forever()\n")
+    out = tmp_path / "start.json"
+    argv = ["--stage", "slow_stage", "--trees", str(tmp_path), "--repeats", "2", "--out", str(out)]
+    assert server_start.main(argv) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert len(result["seconds_runs"]) == 2 and min(result["seconds_runs"]) >= 0.5  # never before it answers
+    (tmp_path / "slow_stage" / "__main__.py").write_text("raise SystemExit(3)\n")
     with pytest.raises(RuntimeError, match="did not start"):
-        seconds_to_healthy([sys.executable, "-c", "raise SystemExit(3)"], tmp_path, free_port(), timeout_s=60)
+        server_start.seconds_to_healthy("slow_stage", tmp_path, "cpu")
 
 
 def test_teacher_forced_check_passes_correct_stages(checkpoints):
